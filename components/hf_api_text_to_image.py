@@ -1,0 +1,266 @@
+"""`HuggingFaceAPITextToImage`: text-to-image through Hugging Face Inference Providers or an inference endpoint."""
+
+import asyncio
+import time
+from typing import Any
+
+import httpx2
+from haystack import component, default_from_dict, default_to_dict, logging
+from haystack.dataclasses import ImageContent
+from haystack.utils import Secret, deserialize_secrets_inplace
+
+from components.hf_transport import UpstreamTarget, build_request, post, post_async
+from components.image_results import ImageResults
+from components.request import GenerationRequest, OutputFormat, random_seed
+from components.settings import resolve, serving_settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+
+
+@component
+class HuggingFaceAPITextToImage:
+    """
+    Generates images from text with the Hugging Face Inference API.
+
+    Requests are built by `huggingface_hub` (Inference Providers, `provider="auto"` by default). When an endpoint
+    URL is set (here or in `IMAGE_GENERATION_ENDPOINT`), every request goes to that URL instead: a dedicated
+    Inference Endpoint or any server speaking the HF text-to-image protocol. The token is only ever sent there or to
+    Hugging Face, never to a URL chosen by a caller: `model` must be a Hub model id.
+
+    Usage:
+    ```python
+    generator = HuggingFaceAPITextToImage()
+    image = generator.run(prompt="A cat sitting on a rainbow", seed=42)["images"][0]
+    ```
+
+    Settings left at `None` are read from the `IMAGE_GENERATION_*` environment in `warm_up()`.
+    """
+
+    def __init__(  # noqa: PLR0913
+        self,
+        model: str = DEFAULT_MODEL,
+        provider: str = "auto",
+        endpoint_url: str | None = None,
+        token: Secret = Secret.from_env_var(["HF_TOKEN", "HF_API_TOKEN"], strict=False),  # noqa: B008
+        width: int = 512,
+        height: int = 512,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        output_format: OutputFormat = "png",
+        allowed_models: list[str] | None = None,
+        timeout: float | None = None,
+        max_image_bytes: int | None = None,
+        max_concurrency: int | None = None,
+        max_queue: int | None = None,
+        cache_max_bytes: int | None = None,
+    ) -> None:
+        """
+        Create the component; nothing is resolved or connected until `warm_up()`.
+
+        :param model: Default Hub model id, used when a run passes none.
+        :param provider: Inference Provider name, or `auto` for the account's preferred one.
+        :param endpoint_url: URL of an HF-protocol inference server; else `IMAGE_GENERATION_ENDPOINT`, else the
+            HF router.
+        :param token: The Hugging Face token, from `HF_TOKEN` or `HF_API_TOKEN` by default.
+        :param width: Default width in pixels.
+        :param height: Default height in pixels.
+        :param num_inference_steps: Default number of denoising steps; `None` lets the model decide.
+        :param guidance_scale: Default guidance scale; `None` lets the model decide.
+        :param output_format: Default image format: `png`, `jpeg` or `webp`.
+        :param allowed_models: Model ids a run may ask for; else `IMAGE_GENERATION_MODELS`; else any Hub id.
+        :param timeout: Deadline in seconds for one image, retries included; else `IMAGE_GENERATION_TIMEOUT`.
+        :param max_image_bytes: Largest upstream reply accepted; else `IMAGE_GENERATION_MAX_IMAGE_BYTES`.
+        :param max_concurrency: Upstream calls at once; else `IMAGE_GENERATION_MAX_CONCURRENCY`.
+        :param max_queue: Requests that may wait for a slot; else `IMAGE_GENERATION_MAX_QUEUE`.
+        :param cache_max_bytes: Byte budget of the seeded-result cache, 0 to disable; else
+            `IMAGE_GENERATION_CACHE_BYTES`.
+        """
+        if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url={endpoint_url!r} must be an http(s) URL")
+        self.model = model
+        self.provider = provider
+        self.endpoint_url = endpoint_url
+        self.token = token
+        self.defaults = GenerationRequest(
+            prompt="-", negative_prompt=None, width=width, height=height, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=0, model=model, output_format=output_format,
+        )  # fmt: skip
+        self.defaults.validate()
+        self.allowed_models = allowed_models
+        self.timeout = timeout
+        self.max_image_bytes = max_image_bytes
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.cache_max_bytes = cache_max_bytes
+        self._target: UpstreamTarget | None = None
+        self._results: ImageResults | None = None
+        self._client: httpx2.Client | None = None
+        self._async_client: httpx2.AsyncClient | None = None
+
+    def _resolve(self) -> None:
+        if self._results is not None:
+            return
+        endpoint_url = resolve(self.endpoint_url, "IMAGE_GENERATION_ENDPOINT", None, str)
+        if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
+            raise ValueError("IMAGE_GENERATION_ENDPOINT must be an http(s) URL")
+        self._target = UpstreamTarget(self.provider, endpoint_url, self.token.resolve_value())
+        settings = serving_settings(
+            allowed_models=self.allowed_models, timeout=self.timeout, max_image_bytes=self.max_image_bytes,
+            max_concurrency=self.max_concurrency, max_queue=self.max_queue, cache_max_bytes=self.cache_max_bytes,
+        )  # fmt: skip
+        backend = "endpoint" if endpoint_url else self.provider
+        self._results = ImageResults(settings, {"backend": "huggingface_api", "provider": backend})
+        logger.info("Text-to-image upstream: {backend}", backend=backend)
+
+    def _limits(self) -> httpx2.Limits:
+        assert self._results is not None
+        n = self._results.settings.max_concurrency
+        return httpx2.Limits(max_connections=n, max_keepalive_connections=n)
+
+    def warm_up(self) -> None:
+        """Resolve token and settings and open the blocking connection pool. Idempotent."""
+        self._resolve()
+        if self._client is None:
+            self._client = httpx2.Client(limits=self._limits(), timeout=None)
+
+    async def warm_up_async(self) -> None:  # noqa: RUF029
+        """Resolve token and settings and open the async connection pool on the serving loop. Idempotent."""
+        self._resolve()
+        if self._async_client is None:
+            self._async_client = httpx2.AsyncClient(limits=self._limits(), timeout=None)
+
+    def close(self) -> None:
+        """Close the blocking connection pool."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def close_async(self) -> None:
+        """Close the async connection pool."""
+        if self._async_client is not None:
+            await self._async_client.aclose()
+            self._async_client = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize the component; the token is stored as a reference to its environment variables."""
+        d = self.defaults
+        return default_to_dict(
+            self,
+            model=self.model,
+            provider=self.provider,
+            endpoint_url=self.endpoint_url,
+            token=self.token.to_dict(),
+            width=d.width,
+            height=d.height,
+            num_inference_steps=d.num_inference_steps,
+            guidance_scale=d.guidance_scale,
+            output_format=d.output_format,
+            allowed_models=self.allowed_models,
+            timeout=self.timeout,
+            max_image_bytes=self.max_image_bytes,
+            max_concurrency=self.max_concurrency,
+            max_queue=self.max_queue,
+            cache_max_bytes=self.cache_max_bytes,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HuggingFaceAPITextToImage":
+        """Deserialize the component."""
+        deserialize_secrets_inplace(data["init_parameters"], keys=["token"])
+        return default_from_dict(cls, data)
+
+    def _request(self, **overrides: Any) -> tuple[GenerationRequest, bool]:
+        """Apply defaults and validate; returns the request and whether the caller pinned the seed."""
+        assert self._results is not None
+        values = {name: value for name, value in overrides.items() if value is not None}
+        pinned = "seed" in values
+        values.setdefault("seed", random_seed())
+        request = GenerationRequest(**{**self.defaults.__dict__, **values})
+        request.validate(self._results.settings.allowed_models)
+        return request, pinned
+
+    def _deadline(self) -> float:
+        assert self._results is not None
+        return time.monotonic() + self._results.settings.timeout
+
+    def _produce(self, request: GenerationRequest) -> bytes:
+        assert self._target is not None and self._client is not None and self._results is not None
+        params, helper = build_request(self._target, request)
+        raw = post(self._client, params, self._deadline(), self._results.settings.max_image_bytes)
+        return helper.get_response(raw, params)
+
+    async def _produce_async(self, request: GenerationRequest) -> bytes:
+        assert self._target is not None and self._async_client is not None and self._results is not None
+        deadline = self._deadline()
+        params, helper = await asyncio.to_thread(build_request, self._target, request)
+        raw = await post_async(self._async_client, params, deadline, self._results.settings.max_image_bytes)
+        return await asyncio.to_thread(helper.get_response, raw, params)
+
+    @component.output_types(images=list[ImageContent])
+    def run(  # noqa: PLR0913
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        model: str | None = None,
+        output_format: OutputFormat | None = None,
+    ) -> dict[str, list[ImageContent]]:
+        """
+        Generate one image.
+
+        :param prompt: What to draw.
+        :param negative_prompt: What to keep out of the image.
+        :param width: Width in pixels, a multiple of 8 in 64..2048; overrides the default.
+        :param height: Height in pixels, a multiple of 8 in 64..2048; overrides the default.
+        :param num_inference_steps: Denoising steps; overrides the default.
+        :param guidance_scale: Guidance scale; overrides the default.
+        :param seed: Seed in 0..2^32-1; a random one is chosen (and returned in the meta) when omitted.
+        :param model: Hub model id; overrides the default.
+        :param output_format: `png`, `jpeg` or `webp`; overrides the default.
+        :returns: `images`: one `ImageContent` (base64 data, MIME type, and meta with model, provider, size, seed,
+            upstream format and ETag).
+        :raises InvalidRequestError: A parameter is out of range; nothing was sent.
+        :raises UpstreamError: The upstream failed; subclasses say how.
+        """
+        self.warm_up()
+        request, pinned = self._request(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, model=model,
+            output_format=output_format,
+        )  # fmt: skip
+        assert self._results is not None
+        return {"images": [self._results.get(request, self._produce, pinned=pinned)]}
+
+    @component.output_types(images=list[ImageContent])
+    async def run_async(  # noqa: PLR0913
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        model: str | None = None,
+        output_format: OutputFormat | None = None,
+    ) -> dict[str, list[ImageContent]]:
+        """
+        Generate one image without blocking the event loop; identical seeded requests in flight share one call.
+
+        Parameters, returns and errors are those of `run`.
+        """
+        await self.warm_up_async()
+        request, pinned = self._request(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, model=model,
+            output_format=output_format,
+        )  # fmt: skip
+        assert self._results is not None
+        return {"images": [await self._results.get_async(request, self._produce_async, pinned=pinned)]}
+

@@ -1,0 +1,110 @@
+"""What every backend does around producing pixels: admission, reuse of seeded results, and the final image.
+
+A backend supplies one function that turns a `GenerationRequest` into encoded image bytes; this module turns those
+bytes into the JSON-safe `ImageContent` the components output, with the parameters embedded and an ETag.
+"""
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from haystack import logging
+from haystack.dataclasses import ImageContent
+
+from components.admission import AdmissionGate
+from components.errors import InvalidImageError
+from components.image_codec import convert, sniff, with_png_text
+from components.request import GenerationRequest
+from components.result_cache import ByteBudgetLRU, Coalescer
+from components.settings import ServingSettings
+
+logger = logging.getLogger(__name__)
+
+PARAMETERS_KEYWORD = "parameters"
+Produce = Callable[[GenerationRequest], bytes]
+ProduceAsync = Callable[[GenerationRequest], Awaitable[bytes]]
+
+
+class ImageResults:
+    """Turns a backend's bytes into final images, reusing seeded results and bounding concurrent work."""
+
+    def __init__(self, settings: ServingSettings, backend_meta: dict[str, Any]) -> None:
+        self.settings = settings
+        self.backend_meta = backend_meta
+        self.cache: ByteBudgetLRU[ImageContent] = ByteBudgetLRU(settings.cache_max_bytes)
+        self.coalescer: Coalescer[ImageContent] = Coalescer()
+        self.gate = AdmissionGate(settings.max_concurrency, settings.max_queue)
+
+    def get(self, request: GenerationRequest, produce: Produce, *, pinned: bool) -> ImageContent:
+        """The image for `request`, from the cache when its seed was pinned and it was made before."""
+        key = request.cache_key()
+        cached = self.cache.get(key) if pinned else None
+        if cached is not None:
+            return cached
+        started = time.monotonic()
+        image = self.finish(request, produce(request), started)
+        self._remember(key, image, pinned)
+        return image
+
+    async def get_async(self, request: GenerationRequest, produce: ProduceAsync, *, pinned: bool) -> ImageContent:
+        """Like `get`; identical pinned requests in flight also share one call to `produce`."""
+        key = request.cache_key()
+        if not pinned:
+            return await self._make_async(request, produce, key, pinned)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        return await self.coalescer.run(key, lambda: self._make_async(request, produce, key, pinned))
+
+    async def _make_async(
+        self, request: GenerationRequest, produce: ProduceAsync, key: tuple, pinned: bool
+    ) -> ImageContent:
+        async with self.gate.slot():
+            started = time.monotonic()
+            raw = await produce(request)
+        image = await asyncio.to_thread(self.finish, request, raw, started)
+        self._remember(key, image, pinned)
+        return image
+
+    def _remember(self, key: tuple, image: ImageContent, pinned: bool) -> None:
+        if pinned and self.settings.cache_max_bytes:
+            self.cache.put(key, image, len(image.base64_image))
+
+    def finish(self, request: GenerationRequest, raw: bytes, started: float) -> ImageContent:
+        """Check the upstream image, convert it only if its format differs, embed the parameters, and wrap it."""
+        upstream_format, width, height = sniff(raw)
+        if (width, height) != (request.width, request.height):
+            raise InvalidImageError(f"the upstream image is {width}x{height}, not {request.width}x{request.height}")
+        data = raw if upstream_format == request.output_format else convert(raw, request.output_format)
+        if request.output_format == "png":
+            data = with_png_text(data, PARAMETERS_KEYWORD, request.parameters_text())
+        meta = {
+            **self.backend_meta,
+            "model": request.model,
+            "width": width,
+            "height": height,
+            "seed": request.seed,
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "upstream_format": upstream_format,
+            "format": request.output_format,
+            "etag": hashlib.blake2b(data, digest_size=16).hexdigest(),
+        }
+        logger.info(
+            "Generated {width}x{height} {format} with {model} (seed {seed}) in {ms:.0f} ms",
+            width=width,
+            height=height,
+            format=request.output_format,
+            model=request.model,
+            seed=request.seed,
+            ms=(time.monotonic() - started) * 1000,
+        )
+        return ImageContent(
+            base64_image=base64.b64encode(data).decode("ascii"),
+            mime_type=f"image/{request.output_format}",
+            meta=meta,
+            validation=False,
+        )

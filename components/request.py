@@ -1,0 +1,117 @@
+"""One text-to-image request: its limits, its validation, its cache key and its A1111-style parameters text."""
+
+import re
+import secrets
+from dataclasses import astuple, dataclass
+from typing import Literal
+
+from components.errors import InvalidRequestError
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+
+MAX_PROMPT_CHARS = 2000
+MIN_SIZE = 64
+MAX_SIZE = 2048
+SIZE_MULTIPLE = 8
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 150
+MAX_GUIDANCE = 50.0
+MAX_MODEL_ID_CHARS = 96
+
+# A Hub model id: "name" or "namespace/name"; never a URL, a path or a traversal.
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+# C0/C1 control characters other than tab, newline and carriage return.
+PROMPT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+_MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
+_PROMPT_RE = re.compile(PROMPT_PATTERN)
+
+
+def random_seed() -> int:
+    """A fresh seed in [0, MAX_SEED], so that every image can be reproduced."""
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """The resolved parameters of one image: every default applied, the seed fixed."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    seed: int
+    model: str
+    output_format: str
+
+    def validate(self, allowed_models: frozenset[str] | None = None) -> None:
+        """Raise `InvalidRequestError` naming the first parameter that is out of range; send nothing anywhere."""
+        for name in ("prompt", "negative_prompt"):
+            _check_text(name, getattr(self, name), required=name == "prompt")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not _is_int(value) or not MIN_SIZE <= value <= MAX_SIZE or value % SIZE_MULTIPLE:
+                raise InvalidRequestError(
+                    f"{name}={value!r} must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}"
+                )
+        if self.num_inference_steps is not None and not (
+            _is_int(self.num_inference_steps) and 1 <= self.num_inference_steps <= MAX_STEPS
+        ):
+            raise InvalidRequestError(f"num_inference_steps={self.num_inference_steps!r} must be in 1..{MAX_STEPS}")
+        if self.guidance_scale is not None and not (
+            isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale <= MAX_GUIDANCE
+        ):
+            raise InvalidRequestError(f"guidance_scale={self.guidance_scale!r} must be in 0..{MAX_GUIDANCE}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequestError(f"seed={self.seed!r} must be in 0..{MAX_SEED}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise InvalidRequestError(f"output_format={self.output_format!r} must be one of {', '.join(OUTPUT_FORMATS)}")
+        if not is_model_id(self.model):
+            raise InvalidRequestError("model must be a Hugging Face Hub model id such as 'namespace/name'")
+        if allowed_models is not None and self.model not in allowed_models:
+            raise InvalidRequestError(f"model={self.model!r} is not served here")
+
+    def cache_key(self) -> tuple:
+        """Everything that decides the image's bytes."""
+        return astuple(self)
+
+    def parameters_text(self) -> str:
+        """The generation parameters in AUTOMATIC1111's `parameters` text format."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        fields = []
+        if self.num_inference_steps is not None:
+            fields.append(f"Steps: {self.num_inference_steps}")
+        if self.guidance_scale is not None:
+            fields.append(f"CFG scale: {self.guidance_scale}")
+        fields += [f"Seed: {self.seed}", f"Size: {self.width}x{self.height}", f"Model: {self.model}"]
+        lines.append(", ".join(fields))
+        return "\n".join(lines)
+
+
+def is_model_id(value: object) -> bool:
+    """Whether `value` is shaped like a Hub model id (not a URL, path or traversal)."""
+    return (
+        isinstance(value, str)
+        and len(value) <= MAX_MODEL_ID_CHARS
+        and _MODEL_ID_RE.fullmatch(value) is not None
+        and ".." not in value
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_text(name: str, value: object, *, required: bool) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise InvalidRequestError(f"{name} must be a non-empty string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError(f"{name} is {len(value)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    if _PROMPT_RE.fullmatch(value) is None:
+        raise InvalidRequestError(f"{name} contains control characters")

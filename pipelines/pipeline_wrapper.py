@@ -1,0 +1,130 @@
+"""Hayhooks wrapper: `POST /image_generation/run` answers with the image itself."""
+
+import base64
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import HTTPException, Response
+from hayhooks import BasePipelineWrapper, log
+from haystack import Pipeline
+from haystack.core.serialization import allow_deserialization_module
+from pydantic import Field
+from starlette.datastructures import Headers
+
+from components import errors
+from components.request import (
+    MAX_GUIDANCE,
+    MAX_MODEL_ID_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    MODEL_ID_PATTERN,
+    PROMPT_PATTERN,
+    SIZE_MULTIPLE,
+    OutputFormat,
+)
+
+PIPELINE_FILE = Path(__file__).with_name("image_generation.yml")
+Size = Annotated[int, Field(strict=True, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=PROMPT_PATTERN)]
+
+# Error class -> (status, fixed message). The first class in an error's MRO that is listed decides.
+HTTP_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    errors.InvalidRequestError: (422, ""),
+    errors.ServerBusyError: (503, "the server is busy, retry later"),
+    errors.UpstreamRateLimitedError: (429, "the upstream is rate limiting, retry later"),
+    errors.UpstreamUnavailableError: (503, "the model is unavailable, retry later"),
+    errors.UpstreamAuthError: (502, "upstream rejected the credentials"),
+    errors.UpstreamRejectedError: (422, "the upstream rejected the parameters"),
+    errors.UpstreamTimeoutError: (504, "the upstream did not answer in time"),
+    errors.InvalidImageError: (502, "the upstream returned an invalid image"),
+    errors.UpstreamError: (502, "the upstream failed"),
+}
+
+
+class PipelineWrapper(BasePipelineWrapper):
+    """Serves `image_generation.yml`; the image bytes go out as the response body, never through a file."""
+
+    def setup(self) -> None:
+        """Load the serialized pipeline, allowing Haystack to deserialize our `components` package only."""
+        allow_deserialization_module("components")
+        self.pipeline = Pipeline.loads(PIPELINE_FILE.read_text())
+
+    async def run_api_async(  # noqa: PLR0913
+        self,
+        prompt: Text,
+        width: Size = 512,
+        height: Size = 512,
+        negative_prompt: Text | None = None,
+        num_inference_steps: Annotated[int, Field(strict=True, ge=1, le=MAX_STEPS)] | None = None,
+        guidance_scale: Annotated[float, Field(ge=0, le=MAX_GUIDANCE)] | None = None,
+        seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] | None = None,
+        model: Annotated[str, Field(max_length=MAX_MODEL_ID_CHARS, pattern=MODEL_ID_PATTERN)] | None = None,
+        output_format: OutputFormat = "png",
+        headers: Headers | None = None,
+    ) -> Response:
+        """
+        Generate an image from a text prompt and return it as the response body.
+
+        The response carries `X-Seed` (the seed used; pass it back to reproduce the image), `ETag` (answered with
+        304 on a matching `If-None-Match`) and, for PNG, the generation parameters in a `parameters` text chunk.
+        Errors: 422 bad input (nothing is sent upstream), 429/503 with `Retry-After`, 502 upstream failure,
+        504 upstream timeout.
+
+        Args:
+            prompt: What to draw, 1 to 2000 characters.
+            width: Width in pixels, a multiple of 8 from 64 to 2048.
+            height: Height in pixels, a multiple of 8 from 64 to 2048.
+            negative_prompt: What to keep out of the image, up to 2000 characters.
+            num_inference_steps: Denoising steps, 1 to 150; the model's default when omitted.
+            guidance_scale: Guidance scale, 0 to 50; the model's default when omitted.
+            seed: Seed from 0 to 4294967295; the server picks one when omitted.
+            model: Hugging Face Hub model id (`namespace/name`); the server's default, black-forest-labs/FLUX.1-schnell, when omitted.
+            output_format: `png` (default), `jpeg` or `webp`.
+        """
+        inputs = {
+            "prompt": prompt, "width": width, "height": height, "negative_prompt": negative_prompt,
+            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
+            "model": model, "output_format": output_format,
+        }  # fmt: skip
+        try:
+            result = await self.pipeline.run_async({"text_to_image": inputs})
+        except Exception as e:
+            raise _http_error(e) from None
+        image = result["text_to_image"]["images"][0]
+        etag = f'"{image.meta["etag"]}"'
+        response_headers = {
+            "X-Seed": str(image.meta["seed"]),
+            "ETag": etag,
+            "Content-Disposition": f'inline; filename="image-{image.meta["seed"]}.{output_format}"',
+        }
+        if headers is not None and _etag_matches(headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers=response_headers)
+        return Response(base64.b64decode(image.base64_image), media_type=image.mime_type, headers=response_headers)
+
+
+def _http_error(error: Exception) -> HTTPException:
+    """Map a pipeline failure to a short fixed message; unknown failures are logged and become a bare 500."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, errors.ImageGenerationError):
+        cause = cause.__cause__
+    if cause is None:
+        log.opt(exception=error).error("Image generation failed unexpectedly ({})", type(error).__name__)
+        return HTTPException(500, "image generation failed")
+    status, message = next(HTTP_ERRORS[cls] for cls in type(cause).__mro__ if cls in HTTP_ERRORS)
+    if isinstance(cause, errors.InvalidRequestError):
+        message = str(cause)
+    elif isinstance(cause, errors.UpstreamRejectedError) and cause.reason:
+        message = f"{message}: {cause.reason}"
+    log.warning("Image generation failed: {} -> {}", type(cause).__name__, status)
+    retry_after = getattr(cause, "retry_after", None)
+    return HTTPException(status, message, headers={"Retry-After": str(retry_after)} if retry_after else None)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in candidates or etag in candidates

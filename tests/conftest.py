@@ -1,0 +1,132 @@
+"""Shared fixtures: a fake HF upstream on loopback and real `hayhooks run` server processes pointed at it."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fake_upstream import FakeUpstream  # noqa: E402
+
+TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"  # noqa: S105
+
+
+@pytest.fixture(autouse=True)
+def _no_real_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see a real token or a real endpoint from the developer's shell."""
+    for name in ("HF_TOKEN", "HF_API_TOKEN", "IMAGE_GENERATION_ENDPOINT", "IMAGE_GENERATION_MODELS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running `hayhooks run` process."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def server_env(**overrides: str) -> dict[str, str]:
+    """The environment a test server runs with: the repo importable, no real credentials, no colour codes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "IMAGE_GENERATION_", "HAYHOOKS_"))}
+    env.update(
+        HF_TOKEN=TEST_TOKEN,
+        HF_HUB_OFFLINE="1",
+        HAYHOOKS_ADDITIONAL_PYTHON_PATH=str(ROOT),
+        HAYSTACK_TELEMETRY_ENABLED="False",
+        NO_COLOR="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def start_server(
+    tmp_dir: Path, env: dict[str, str], command: list[str] | None = None, cwd: Path = ROOT, timeout: float = 60
+) -> Server:
+    """Start `hayhooks run` (or `command`) on a free port and wait until /status lists `image_generation`."""
+    port = free_port()
+    env = {"HAYHOOKS_HOST": "127.0.0.1", "HAYHOOKS_PIPELINES_DIR": str(ROOT / "served"), **env}
+    env["HAYHOOKS_PORT"] = str(port)
+    log_path = tmp_dir / f"server-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command or [str(Path(sys.executable).with_name("hayhooks")), "run"],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/status", timeout=1) as r:  # noqa: S310
+                if "image_generation" in json.load(r).get("pipelines", []):
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"server did not deploy image_generation in {timeout}s:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    """Terminate the process and wait for it."""
+    server.process.terminate()
+    try:
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    """One fake upstream for the session; `fresh_upstream` resets it before each test that uses it."""
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fresh_upstream(upstream: FakeUpstream) -> FakeUpstream:
+    """The session's fake upstream with no queued faults, no recorded requests and no latency."""
+    upstream.faults.clear()
+    upstream.requests.clear()
+    upstream.latency = 0.0
+    upstream.image_format = None
+    upstream.max_in_flight = 0
+    return upstream
+
+
+@pytest.fixture(scope="session")
+def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real hayhooks server whose upstream is the fake, shared by the session."""
+    tmp = tmp_path_factory.mktemp("server")
+    (tmp / "tmp").mkdir()
+    srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, TMPDIR=str(tmp / "tmp")))
+    yield srv
+    stop_server(srv)

@@ -1,0 +1,196 @@
+"""A loopback HTTP server that speaks the Hugging Face text-to-image protocol, with scriptable faults.
+
+POST any path with `{"inputs": prompt, "parameters": {...}}`; the answer is an image of the requested size in the
+format the `Accept` header names (or a forced one), deterministic in prompt and seed. Tests queue `Fault`s to make
+the next requests fail in a chosen way, and read `requests` to see exactly what reached the upstream.
+
+Run it alone for benchmarks: `python tests/fake_upstream.py --latency 0.3 --variants 8` prints its URL.
+"""
+
+import argparse
+import hashlib
+import json
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
+
+from PIL import Image
+
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+@dataclass
+class Fault:
+    """One scripted misbehaviour for the next request.
+
+    status/headers/body: answer with these instead of an image. hang: sleep this long before answering.
+    trickle: send the image in small pieces, this many seconds apart. size: answer an image of this size instead.
+    close: drop the connection without answering.
+    """
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    hang: float = 0.0
+    trickle: float = 0.0
+    size: tuple[int, int] | None = None
+    close: bool = False
+
+
+@dataclass
+class SeenRequest:
+    """What reached the upstream."""
+
+    path: str
+    headers: dict[str, str]
+    payload: dict
+
+
+def render(prompt: str, seed: int, width: int, height: int, fmt: str) -> bytes:
+    """A photo-like test image: colour gradients plus noise, fixed by prompt and seed."""
+    digest = hashlib.sha256(f"{prompt}\0{seed}".encode()).digest()
+    gradient = Image.linear_gradient("L").resize((width, height))
+    noise = Image.effect_noise((width, height), 24 + digest[3] % 16)
+    channels = [
+        Image.eval(gradient.rotate(digest[i] * 360 / 256, expand=False), lambda v, k=digest[i + 4]: (v + k) % 256)
+        for i in range(3)
+    ]
+    image = Image.merge("RGB", [Image.blend(c, noise, 0.25) for c in channels])
+    out = BytesIO()
+    image.save(out, format=_PIL_FORMATS[fmt])
+    return out.getvalue()
+
+
+class FakeUpstream:
+    """The server, started on a free loopback port in a background thread (use as a context manager)."""
+
+    def __init__(self, latency: float = 0.0, image_format: str | None = None, variants: int = 0) -> None:
+        self.latency = latency
+        self.image_format = image_format
+        self.variants = variants
+        self.faults: deque[Fault] = deque()
+        self.requests: list[SeenRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._images: OrderedDict[tuple, bytes] = OrderedDict()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._server.request_queue_size = 1024
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "FakeUpstream":
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def fail_next(self, *faults: Fault) -> None:
+        """Queue faults, one per coming request."""
+        self.faults.extend(faults)
+
+    def image(self, prompt: str, seed: int, width: int, height: int, fmt: str) -> bytes:
+        """The bytes this upstream answers for these parameters (cached)."""
+        if self.variants:
+            seed = int(hashlib.sha256(f"{prompt}\0{seed}".encode()).hexdigest(), 16) % self.variants
+        key = (prompt, seed, width, height, fmt)
+        with self._lock:
+            if key in self._images:
+                return self._images[key]
+        data = render(prompt, seed, width, height, fmt)
+        with self._lock:
+            self._images[key] = data
+            while len(self._images) > 256:
+                self._images.popitem(last=False)
+        return data
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with upstream._lock:
+                    upstream.in_flight += 1
+                    upstream.max_in_flight = max(upstream.max_in_flight, upstream.in_flight)
+                try:
+                    self._answer(raw)
+                finally:
+                    with upstream._lock:
+                        upstream.in_flight -= 1
+
+            def _answer(self, raw: bytes) -> None:
+                try:
+                    payload = json.loads(raw)
+                except ValueError:
+                    payload = {}
+                upstream.requests.append(SeenRequest(self.path, dict(self.headers.items()), payload))
+                try:
+                    fault = upstream.faults.popleft()
+                except IndexError:
+                    fault = Fault()
+                time.sleep(upstream.latency + fault.hang)
+                if fault.close:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault.status != 200 or fault.body is not None:
+                    self._send(fault.status, fault.body or b"", fault.headers)
+                    return
+                prompt = payload.get("inputs")
+                params = payload.get("parameters") or {}
+                if not isinstance(prompt, str) or not prompt:
+                    self._send(400, json.dumps({"error": "inputs must be a non-empty string"}).encode(), {})
+                    return
+                fmt = upstream.image_format or self.headers.get("Accept", "image/png").removeprefix("image/")
+                fmt = fmt if fmt in _PIL_FORMATS else "png"
+                width, height = fault.size or (params.get("width") or 512, params.get("height") or 512)
+                body = upstream.image(prompt, params.get("seed") or 0, width, height, fmt)
+                self._send(200, body, {"Content-Type": f"image/{fmt}", **fault.headers}, trickle=fault.trickle)
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str], trickle: float = 0.0) -> None:
+                self.send_response(status)
+                headers = {"Content-Type": "application/json", **headers}
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    if not trickle:
+                        self.wfile.write(body)
+                        return
+                    for i in range(0, len(body), 1024):
+                        self.wfile.write(body[i : i + 1024])
+                        self.wfile.flush()
+                        time.sleep(trickle)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+        return Handler
+
+
+def main() -> None:
+    """Serve until interrupted, printing the URL on the first line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--format", choices=sorted(_PIL_FORMATS), default=None)
+    parser.add_argument("--variants", type=int, default=0)
+    args = parser.parse_args()
+    with FakeUpstream(args.latency, args.format, args.variants) as upstream:
+        print(upstream.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

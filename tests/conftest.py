@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_upstream import FakeUpstream  # noqa: E402
 
+HAYHOOKS = Path(sys.executable).with_name("hayhooks")
 TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"  # noqa: S105
 
 
@@ -72,7 +73,7 @@ def start_server(
     log_path = tmp_dir / f"server-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command or [str(Path(sys.executable).with_name("hayhooks")), "run"],
+            command or [str(HAYHOOKS), "run"],
             cwd=cwd,
             env=env,
             stdout=log,

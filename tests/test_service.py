@@ -1,0 +1,143 @@
+"""End to end: a real `hayhooks run` process, the fake upstream behind it, and curl in front, as the README does."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import HAYHOOKS, ROOT, TEST_TOKEN
+from PIL import Image
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def curl(server, body: dict | str, out: Path, *extra: str) -> dict[str, str]:
+    """POST like the README's curl; returns the response headers (lower-case names) plus `status`."""
+    data = body if isinstance(body, str) else json.dumps(body)
+    headers_file = out.with_suffix(".headers")
+    subprocess.run(
+        ["curl", "-sS", "-X", "POST", f"{server.url}/image_generation/run", "-H", "Content-Type: application/json",
+         "-d", data, "--output", str(out), "-D", str(headers_file), *extra],
+        check=True,
+    )  # fmt: skip
+    lines = headers_file.read_text().strip().splitlines()
+    headers = {"status": lines[0].split()[1]}
+    headers.update((k.strip().lower(), v.strip()) for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line))
+    return headers
+
+
+def test_readme_curl_downloads_a_png(server, fresh_upstream, tmp_path):
+    out = tmp_path / "generated_image.png"
+    headers = curl(server, {"prompt": "A cat sitting on a rainbow", "width": 512, "height": 512}, out)
+
+    assert headers["status"] == "200"
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    image = Image.open(io.BytesIO(data))
+    assert image.size == (512, 512)
+    seed = int(headers["x-seed"])
+    assert fresh_upstream.requests[0].payload["parameters"]["seed"] == seed
+    assert image.text["parameters"].startswith("A cat sitting on a rainbow\n")
+    assert f"Seed: {seed}, Size: 512x512, Model: black-forest-labs/FLUX.1-schnell" in image.text["parameters"]
+    assert headers["content-type"] == "image/png"
+    assert headers["content-disposition"] == f'inline; filename="image-{seed}.png"'
+
+
+def test_seed_reproduces_the_image(server, fresh_upstream, tmp_path):
+    body = {"prompt": "reproducible", "width": 64, "height": 64, "seed": 1234}
+    first = curl(server, body, tmp_path / "a.png")
+    again = curl(server, {**body, "negative_prompt": "fog"}, tmp_path / "b.png")
+    third = curl(server, body, tmp_path / "c.png")
+
+    assert first["x-seed"] == again["x-seed"] == "1234"
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "c.png").read_bytes()
+    assert first["etag"] == third["etag"] != again["etag"]
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
+def test_output_formats(server, fresh_upstream, tmp_path, fmt, pil_format):
+    fresh_upstream.image_format = "png"  # forces a conversion for jpeg and webp
+    out = tmp_path / f"image.{fmt}"
+    headers = curl(server, {"prompt": f"format {fmt}", "width": 128, "height": 96, "output_format": fmt}, out)
+    assert headers["content-type"] == f"image/{fmt}"
+    image = Image.open(out)
+    assert (image.format, image.size) == (pil_format, (128, 96))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"width": 512},
+        {"prompt": ""},
+        {"prompt": "x" * 2001},
+        {"prompt": "x", "width": -5},
+        {"prompt": "x", "width": 100000},
+        {"prompt": "x", "height": 516},
+        {"prompt": "x", "width": 512.0},
+        {"prompt": "x", "width": "512"},
+        {"prompt": "x", "seed": -1},
+        {"prompt": "x", "seed": 4294967296},
+        {"prompt": "x", "output_format": "gif"},
+        {"prompt": "x", "model": "https://attacker.example/collect"},
+        {"prompt": "x", "model": "/etc/passwd"},
+        {"prompt": "x", "model": "../secrets"},
+        {"prompt": "x", "num_inference_steps": 0},
+        {"prompt": "x\x00y"},
+    ],
+)
+def test_bad_input_is_422_and_costs_nothing_upstream(server, fresh_upstream, tmp_path, body):
+    headers = curl(server, body, tmp_path / "error.json")
+    assert headers["status"] == "422"
+    assert fresh_upstream.requests == []
+
+
+def test_etag_answers_304(server, fresh_upstream, tmp_path):
+    body = {"prompt": "cached", "width": 64, "height": 64, "seed": 99}
+    etag = curl(server, body, tmp_path / "a.png")["etag"]
+    headers = curl(server, body, tmp_path / "b.png", "-H", f"If-None-Match: {etag}")
+    assert headers["status"] == "304"
+    assert headers["etag"] == etag
+    assert not (tmp_path / "b.png").exists()  # curl writes no file for an empty body
+
+
+def test_no_temp_files_are_left(server, fresh_upstream, tmp_path):
+    server_tmp = server.log_path.parent / "tmp"  # the server's TMPDIR
+    for i in range(30):
+        curl(server, {"prompt": f"no temp files {i}", "width": 64, "height": 64}, tmp_path / "x.png")
+    assert list(server_tmp.iterdir()) == []
+
+
+def test_deploy_yaml_answers_json_with_a_png(server, fresh_upstream):
+    port = server.url.rsplit(":", 1)[1]
+    deploy = subprocess.run(
+        [str(HAYHOOKS), "pipeline", "deploy-yaml", "-n", "image_generation_json", "--no-save-file", "--overwrite",
+         "pipelines/image_generation.yml"],
+        cwd=ROOT, env={**os.environ, "HAYHOOKS_HOST": "127.0.0.1", "HAYHOOKS_PORT": port},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+    request = urllib.request.Request(
+        f"{server.url}/image_generation_json/run",
+        data=json.dumps({"prompt": "json variant", "width": 128, "height": 64}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        result = json.load(response)["result"]
+    image = result["text_to_image"]["images"][0]
+    data = base64.b64decode(image["base64_image"])
+    assert data.startswith(PNG_MAGIC)
+    assert Image.open(io.BytesIO(data)).size == (128, 64)
+    assert image["mime_type"] == "image/png"
+    assert image["meta"]["seed"] == fresh_upstream.requests[-1].payload["parameters"]["seed"]
+
+
+def test_token_goes_only_to_the_configured_endpoint(server, fresh_upstream, tmp_path):
+    curl(server, {"prompt": "auth", "width": 64, "height": 64, "model": "someone/else"}, tmp_path / "a.png")
+    [seen] = fresh_upstream.requests
+    assert seen.headers["authorization"] == f"Bearer {TEST_TOKEN}"
+    assert TEST_TOKEN not in server.log()

@@ -28,7 +28,7 @@ class Fault:
 
     status/headers/body: answer with these instead of an image. hang: sleep this long before answering.
     trickle: send the image in small pieces, this many seconds apart. size: answer an image of this size instead.
-    close: drop the connection without answering.
+    chunked: send the body with chunked transfer encoding, so no size is declared. close: drop the connection.
     """
 
     status: int = 200
@@ -37,6 +37,7 @@ class Fault:
     hang: float = 0.0
     trickle: float = 0.0
     size: tuple[int, int] | None = None
+    chunked: bool = False
     close: bool = False
 
 
@@ -145,7 +146,7 @@ class FakeUpstream:
                     self.connection.shutdown(2)
                     return
                 if fault.status != 200 or fault.body is not None:
-                    self._send(fault.status, fault.body or b"", fault.headers)
+                    self._send(fault.status, fault.body or b"", fault.headers, chunked=fault.chunked)
                     return
                 prompt = payload.get("inputs")
                 params = payload.get("parameters") or {}
@@ -158,16 +159,25 @@ class FakeUpstream:
                 body = upstream.image(prompt, params.get("seed") or 0, width, height, fmt)
                 self._send(200, body, {"Content-Type": f"image/{fmt}", **fault.headers}, trickle=fault.trickle)
 
-            def _send(self, status: int, body: bytes, headers: dict[str, str], trickle: float = 0.0) -> None:
+            def _send(
+                self, status: int, body: bytes, headers: dict[str, str], trickle: float = 0.0, chunked: bool = False
+            ) -> None:
                 self.send_response(status)
                 headers = {"Content-Type": "application/json", **headers}
+                if chunked:
+                    headers["Transfer-Encoding"] = "chunked"
+                elif "Content-Length" not in headers:
+                    headers["Content-Length"] = str(len(body))
                 for name, value in headers.items():
                     self.send_header(name, value)
-                if "Content-Length" not in headers:
-                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 try:
-                    if not trickle:
+                    if chunked:
+                        for i in range(0, len(body), 16384):
+                            piece = body[i : i + 16384]
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.write(b"0\r\n\r\n")
+                    elif not trickle:
                         self.wfile.write(body)
                         return
                     for i in range(0, len(body), 1024):

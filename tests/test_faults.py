@@ -1,0 +1,127 @@
+"""Upstream faults through the real server: every answer is an image or a correct, short, leak-free error."""
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import TEST_TOKEN, free_port, server_env, start_server, stop_server
+from fake_upstream import Fault
+
+MAX_IMAGE_BYTES = 100_000  # a 64x64 test image is ~12 KB, a 512x512 one ~470 KB
+
+
+@pytest.fixture(scope="module")
+def faulty_server(upstream, tmp_path_factory):
+    """A server with a short deadline and a small image cap, so that timeouts and caps are quick to reach."""
+    env = server_env(
+        IMAGE_GENERATION_ENDPOINT=upstream.url,
+        IMAGE_GENERATION_TIMEOUT="3",
+        IMAGE_GENERATION_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        HAYHOOKS_LOG_LEVEL="DEBUG",
+    )
+    server = start_server(tmp_path_factory.mktemp("faulty"), env)
+    yield server
+    stop_server(server)
+
+
+def post(server, body: dict, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(
+        f"{server.url}/image_generation/run", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def assert_no_leak(body: bytes, upstream) -> None:
+    text = body.decode(errors="replace")
+    for secret in (TEST_TOKEN, "Bearer", upstream.url, "127.0.0.1", "Traceback", "object at 0x"):
+        assert secret not in text
+    assert len(text) < 300
+
+
+SMALL = {"prompt": "fault", "width": 64, "height": 64}
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "message", "retry_after"),
+    [
+        (Fault(status=429, headers={"Retry-After": "7"}), 429, "rate limiting", "7"),
+        (Fault(status=500, body=b"<html>Internal error at http://10.0.0.3/ token hf_x</html>"), 502, "upstream failed", None),
+        (Fault(status=502), 502, "upstream failed", None),
+        (Fault(status=401, body=b'{"error": "Invalid credentials in Authorization header"}'), 502, "credentials", None),
+        (Fault(status=403), 502, "upstream rejected the credentials", None),
+        (Fault(status=400, body=b'{"error": "guidance_scale is too high"}'), 422, "guidance_scale is too high", None),
+        (Fault(status=404, body=b"Not Found"), 502, "upstream failed", None),
+        (Fault(body=b"<html><body>Welcome to nginx</body></html>", headers={"Content-Type": "text/html"}), 502,
+         "invalid image", None),
+        (Fault(body=b"\x89PNG\r\n\x1a\n garbage", headers={"Content-Type": "image/png"}), 502, "invalid image", None),
+        (Fault(size=(32, 32)), 502, "invalid image", None),
+        (Fault(close=True), 502, "upstream failed", None),
+    ],
+)
+def test_upstream_failure_maps_to_status(faulty_server, fresh_upstream, fault, status, message, retry_after):
+    fresh_upstream.fail_next(fault)
+    code, headers, body = post(faulty_server, SMALL)
+    assert code == status
+    assert message in json.loads(body)["detail"]
+    assert headers.get("retry-after") == retry_after
+    assert_no_leak(body, fresh_upstream)
+
+
+def test_model_loading_503_is_retried_within_the_deadline(faulty_server, fresh_upstream):
+    loading = Fault(status=503, body=b'{"error": "Model is currently loading", "estimated_time": 0.5}')
+    fresh_upstream.fail_next(loading, loading)
+    code, _, body = post(faulty_server, SMALL)
+    assert code == 200
+    assert body.startswith(b"\x89PNG")
+    assert len(fresh_upstream.requests) == 3
+
+
+def test_model_loading_past_the_deadline_is_503_with_retry_after(faulty_server, fresh_upstream):
+    fresh_upstream.fail_next(Fault(status=503, body=b'{"error": "Model is currently loading", "estimated_time": 40}'))
+    code, headers, body = post(faulty_server, SMALL)
+    assert code == 503
+    assert headers["retry-after"] == "40"
+    assert len(fresh_upstream.requests) == 1
+    assert_no_leak(body, fresh_upstream)
+
+
+@pytest.mark.parametrize("fault", [Fault(hang=5), Fault(trickle=0.5)], ids=["hang", "trickle"])
+def test_slow_upstream_is_cut_at_the_deadline(faulty_server, fresh_upstream, fault):
+    fresh_upstream.fail_next(fault)
+    code, _, body = post(faulty_server, SMALL)
+    assert code == 504
+    assert "did not answer in time" in json.loads(body)["detail"]
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "streamed"])
+def test_oversized_image_is_refused(faulty_server, fresh_upstream, declared):
+    big = fresh_upstream.image("big", 0, 512, 512, "png")
+    assert len(big) > MAX_IMAGE_BYTES
+    fresh_upstream.fail_next(Fault(body=big, headers={"Content-Type": "image/png"}, chunked=not declared))
+    code, _, body = post(faulty_server, SMALL)
+    assert code == 502
+    assert "invalid image" in json.loads(body)["detail"]
+
+
+def test_refused_connection_is_502(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = start_server(tmp_path, server_env(IMAGE_GENERATION_ENDPOINT=dead))
+    try:
+        code, _, body = post(server, SMALL)
+    finally:
+        stop_server(server)
+    assert code == 502
+    assert "upstream failed" in json.loads(body)["detail"]
+    assert dead not in body.decode()
+
+
+def test_secrets_never_reach_the_log(faulty_server):
+    log = faulty_server.log()
+    assert "Running pipeline" in log  # the log was written, at debug level
+    assert TEST_TOKEN not in log
+    assert "Bearer" not in log

@@ -21,8 +21,8 @@ MAX_MODEL_ID_CHARS = 96
 
 # A Hub model id: "name" or "namespace/name"; never a URL, a path or a traversal.
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
-# C0/C1 control characters other than tab, newline and carriage return.
-PROMPT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"
+# C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
+PROMPT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]*$"
 _MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 _PROMPT_RE = re.compile(PROMPT_PATTERN)
 
@@ -61,14 +61,14 @@ class GenerationRequest:
         ):
             raise InvalidRequestError(f"num_inference_steps={self.num_inference_steps!r} must be in 1..{MAX_STEPS}")
         if self.guidance_scale is not None and not (
-            isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale <= MAX_GUIDANCE
+            isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale <= MAX_GUIDANCE  # NaN fails
         ):
-            raise InvalidRequestError(f"guidance_scale={self.guidance_scale!r} must be in 0..{MAX_GUIDANCE}")
+            raise InvalidRequestError(f"guidance_scale must be a number in 0..{MAX_GUIDANCE}")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequestError(f"seed={self.seed!r} must be in 0..{MAX_SEED}")
         if self.output_format not in OUTPUT_FORMATS:
             raise InvalidRequestError(f"output_format={self.output_format!r} must be one of {', '.join(OUTPUT_FORMATS)}")
-        if not is_model_id(self.model):
+        if not is_model_id(self.model):  # never echoed: it may be anything
             raise InvalidRequestError("model must be a Hugging Face Hub model id such as 'namespace/name'")
         if allowed_models is not None and self.model not in allowed_models:
             raise InvalidRequestError(f"model={self.model!r} is not served here")

@@ -12,6 +12,7 @@ from pydantic import Field
 from starlette.datastructures import Headers
 
 from components import errors
+from components.http_guard import api_keys_from_env, check_request, truncate_logged_params
 from components.request import (
     MAX_GUIDANCE,
     MAX_MODEL_ID_CHARS,
@@ -21,14 +22,18 @@ from components.request import (
     MAX_STEPS,
     MIN_SIZE,
     MODEL_ID_PATTERN,
-    PROMPT_PATTERN,
     SIZE_MULTIPLE,
     OutputFormat,
 )
 
 PIPELINE_FILE = Path(__file__).with_name("image_generation.yml")
 Size = Annotated[int, Field(strict=True, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)]
-Text = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=PROMPT_PATTERN)]
+# Strings and floats are range-checked by the component (`GenerationRequest.validate`), not by pydantic: FastAPI's
+# validation errors echo the input, which is how a huge prompt, a lone surrogate or an Infinity would come back.
+# The limits still appear in the OpenAPI schema.
+Text = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX_PROMPT_CHARS})]
+ModelId = Annotated[str, Field(json_schema_extra={"maxLength": MAX_MODEL_ID_CHARS, "pattern": MODEL_ID_PATTERN})]
+Guidance = Annotated[float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_GUIDANCE})]
 
 # Error class -> (status, fixed message). The first class in an error's MRO that is listed decides.
 HTTP_ERRORS: dict[type[Exception], tuple[int, str]] = {
@@ -51,6 +56,8 @@ class PipelineWrapper(BasePipelineWrapper):
         """Load the serialized pipeline, allowing Haystack to deserialize our `components` package only."""
         allow_deserialization_module("components")
         self.pipeline = Pipeline.loads(PIPELINE_FILE.read_text())
+        self.api_keys = api_keys_from_env()
+        log.configure(patcher=truncate_logged_params)
 
     async def run_api_async(  # noqa: PLR0913
         self,
@@ -59,9 +66,9 @@ class PipelineWrapper(BasePipelineWrapper):
         height: Size = 512,
         negative_prompt: Text | None = None,
         num_inference_steps: Annotated[int, Field(strict=True, ge=1, le=MAX_STEPS)] | None = None,
-        guidance_scale: Annotated[float, Field(ge=0, le=MAX_GUIDANCE)] | None = None,
+        guidance_scale: Guidance | None = None,
         seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)] | None = None,
-        model: Annotated[str, Field(max_length=MAX_MODEL_ID_CHARS, pattern=MODEL_ID_PATTERN)] | None = None,
+        model: ModelId | None = None,
         output_format: OutputFormat = "png",
         headers: Headers | None = None,
     ) -> Response:
@@ -70,8 +77,8 @@ class PipelineWrapper(BasePipelineWrapper):
 
         The response carries `X-Seed` (the seed used; pass it back to reproduce the image), `ETag` (answered with
         304 on a matching `If-None-Match`) and, for PNG, the generation parameters in a `parameters` text chunk.
-        Errors: 422 bad input (nothing is sent upstream), 429/503 with `Retry-After`, 502 upstream failure,
-        504 upstream timeout.
+        Errors: 401 missing API key (when keys are configured), 413 body over 64 KB, 422 bad input (nothing is
+        sent upstream), 429/503 with `Retry-After`, 502 upstream failure, 504 upstream timeout.
 
         Args:
             prompt: What to draw, 1 to 2000 characters.
@@ -84,6 +91,7 @@ class PipelineWrapper(BasePipelineWrapper):
             model: Hugging Face Hub model id (`namespace/name`); the server's default, black-forest-labs/FLUX.1-schnell, when omitted.
             output_format: `png` (default), `jpeg` or `webp`.
         """
+        check_request(headers, self.api_keys)
         inputs = {
             "prompt": prompt, "width": width, "height": height, "negative_prompt": negative_prompt,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,

@@ -1,6 +1,11 @@
 """Hostile input and access control through the real server: clear 4xx answers, nothing sent upstream."""
 
 import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import server_env, start_server, stop_server
@@ -10,9 +15,6 @@ SMALL = {"prompt": "hostile", "width": 64, "height": 64}
 
 
 def post_raw(server, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    import urllib.error
-    import urllib.request
-
     request = urllib.request.Request(
         f"{server.url}/image_generation/run", data=data, headers={"Content-Type": "application/json", **(headers or {})}
     )
@@ -98,3 +100,16 @@ def test_api_keys(keyed_server, fresh_upstream, authorization, status):
     assert len(fresh_upstream.requests) == (1 if status == 200 else 0)
     if status == 401:
         assert answer_headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(server, fresh_upstream):
+    """Fuzz the published OpenAPI schema of the image route: no answer may be a 5xx."""
+    fuzz = subprocess.run(
+        [str(Path(sys.executable).with_name("st")), "run", f"{server.url}/openapi.json",
+         "--include-path", "/image_generation/run", "--checks", "not_a_server_error",
+         "--max-examples", "100", "--seed", "1", "--no-color"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert fuzz.returncode == 0, fuzz.stdout[-3000:]
+    assert "passed" in fuzz.stdout

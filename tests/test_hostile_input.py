@@ -103,13 +103,13 @@ def test_api_keys(keyed_server, fresh_upstream, authorization, status):
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_server_error(server, fresh_upstream):
+def test_schemathesis_finds_no_server_error(server, fresh_upstream, tmp_path):
     """Fuzz the published OpenAPI schema of the image route: no answer may be a 5xx."""
     fuzz = subprocess.run(
         [str(Path(sys.executable).with_name("st")), "run", f"{server.url}/openapi.json",
          "--include-path", "/image_generation/run", "--checks", "not_a_server_error",
          "--max-examples", "100", "--seed", "1", "--no-color"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert fuzz.returncode == 0, fuzz.stdout[-3000:]
     assert "passed" in fuzz.stdout

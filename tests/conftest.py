@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,3 +132,20 @@ def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, TMPDIR=str(tmp / "tmp")))
     yield srv
     stop_server(srv)
+
+
+def post_raw(server: Server, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """POST bytes to the image route; returns status, headers (lower-case names) and body, errors included."""
+    request = urllib.request.Request(
+        f"{server.url}/image_generation/run", data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def post(server: Server, body: dict) -> tuple[int, dict[str, str], bytes]:
+    """POST a JSON body to the image route."""
+    return post_raw(server, json.dumps(body).encode())

@@ -80,6 +80,7 @@ class FakeUpstream:
         self._images: OrderedDict[tuple, bytes] = OrderedDict()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
+        self._server.handle_error = lambda *_: None  # dropped connections are part of the script
         self._server.request_queue_size = 1024
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 

@@ -1,11 +1,9 @@
 """Upstream faults through the real server: every answer is an image or a correct, short, leak-free error."""
 
 import json
-import urllib.error
-import urllib.request
 
 import pytest
-from conftest import TEST_TOKEN, free_port, server_env, start_server, stop_server
+from conftest import TEST_TOKEN, free_port, post, server_env, start_server, stop_server
 from fake_upstream import Fault
 
 MAX_IMAGE_BYTES = 100_000  # a 64x64 test image is ~12 KB, a 512x512 one ~470 KB
@@ -23,17 +21,6 @@ def faulty_server(upstream, tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("faulty"), env)
     yield server
     stop_server(server)
-
-
-def post(server, body: dict, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(
-        f"{server.url}/image_generation/run", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 def assert_no_leak(body: bytes, upstream) -> None:

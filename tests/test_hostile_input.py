@@ -3,26 +3,12 @@
 import json
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import server_env, start_server, stop_server
-from test_faults import post
+from conftest import post, post_raw, server_env, start_server, stop_server
 
 SMALL = {"prompt": "hostile", "width": 64, "height": 64}
-
-
-def post_raw(server, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(
-        f"{server.url}/image_generation/run", data=data, headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 @pytest.mark.parametrize(

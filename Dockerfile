@@ -29,11 +29,16 @@ RUN pip --python /opt/venv/bin/python install --no-deps .
 
 # ---- runtime: the venv and the service files only; no compilers, no pip cache, no tests ----
 FROM ${PYTHON_IMAGE} AS runtime
+# HAYHOOKS_DURABLE_MODE fixes the pipeline set at startup: without it hayhooks serves unauthenticated
+# POST /deploy_files, /deploy-yaml and /undeploy/{name}, i.e. anyone who reaches the port could run code in the
+# container or take the pipeline down. No durable wrapper is deployed, so the in-memory store holds nothing.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HAYHOOKS_HOST=0.0.0.0 \
     HAYHOOKS_PORT=1416 \
+    HAYHOOKS_DURABLE_MODE=true \
+    HAYHOOKS_DURABLE_STORE=memory \
     HAYSTACK_TELEMETRY_ENABLED=False \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HF_HOME=/var/cache/huggingface \
@@ -45,7 +50,7 @@ RUN groupadd --system --gid 10001 app \
 COPY --from=builder /opt/venv /opt/venv
 # Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only.
 COPY pipelines /opt/pipelines/image_generation
-USER app
+USER 10001:10001
 WORKDIR /home/app
 EXPOSE 1416
 # Healthy only when /status lists the image_generation pipeline (hayhooks serves without it if setup() failed).

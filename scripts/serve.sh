@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (once) and run the service on http://0.0.0.0:1416. Settings come from the environment (see README).
+# Set up (once) and run the service on http://127.0.0.1:1416 (HAYHOOKS_HOST/HAYHOOKS_PORT change it). Settings come from the environment (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=""

@@ -1,0 +1,309 @@
+"""`DiffusersTextToImage`: text-to-image with a local diffusers pipeline, on a GPU or the CPU."""
+
+import asyncio
+import inspect
+import re
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from haystack import component, default_from_dict, default_to_dict, logging
+from haystack.lazy_imports import LazyImport
+
+from components.errors import GenerationTimeoutError, ImageGenerationError, InvalidRequestError
+from components.image_codec import encode
+from components.image_results import ImageResults
+from components.request import MAX_STEPS, GenerationRequest, OutputFormat
+from components.settings import resolve, serving_settings
+from components.text_to_image_base import TextToImageBase
+
+with LazyImport(message="Run 'pip install \".[local]\"' to use the local diffusers backend.") as torch_import:
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOCAL_MODEL = "stabilityai/sd-turbo"
+Device = Literal["auto", "cuda", "mps", "cpu"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A diffusers pipeline in memory, and the lock that gives it to one generation at a time."""
+
+    pipeline: Any
+    device: str
+    lock: threading.Lock
+    size_multiple: int
+    interruptible: bool
+
+
+_LOADED: dict[tuple[str, str, str, bool], LoadedModel] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load(model: str, device: Device, dtype: Dtype, cpu_offload: bool) -> LoadedModel:
+    """The pipeline for these settings, loaded on first use: one copy of the weights per process."""
+    key = (model, device, dtype, cpu_offload)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load(*key)
+        return _LOADED[key]
+
+
+def _load(model: str, device: Device, dtype: Dtype, cpu_offload: bool) -> LoadedModel:
+    folder = Path(model).expanduser()
+    if not folder.is_dir() and model.startswith(("/", ".", "~")):
+        raise ValueError(f"the diffusers model folder {model} does not exist")
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    logger.info("Loading diffusers model {model} on {device} ({dtype})", model=model, device=device, dtype=torch_dtype)
+    started = time.monotonic()
+    try:
+        pipeline = AutoPipelineForText2Image.from_pretrained(str(folder) if folder.is_dir() else model, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"could not load the diffusers model {model}: {e}") from e
+    if cpu_offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    interruptible = "callback_on_step_end" in inspect.signature(pipeline.__call__).parameters
+    if not interruptible:
+        logger.warning("{cls} has no step callback: deadlines cannot stop it", cls=type(pipeline).__name__)
+    logger.info(
+        "Loaded {cls} from {model} in {seconds:.1f} s",
+        cls=type(pipeline).__name__,
+        model=model,
+        seconds=time.monotonic() - started,
+    )
+    return LoadedModel(pipeline, device, threading.Lock(), size_multiple(pipeline), interruptible)
+
+
+def pick_device(device: Device) -> str:
+    """`auto`: cuda, then mps, then cpu."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def pick_dtype(dtype: Dtype, device: str) -> "torch.dtype":
+    """`auto`: bfloat16 (else float16) on a GPU, float32 on the CPU."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device == "mps" else torch.float32
+
+
+def size_multiple(pipeline: Any) -> int:
+    """What width and height must be multiples of: the VAE's scale, times 2 for transformers on 2x2 patches."""
+    scale = int(getattr(pipeline, "vae_scale_factor", 8))
+    return scale * 2 if getattr(pipeline, "transformer", None) is not None else scale
+
+
+def served_name(model: str) -> str:
+    """The model id clients see and may ask for: the Hub id, or a local folder's name."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", folder.resolve().name).strip("-._") or "local"
+
+
+@component
+class DiffusersTextToImage(TextToImageBase):
+    """
+    Generates images from text with a diffusers pipeline on this machine: the same inputs and output as
+    `HuggingFaceAPITextToImage`.
+
+    Any text-to-image pipeline that `AutoPipelineForText2Image` loads works, from a Hub id or a local folder. The
+    weights are loaded once per process in `warm_up()`; generations on one device run one at a time, off the event
+    loop, and stop at the next denoising step when their deadline passes or their caller goes away.
+
+    Usage:
+    ```python
+    generator = DiffusersTextToImage(model="stabilityai/sd-turbo")
+    generator.warm_up()
+    image = generator.run(prompt="A cat sitting on a rainbow", num_inference_steps=2, guidance_scale=0.0)
+    ```
+    """
+
+    def __init__(  # noqa: PLR0913
+        self,
+        model: str | None = None,
+        device: Device = "auto",
+        dtype: Dtype = "auto",
+        cpu_offload: bool = False,
+        width: int = 512,
+        height: int = 512,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        output_format: OutputFormat = "png",
+        size_multiple: int | None = None,
+        max_steps: int = MAX_STEPS,
+        timeout: float | None = None,
+        max_queue: int | None = None,
+        cache_max_bytes: int | None = None,
+    ) -> None:
+        """
+        Create the component; nothing is imported from the Hub or loaded until `warm_up()`.
+
+        :param model: Hub model id or local folder; else `IMAGE_GENERATION_LOCAL_MODEL`, else stabilityai/sd-turbo.
+        :param device: `auto` (cuda, then mps, then cpu), `cuda`, `mps` or `cpu`.
+        :param dtype: `auto` (bfloat16 or float16 on a GPU, float32 on the CPU), `float32`, `float16` or `bfloat16`.
+        :param cpu_offload: Keep each model part on the CPU until it runs: less GPU memory, slower.
+        :param width: Default width in pixels.
+        :param height: Default height in pixels.
+        :param num_inference_steps: Default number of denoising steps; `None` uses the pipeline's default.
+        :param guidance_scale: Default guidance scale; `None` uses the pipeline's default.
+        :param output_format: Default image format: `png`, `jpeg` or `webp`.
+        :param size_multiple: What width and height must be multiples of; `None` derives it from the model.
+        :param max_steps: The most denoising steps a request may ask for.
+        :param timeout: Deadline in seconds for one image; else `IMAGE_GENERATION_TIMEOUT`.
+        :param max_queue: Requests that may wait for the device; else `IMAGE_GENERATION_MAX_QUEUE`.
+        :param cache_max_bytes: Byte budget of the seeded-result cache, 0 to disable; else
+            `IMAGE_GENERATION_CACHE_BYTES`.
+        """
+        torch_import.check()
+        if device not in get_args(Device):
+            raise ValueError(f"device={device!r} must be one of {', '.join(get_args(Device))}")
+        if dtype not in get_args(Dtype):
+            raise ValueError(f"dtype={dtype!r} must be one of {', '.join(get_args(Dtype))}")
+        if size_multiple is not None and size_multiple < 1:
+            raise ValueError(f"size_multiple={size_multiple!r} must be positive")
+        if not 1 <= max_steps <= MAX_STEPS:
+            raise ValueError(f"max_steps={max_steps!r} must be in 1..{MAX_STEPS}")
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.cpu_offload = cpu_offload
+        self.defaults = GenerationRequest(
+            prompt="-", negative_prompt=None, width=width, height=height, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=0, model="local", output_format=output_format,
+        )  # fmt: skip
+        self.defaults.validate()
+        self.size_multiple = size_multiple
+        self.max_steps = max_steps
+        self.timeout = timeout
+        self.max_queue = max_queue
+        self.cache_max_bytes = cache_max_bytes
+        self._loaded: LoadedModel | None = None
+
+    def warm_up(self) -> None:
+        """Load the model (once per process, whichever instance asks first) and resolve the settings. Idempotent."""
+        if self._results is not None:
+            return
+        model = resolve(self.model, "IMAGE_GENERATION_LOCAL_MODEL", DEFAULT_LOCAL_MODEL, str)
+        loaded = load(model, self.device, self.dtype, self.cpu_offload)
+        name = served_name(model)
+        settings = serving_settings(
+            allowed_models=[name], timeout=self.timeout, max_image_bytes=None, max_concurrency=1,
+            max_queue=self.max_queue, cache_max_bytes=self.cache_max_bytes,
+        )  # fmt: skip
+        self._loaded = loaded
+        self.defaults = replace(self.defaults, model=name)
+        self._results = ImageResults(settings, {"backend": "diffusers", "provider": "local", "device": loaded.device})
+
+    async def warm_up_async(self) -> None:
+        """Like `warm_up`, off the event loop."""
+        if self._results is None:
+            await asyncio.to_thread(self.warm_up)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialize the component."""
+        d = self.defaults
+        return default_to_dict(
+            self,
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            cpu_offload=self.cpu_offload,
+            width=d.width,
+            height=d.height,
+            num_inference_steps=d.num_inference_steps,
+            guidance_scale=d.guidance_scale,
+            output_format=d.output_format,
+            size_multiple=self.size_multiple,
+            max_steps=self.max_steps,
+            timeout=self.timeout,
+            max_queue=self.max_queue,
+            cache_max_bytes=self.cache_max_bytes,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DiffusersTextToImage":
+        """Deserialize the component."""
+        return default_from_dict(cls, data)
+
+    def _check(self, request: GenerationRequest) -> None:
+        assert self._loaded is not None
+        multiple = self.size_multiple or self._loaded.size_multiple
+        for name in ("width", "height"):
+            if getattr(request, name) % multiple:
+                raise InvalidRequestError(f"{name}={getattr(request, name)} must be a multiple of {multiple} here")
+        if request.num_inference_steps is not None and request.num_inference_steps > self.max_steps:
+            raise InvalidRequestError(f"num_inference_steps={request.num_inference_steps} must be ≤ {self.max_steps}")
+
+    def _produce(self, request: GenerationRequest) -> bytes:
+        return self._generate(request, threading.Event())
+
+    async def _produce_async(self, request: GenerationRequest) -> bytes:
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self._generate, request, cancel)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread stops at its next step instead of finishing an image nobody waits for
+            raise
+
+    def _generate(self, request: GenerationRequest, cancel: threading.Event) -> bytes:
+        assert self._loaded is not None and self._results is not None
+        loaded, timeout = self._loaded, self._results.settings.timeout
+        with loaded.lock:
+            deadline = time.monotonic() + timeout
+            stop = _StepWatch(request, cancel, deadline)
+            kwargs = {
+                "prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
+                "height": request.height, "output_type": "pil",
+                "generator": torch.Generator("cpu" if loaded.device == "mps" else loaded.device).manual_seed(request.seed),
+            }  # fmt: skip
+            if request.num_inference_steps is not None:
+                kwargs["num_inference_steps"] = request.num_inference_steps
+            if request.guidance_scale is not None:
+                kwargs["guidance_scale"] = request.guidance_scale
+            if loaded.interruptible:
+                kwargs["callback_on_step_end"] = stop
+            image = loaded.pipeline(**kwargs).images[0]
+        if stop.reason == "deadline":
+            raise GenerationTimeoutError(f"generation stopped at step {stop.steps_done}: past the {timeout} s deadline")
+        if stop.reason == "cancelled":
+            raise ImageGenerationError("generation cancelled: nobody is waiting for it")
+        return encode(image, request.output_format)
+
+
+class _StepWatch:
+    """The `callback_on_step_end` of one generation: logs progress, and interrupts on cancel or past the deadline."""
+
+    def __init__(self, request: GenerationRequest, cancel: threading.Event, deadline: float) -> None:
+        self.seed = request.seed
+        self.cancel = cancel
+        self.deadline = deadline
+        self.steps_done = 0
+        self.reason: str | None = None
+
+    def __call__(self, pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        self.steps_done = step + 1
+        total = getattr(pipeline, "num_timesteps", None) or self.steps_done
+        if self.steps_done == total or self.steps_done % max(1, total // 10) == 0:
+            logger.info("Seed {seed}: step {step}/{total}", seed=self.seed, step=self.steps_done, total=total)
+        if self.cancel.is_set():
+            self.reason = "cancelled"
+        elif time.monotonic() > self.deadline:
+            self.reason = "deadline"
+        if self.reason is not None:
+            pipeline._interrupt = True  # noqa: SLF001  (diffusers' documented way to stop a running pipeline)
+        return tensors

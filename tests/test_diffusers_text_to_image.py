@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import subprocess
 import sys
 import threading
 import urllib.request
@@ -244,3 +245,14 @@ def test_worker_threads_are_not_leaked(generator):
     for seed in range(5):
         generator.run(prompt="threads", seed=seed)
     assert threading.active_count() <= before
+
+
+def test_missing_extra_is_a_clear_error():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from components.diffusers_text_to_image import DiffusersTextToImage\n"
+        "DiffusersTextToImage()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode != 0
+    assert "pip install \".[local]\"" in result.stderr

@@ -4,7 +4,8 @@ POST any path with `{"inputs": prompt, "parameters": {...}}`; the answer is an i
 format the `Accept` header names (or a forced one), deterministic in prompt and seed. Tests queue `Fault`s to make
 the next requests fail in a chosen way, and read `requests` to see exactly what reached the upstream.
 
-Run it alone for benchmarks: `python tests/fake_upstream.py --latency 0.3 --variants 8` prints its URL.
+Run it alone for benchmarks: `python tests/fake_upstream.py --latency 0.3 --variants 8` prints its URL; `GET /stats`
+then reports the calls in flight and their peak.
 """
 
 import argparse
@@ -78,10 +79,12 @@ class FakeUpstream:
         self.max_in_flight = 0
         self._lock = threading.Lock()
         self._images: OrderedDict[tuple, bytes] = OrderedDict()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(), bind_and_activate=False)
         self._server.daemon_threads = True
         self._server.handle_error = lambda *_: None  # dropped connections are part of the script
-        self._server.request_queue_size = 1024
+        self._server.request_queue_size = 1024  # the listen backlog: it must be set before listen() to count
+        self._server.server_bind()
+        self._server.server_activate()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> "FakeUpstream":
@@ -119,6 +122,18 @@ class FakeUpstream:
 
             def log_message(self, *_: object) -> None:
                 pass
+
+            def do_GET(self) -> None:
+                """`GET /stats`: calls in flight, their peak, requests seen; `?reset=1` restarts the peak from now."""
+                if self.path.split("?")[0] != "/stats":
+                    self._send(404, b"{}", {})
+                    return
+                with upstream._lock:
+                    stats = {"in_flight": upstream.in_flight, "max_in_flight": upstream.max_in_flight,
+                             "requests": len(upstream.requests)}  # fmt: skip
+                    if self.path.endswith("reset=1"):
+                        upstream.max_in_flight = upstream.in_flight
+                self._send(200, json.dumps(stats).encode(), {})
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))

@@ -32,7 +32,7 @@ class ByteBudgetLRU(Generic[T]):
 
     def put(self, key: Hashable, value: T, size: int) -> None:
         """Store `value`, evicting the least recently used entries; a value larger than the budget is not kept."""
-        if size > self.max_bytes:
+        if size > self.max_bytes or not self.max_bytes:
             return
         with self._lock:
             old = self._items.pop(key, None)

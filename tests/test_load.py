@@ -24,11 +24,15 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-async def hammer(url: str, seconds: float) -> tuple[Counter, list[str], list[float], float]:
-    """CLIENTS loops posting unseeded requests; a watcher polls /status. Returns statuses, bad answers, status times."""
+async def hammer(url: str, seconds: float, pid: int) -> tuple[Counter, list[str], float, float]:
+    """CLIENTS loops posting unseeded requests; a watcher polls /status and the server's RSS.
+
+    Returns the answers by status, the bad answers, the slowest /status in seconds and the peak RSS in MB.
+    """
     statuses: Counter = Counter()
     bad: list[str] = []
     status_times: list[float] = []
+    rss: list[float] = [rss_mb(pid)]
     stop = time.monotonic() + seconds
     limits = httpx2.Limits(max_connections=CLIENTS + 10)
     async with httpx2.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
@@ -49,11 +53,12 @@ async def hammer(url: str, seconds: float) -> tuple[Counter, list[str], list[flo
                 started = time.monotonic()
                 r = await client.get("/status")
                 status_times.append(time.monotonic() - started)
+                rss.append(rss_mb(pid))
                 assert r.status_code == 200
                 await asyncio.sleep(0.25)
 
         await asyncio.gather(watch_status(), *(one_client(i) for i in range(CLIENTS)))
-    return statuses, bad, status_times, max(status_times)
+    return statuses, bad, max(status_times), max(rss)
 
 
 @pytest.mark.slow
@@ -70,19 +75,20 @@ def test_200_clients_get_images_or_503(upstream, tmp_path):
     upstream.max_in_flight = 0
     upstream.latency = 0.3
     try:
-        asyncio.run(hammer(server.url, 2))  # warm-up
+        asyncio.run(hammer(server.url, 2, server.process.pid))  # warm-up
         rss_before = rss_mb(server.process.pid)
-        statuses, bad, _, slowest_status = asyncio.run(hammer(server.url, SECONDS))
+        statuses, bad, slowest_status, rss_peak = asyncio.run(hammer(server.url, SECONDS, server.process.pid))
         rss_after = rss_mb(server.process.pid)
     finally:
         upstream.latency = 0.0
         stop_server(server)
 
-    print(f"\nload: {dict(statuses)} in {SECONDS:.0f}s, RSS {rss_before:.0f} -> {rss_after:.0f} MB, "
-          f"slowest /status {slowest_status * 1000:.0f} ms")  # fmt: skip
+    print(f"\nload: {statuses.total()} requests in {SECONDS:.0f} s, by status {dict(statuses)}; server RSS "
+          f"{rss_before:.0f} MB before, {rss_peak:.0f} MB peak, {rss_after:.0f} MB after; slowest /status "
+          f"{slowest_status * 1000:.0f} ms")  # fmt: skip
     assert set(statuses) <= {200, 503}, statuses
     assert statuses[200] > 0 and statuses[503] > 0  # the cap was reached and work still got done
     assert bad == []
     assert slowest_status < 2.0
-    assert rss_after - rss_before < 50
+    assert rss_peak - rss_before < 50
     assert upstream.max_in_flight <= 32

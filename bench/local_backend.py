@@ -84,7 +84,11 @@ def memory(model: Path, requests: int) -> tuple[float, float, int]:
     before = rss_mb()
     for seed in range(requests):
         components[seed % 2].run(prompt=PROMPT, width=64, height=64, seed=seed)
-    return before, rss_mb(), len({id(c._loaded.pipeline) for c in components})  # noqa: SLF001
+    return before, rss_mb(), len({id(c._loaded.pipeline) for c in components})
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
 
 
 def main() -> None:
@@ -105,10 +109,11 @@ def main() -> None:
         ("figure", "direct diffusers", "DiffusersTextToImage", "target", "met"),
         ("---",) * 5,
         (f"wall time per image, {args.size}², {args.steps} steps, CPU (median of {args.rounds})",
-         f"{direct * 1000:.0f} ms", f"{ours * 1000:.0f} ms ({added:+.1f}%, median of paired ratios)", "≤ +3%", "yes" if added <= 3 else "**no**"),
+         f"{direct * 1000:.0f} ms", f"{ours * 1000:.0f} ms ({added:+.1f}%, median of paired ratios)", "≤ +3%",
+         met(added <= 3)),
         (f"RSS before → after {args.requests} requests (64², cache off)", "",
-         f"{before:.0f} → {after:.0f} MB ({after - before:+.0f})", "flat", "yes" if after - before <= 30 else "**no**"),
-        ("copies of the weights in the process (2 components)", "", str(copies), "1", "yes" if copies == 1 else "**no**"),
+         f"{before:.0f} → {after:.0f} MB ({after - before:+.0f})", "flat", met(after - before <= 30)),
+        ("copies of the weights in the process (2 components)", "", str(copies), "1", met(copies == 1)),
     ]  # fmt: skip
     table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")

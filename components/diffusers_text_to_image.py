@@ -63,7 +63,8 @@ def _load(model: str, device: Device, dtype: Dtype, cpu_offload: bool) -> Loaded
     logger.info("Loading diffusers model {model} on {device} ({dtype})", model=model, device=device, dtype=torch_dtype)
     started = time.monotonic()
     try:
-        pipeline = AutoPipelineForText2Image.from_pretrained(str(folder) if folder.is_dir() else model, dtype=torch_dtype)
+        source = str(folder) if folder.is_dir() else model
+        pipeline = AutoPipelineForText2Image.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError) as e:
         raise RuntimeError(f"could not load the diffusers model {model}: {e}") from e
     if cpu_offload:
@@ -118,8 +119,9 @@ def served_name(model: str) -> str:
 @component
 class DiffusersTextToImage(TextToImageBase):
     """
-    Generates images from text with a diffusers pipeline on this machine: the same inputs and output as
-    `HuggingFaceAPITextToImage`.
+    Generates images from text with a diffusers pipeline on this machine.
+
+    It has the same inputs, output and meta as `HuggingFaceAPITextToImage`.
 
     Any text-to-image pipeline that `AutoPipelineForText2Image` loads works, from a Hub id or a local folder. The
     weights are loaded once per process in `warm_up()`; generations on one device run one at a time, off the event
@@ -266,10 +268,10 @@ class DiffusersTextToImage(TextToImageBase):
         with loaded.lock:
             deadline = time.monotonic() + timeout
             stop = _StepWatch(request, cancel, deadline)
+            generator = torch.Generator("cpu" if loaded.device == "mps" else loaded.device)
             kwargs = {
                 "prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
-                "height": request.height, "output_type": "pil",
-                "generator": torch.Generator("cpu" if loaded.device == "mps" else loaded.device).manual_seed(request.seed),
+                "height": request.height, "output_type": "pil", "generator": generator.manual_seed(request.seed),
             }  # fmt: skip
             if request.num_inference_steps is not None:
                 kwargs["num_inference_steps"] = request.num_inference_steps
@@ -305,5 +307,5 @@ class _StepWatch:
         elif time.monotonic() > self.deadline:
             self.reason = "deadline"
         if self.reason is not None:
-            pipeline._interrupt = True  # noqa: SLF001  (diffusers' documented way to stop a running pipeline)
+            pipeline._interrupt = True
         return tensors

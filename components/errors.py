@@ -1,4 +1,5 @@
-"""Typed errors raised by the text-to-image components.
+"""
+Typed errors raised by the text-to-image components.
 
 Each class says what went wrong, not how to tell an HTTP client: the wrapper maps them to status codes and fixed
 messages. Messages here may name parameters but never tokens, URLs or upstream bodies.

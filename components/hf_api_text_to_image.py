@@ -124,7 +124,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         if self._client is None:
             self._client = httpx2.Client(limits=self._limits(), timeout=None)
 
-    async def warm_up_async(self) -> None:  # noqa: RUF029
+    async def warm_up_async(self) -> None:
         """Resolve token and settings and open the async connection pool on the serving loop. Idempotent."""
         self._resolve()
         if self._async_client is None:

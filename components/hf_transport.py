@@ -1,4 +1,5 @@
-"""Calls to a Hugging Face text-to-image upstream: requests built by huggingface_hub, sent over pooled connections.
+"""
+Calls to a Hugging Face text-to-image upstream: requests built by huggingface_hub, sent over pooled connections.
 
 huggingface_hub's provider helpers decide URL, headers and payload (Inference Providers, the HF router, dedicated
 endpoints), exactly as `InferenceClient.text_to_image` does. We send them ourselves so that every call has one
@@ -64,9 +65,7 @@ def build_request(target: UpstreamTarget, request: GenerationRequest) -> tuple[R
     return params, helper
 
 
-async def post_async(
-    client: httpx2.AsyncClient, params: RequestParameters, deadline: float, max_bytes: int
-) -> bytes:
+async def post_async(client: httpx2.AsyncClient, params: RequestParameters, deadline: float, max_bytes: int) -> bytes:
     """POST with retries on 'model loading' 503s until `deadline` (a `time.monotonic()` value)."""
     while True:
         try:
@@ -185,4 +184,3 @@ def _safe_reason(error_json: dict) -> str | None:
     if not isinstance(reason, str) or not _SAFE_REASON_RE.fullmatch(reason) or _UNSAFE_REASON_RE.search(reason):
         return None
     return reason
-

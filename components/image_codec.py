@@ -1,4 +1,5 @@
-"""Image bytes: recognise them, convert them only when asked for another format, and tag PNGs with their parameters.
+"""
+Image bytes: recognise them, convert them only when asked for another format, and tag PNGs with their parameters.
 
 Pixels are decoded at most once per image, and not at all when the upstream already sent the requested format:
 the parameters text chunk is spliced in at chunk level.

@@ -1,4 +1,5 @@
-"""What every backend does around producing pixels: admission, reuse of seeded results, and the final image.
+"""
+What every backend does around producing pixels: admission, reuse of seeded results, and the final image.
 
 A backend supplies one function that turns a `GenerationRequest` into encoded image bytes; this module turns those
 bytes into the JSON-safe `ImageContent` the components output, with the parameters embedded and an ETag.

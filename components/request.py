@@ -67,7 +67,8 @@ class GenerationRequest:
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequestError(f"seed={self.seed!r} must be in 0..{MAX_SEED}")
         if self.output_format not in OUTPUT_FORMATS:
-            raise InvalidRequestError(f"output_format={self.output_format!r} must be one of {', '.join(OUTPUT_FORMATS)}")
+            formats = ", ".join(OUTPUT_FORMATS)
+            raise InvalidRequestError(f"output_format={self.output_format!r} must be one of {formats}")
         if not is_model_id(self.model):  # never echoed: it may be anything
             raise InvalidRequestError("model must be a Hugging Face Hub model id such as 'namespace/name'")
         if allowed_models is not None and self.model not in allowed_models:

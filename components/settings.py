@@ -1,4 +1,5 @@
-"""Serving settings shared by every backend: a value set on the component wins, else the environment, else a default.
+"""
+Serving settings shared by every backend: a value set on the component wins, else the environment, else a default.
 
 Resolved in `warm_up()`, on the machine that serves, so that one serialized pipeline runs anywhere.
 """
@@ -47,7 +48,7 @@ def parse_models(raw: str) -> frozenset[str]:
     return frozenset(item.strip() for item in raw.split(",") if item.strip())
 
 
-def serving_settings(
+def serving_settings(  # noqa: PLR0913
     *,
     allowed_models: list[str] | None,
     timeout: float | None,

@@ -1,4 +1,5 @@
-"""`TextToImageBase`: the inputs, defaults, validation and output that every text-to-image backend shares.
+"""
+`TextToImageBase`: the inputs, defaults, validation and output that every text-to-image backend shares.
 
 A backend subclasses it (and is decorated with `@component`), sets `defaults` in `__init__`, creates `_results` in
 `warm_up()`, and supplies `_produce` / `_produce_async`, which turn a validated request into encoded image bytes.

@@ -99,8 +99,11 @@ class PipelineWrapper(BasePipelineWrapper):
             num_inference_steps: Denoising steps, 1 to 150; the model's default when omitted.
             guidance_scale: Guidance scale, 0 to 50; the model's default when omitted.
             seed: Seed from 0 to 4294967295; the server picks one when omitted.
-            model: Hugging Face Hub model id (`namespace/name`); the server's default, black-forest-labs/FLUX.1-schnell, when omitted.
+            model: Hugging Face Hub model id (`namespace/name`); the server's default
+                (black-forest-labs/FLUX.1-schnell with the API backend) when omitted.
             output_format: `png` (default), `jpeg` or `webp`.
+            headers: The request's headers, passed by Hayhooks (not part of the body).
+
         """
         check_request(headers, self.api_keys)
         inputs = {

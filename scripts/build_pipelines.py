@@ -1,4 +1,5 @@
-"""Write the serialized pipelines in `pipelines/` from code (`--check` fails when the committed files differ).
+"""
+Write the serialized pipelines in `pipelines/` from code (`--check` fails when the committed files differ).
 
 The pipeline part of each file is `Pipeline.dumps()` output; `inputs:`/`outputs:` are added for
 `hayhooks pipeline deploy-yaml`, which requires every declared input, so only the everyday ones are declared.

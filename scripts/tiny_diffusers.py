@@ -1,4 +1,5 @@
-"""Write a tiny random-weight Stable Diffusion pipeline to a folder, offline: for tests, benchmarks and a CPU demo.
+"""
+Write a tiny random-weight Stable Diffusion pipeline to a folder, offline: for tests, benchmarks and a CPU demo.
 
     python scripts/tiny_diffusers.py /tmp/tiny-sd
 
@@ -56,6 +57,7 @@ def build(folder: Path, seed: int = 0) -> Path:
 
 
 def main() -> None:
+    """Build the model in the folder given on the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     print(build(parser.parse_args().folder))

@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_upstream import FakeUpstream  # noqa: E402
 
 HAYHOOKS = Path(sys.executable).with_name("hayhooks")
-TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"  # noqa: S105
+TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +44,7 @@ class Server:
     url: str
     process: subprocess.Popen
     log_path: Path
+    pipelines: list[str] = field(default_factory=list)  # as /status listed them at startup
 
     def log(self) -> str:
         """Everything the server printed so far."""
@@ -64,7 +65,7 @@ def server_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def start_server(  # noqa: PLR0913
+def start_server(
     tmp_dir: Path,
     env: dict[str, str],
     command: list[str] | None = None,
@@ -72,34 +73,38 @@ def start_server(  # noqa: PLR0913
     timeout: float = 60,
     deployed: bool = True,
 ) -> Server:
-    """Start `hayhooks run` (or `command`) on a free port; wait until /status answers and, if `deployed`, lists
-    `image_generation`."""
+    """
+    Start `hayhooks run` (or `command`) on a free port and wait until /status answers; with `deployed`, it must
+    list `image_generation`.
+    """
     port = free_port()
     env = {"HAYHOOKS_HOST": "127.0.0.1", "HAYHOOKS_PIPELINES_DIR": str(ROOT / "served"), **env}
     env["HAYHOOKS_PORT"] = str(port)
-    log_path = tmp_dir / f"server-{port}.log"
+    server = launch(command or [str(HAYHOOKS), "run"], cwd, env, tmp_dir / f"server-{port}.log", port, timeout)
+    if deployed and "image_generation" not in server.pipelines:
+        stop_server(server)
+        raise RuntimeError(f"the server is up without image_generation:\n{server.log()}")
+    return server
+
+
+def launch(argv: list[str], cwd: Path, env: dict[str, str], log_path: Path, port: int | str, timeout: float) -> Server:
+    """Run `argv` with its output in `log_path` and wait until /status on `port` answers (hayhooks deploys the
+    startup pipelines before it serves, so the first answer lists them). Fails at once if the process exits."""
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command or [str(HAYHOOKS), "run"],
-            cwd=cwd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{server.log()}")
         try:
-            with urllib.request.urlopen(f"{server.url}/status", timeout=1) as r:  # noqa: S310
-                if not deployed or "image_generation" in json.load(r).get("pipelines", []):
-                    return server
+            with urllib.request.urlopen(f"{server.url}/status", timeout=1) as r:
+                server.pipelines = json.load(r).get("pipelines", [])
+                return server
         except OSError:
-            pass
-        time.sleep(0.2)
+            time.sleep(0.1)
     stop_server(server)
-    raise RuntimeError(f"server did not deploy image_generation in {timeout}s:\n{server.log()}")
+    raise RuntimeError(f"the server did not answer /status in {timeout}s:\n{server.log()}")
 
 
 def stop_server(server: Server) -> None:
@@ -146,7 +151,7 @@ def post_raw(server: Server, data: bytes, headers: dict[str, str] | None = None)
         f"{server.url}/image_generation/run", data=data, headers={"Content-Type": "application/json", **(headers or {})}
     )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()

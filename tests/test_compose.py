@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TEST_TOKEN, Server, free_port, stop_server
+from conftest import ROOT, TEST_TOKEN, Server, free_port, launch, stop_server
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -409,28 +408,11 @@ def build_container(project: Project, root: Path, port: int, service_name: str =
 def start(container: Container, log_dir: Path, timeout: float = 60) -> Server:
     """Run the container's argv; wait for /status. Fails at once if it answers without the pipeline or exits."""
     port = container.env["HAYHOOKS_PORT"]
-    log_path = log_dir / f"container-{port}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            container.argv, cwd=container.cwd, env=container.env, stdout=log, stderr=subprocess.STDOUT
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode}:\n{server.log()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/status", timeout=1) as r:
-                pipelines = json.load(r).get("pipelines", [])
-        except OSError:
-            time.sleep(0.1)
-            continue
-        if PIPELINE in pipelines:
-            return server
+    server = launch(container.argv, container.cwd, container.env, log_dir / f"container-{port}.log", port, timeout)
+    if PIPELINE not in server.pipelines:
         stop_server(server)
-        raise RuntimeError(f"the service is up without {PIPELINE!r} (pipelines: {pipelines}):\n{server.log()}")
-    stop_server(server)
-    raise RuntimeError(f"the service did not answer /status in {timeout}s:\n{server.log()}")
+        raise RuntimeError(f"the service is up without {PIPELINE!r} (pipelines: {server.pipelines}):\n{server.log()}")
+    return server
 
 
 def curl_png(server: Server, out: Path, width: int = 256, height: int = 192) -> None:

@@ -22,7 +22,7 @@ from components.diffusers_text_to_image import DiffusersTextToImage
 from components.errors import GenerationTimeoutError, InvalidRequestError
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from tiny_diffusers import build  # noqa: E402
+from tiny_diffusers import build
 
 STEPS = 2
 FAST = {"num_inference_steps": STEPS}
@@ -93,8 +93,8 @@ def test_to_dict():
 
 
 def test_from_dict():
-    data = DiffusersTextToImage(model="some/model", dtype="bfloat16", guidance_scale=0.0, output_format="webp").to_dict()
-    component = DiffusersTextToImage.from_dict(data)
+    component = DiffusersTextToImage(model="some/model", dtype="bfloat16", guidance_scale=0.0, output_format="webp")
+    component = DiffusersTextToImage.from_dict(component.to_dict())
     assert (component.model, component.dtype) == ("some/model", "bfloat16")
     assert (component.defaults.guidance_scale, component.defaults.output_format) == (0.0, "webp")
 
@@ -151,13 +151,30 @@ def test_deadline_stops_generation_at_the_next_step(tiny_model):
     assert int(re.search(r"step (\d+)", str(raised.value)).group(1)) < 150
 
 
+class _ProgressSeen(logging.Handler):
+    """Sets `seen` when a log line contains `text`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
 async def test_cancelled_caller_stops_generation(tiny_model, caplog):
     caplog.set_level(logging.INFO, logger="components.diffusers_text_to_image")
+    first_progress = _ProgressSeen("step 15/150")
+    logging.getLogger("components.diffusers_text_to_image").addHandler(first_progress)
     component = DiffusersTextToImage(model=str(tiny_model), width=64, height=64, num_inference_steps=150)
     await component.warm_up_async()
     task = asyncio.create_task(component.run_async(prompt="nobody waits for this", seed=3))
-    while "step 15/150" not in caplog.text:  # the first progress line: generation is under way
-        await asyncio.sleep(0.01)
+    try:
+        assert await asyncio.to_thread(first_progress.seen.wait, 60)  # generation is under way
+    finally:
+        logging.getLogger("components.diffusers_text_to_image").removeHandler(first_progress)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -233,7 +250,7 @@ def test_missing_model_folder_is_a_clear_startup_error(tmp_path):
     env = server_env(IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(missing))
     server = start_server(tmp_path, env, deployed=False, timeout=120)
     try:
-        with urllib.request.urlopen(f"{server.url}/status", timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(f"{server.url}/status", timeout=5) as response:
             assert "image_generation" not in json.load(response)["pipelines"]
         assert f"the diffusers model folder {missing} does not exist" in server.log()
     finally:
@@ -255,4 +272,4 @@ def test_missing_extra_is_a_clear_error():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode != 0
-    assert "pip install \".[local]\"" in result.stderr
+    assert 'pip install ".[local]"' in result.stderr

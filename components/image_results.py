@@ -71,7 +71,7 @@ class ImageResults:
         return image
 
     def _remember(self, key: tuple, image: ImageContent, pinned: bool) -> None:
-        if pinned and self.settings.cache_max_bytes:
+        if pinned:  # a zero budget stores nothing
             self.cache.put(key, image, len(image.base64_image))
 
     def finish(self, request: GenerationRequest, raw: bytes, started: float) -> ImageContent:

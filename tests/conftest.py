@@ -1,5 +1,7 @@
 """Shared fixtures: a fake HF upstream on loopback and real `hayhooks run` server processes pointed at it."""
 
+import base64
+import io
 import json
 import os
 import socket
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from haystack.dataclasses import ImageContent
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -20,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_upstream import FakeUpstream  # noqa: E402
 
 HAYHOOKS = Path(sys.executable).with_name("hayhooks")
-TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
+TEST_TOKEN = "test-token-that-must-never-leak-0123456789"
 
 
 @pytest.fixture(autouse=True)
@@ -143,6 +147,11 @@ def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, TMPDIR=str(tmp / "tmp")))
     yield srv
     stop_server(srv)
+
+
+def decode(image: ImageContent) -> Image.Image:
+    """The picture inside a component's `ImageContent` output."""
+    return Image.open(io.BytesIO(base64.b64decode(image.base64_image)))
 
 
 def post_raw(server: Server, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:

@@ -32,13 +32,14 @@ import pytest
 import yaml
 from conftest import ROOT, TEST_TOKEN, Server, free_port, launch, stop_server
 
+from components.image_codec import PNG_SIGNATURE
+
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
 SERVICE = "hayhooks"
 PIPELINE = "image_generation"
 CONTAINER_PORT = 1416
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BUILD_TOOLS = ("gcc", "g++", "clang", "make", "build-essential", "cmake", "git", "pytest", "ruff", "mypy")
 # What a base python:3.11-slim image has on PATH before the Dockerfile's ENV.
 BASE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -425,7 +426,7 @@ def curl_png(server: Server, out: Path, width: int = 256, height: int = 192) -> 
     )  # fmt: skip
     assert status.stdout == "200", f"curl: {status.stdout} {status.stderr} {out.read_bytes()[:300]!r}"
     data = out.read_bytes()
-    assert data[:8] == PNG_MAGIC, data[:64]
+    assert data[:8] == PNG_SIGNATURE, data[:64]
     assert (int.from_bytes(data[16:20]), int.from_bytes(data[20:24])) == (width, height)
     assert len(data) > 1000
 

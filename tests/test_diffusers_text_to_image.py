@@ -13,7 +13,7 @@ import threading
 import urllib.request
 
 import pytest
-from conftest import ROOT, post, server_env, start_server, stop_server
+from conftest import ROOT, decode, post, server_env, start_server, stop_server
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from PIL import Image
@@ -40,10 +40,6 @@ def generator(tiny_model):
     )
     component.warm_up()
     return component
-
-
-def decode(image) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(image.base64_image)))
 
 
 def test_init_default():

@@ -1,17 +1,14 @@
 """HuggingFaceAPITextToImage against the fake upstream: Haystack's per-component list plus the request contract."""
 
-import base64
-import io
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TEST_TOKEN
+from conftest import ROOT, TEST_TOKEN, decode
 from fake_upstream import Fault
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from haystack.utils import Secret
-from PIL import Image
 
 from components import HuggingFaceAPITextToImage
 from components.errors import InvalidRequestError, UpstreamRejectedError
@@ -25,10 +22,6 @@ def generator(fresh_upstream, monkeypatch):
     component = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url)
     yield component
     component.close()
-
-
-def decode(image) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(image.base64_image)))
 
 
 def test_init_default():

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import Server, post, post_raw, server_env, start_server, stop_server
 
+from components.image_codec import PNG_SIGNATURE
 from components.result_cache import ByteBudgetLRU
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEXT_CHUNKS = {b"tEXt", b"iTXt", b"zTXt"}
 SLOW_UPSTREAM = 1.5  # seconds per upstream call: long enough for every concurrent request to arrive meanwhile
 COALESCED = 16

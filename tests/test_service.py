@@ -12,7 +12,7 @@ import pytest
 from conftest import HAYHOOKS, ROOT, TEST_TOKEN
 from PIL import Image
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from components.image_codec import PNG_SIGNATURE
 
 
 def curl(server, body: dict | str, out: Path, *extra: str) -> dict[str, str]:
@@ -36,7 +36,7 @@ def test_readme_curl_downloads_a_png(server, fresh_upstream, tmp_path):
 
     assert headers["status"] == "200"
     data = out.read_bytes()
-    assert data.startswith(PNG_MAGIC)
+    assert data.startswith(PNG_SIGNATURE)
     image = Image.open(io.BytesIO(data))
     assert image.size == (512, 512)
     seed = int(headers["x-seed"])
@@ -130,7 +130,7 @@ def test_deploy_yaml_answers_json_with_a_png(server, fresh_upstream):
         result = json.load(response)["result"]
     image = result["text_to_image"]["images"][0]
     data = base64.b64decode(image["base64_image"])
-    assert data.startswith(PNG_MAGIC)
+    assert data.startswith(PNG_SIGNATURE)
     assert Image.open(io.BytesIO(data)).size == (128, 64)
     assert image["mime_type"] == "image/png"
     assert image["meta"]["seed"] == fresh_upstream.requests[-1].payload["parameters"]["seed"]

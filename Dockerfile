@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
-# Production image of the image-generation service: `hayhooks run` serving pipelines/ as `image_generation`.
+# Production image of the image-generation service: `image-generation-server` (Hayhooks' app plus our HTTP guard)
+# serving pipelines/ as `image_generation`.
 #   docker build -t hayhooks-image-generation .                        # Hugging Face API backend
 #   docker build --build-arg EXTRAS=local -t hayhooks-image-generation:local .   # + diffusers/torch backend
 # No secrets are baked in: HF_TOKEN and the IMAGE_GENERATION_* settings come from the environment at run time.
-# tests/test_compose.py runs the CMD, ENV and HEALTHCHECK below without Docker: keep them in sync with
+# tests/test_compose.py runs the ENTRYPOINT, ENV and HEALTHCHECK below without Docker: keep them in sync with
 # docker-compose.yml.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -37,6 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HAYHOOKS_HOST=0.0.0.0 \
     HAYHOOKS_PORT=1416 \
+    HAYHOOKS_PIPELINES_DIR=/opt/pipelines \
     HAYHOOKS_DURABLE_MODE=true \
     HAYHOOKS_DURABLE_STORE=memory \
     HAYSTACK_TELEMETRY_ENABLED=False \
@@ -56,5 +58,4 @@ EXPOSE 1416
 # Healthy only when /status lists the image_generation pipeline (hayhooks serves without it if setup() failed).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import json, os, sys, urllib.request as u; s = json.load(u.urlopen('http://127.0.0.1:%s/status' % os.environ.get('HAYHOOKS_PORT', '1416'), timeout=4)); sys.exit(0 if 'image_generation' in s.get('pipelines', []) else 1)"]
-ENTRYPOINT ["hayhooks"]
-CMD ["run", "--pipelines-dir", "/opt/pipelines"]
+ENTRYPOINT ["image-generation-server"]

@@ -5,8 +5,8 @@ Run from the repository root, with the `test` extra installed:
     python bench/run.py            # full run, about 2 minutes
     python bench/run.py --quick    # fewer requests, about 1 minute
 
-The fake upstream (`tests/fake_upstream.py`) runs as its own process; the server is a real `hayhooks run` process
-started as the tests start it. Every figure is printed as a table and written to `bench/RESULTS.md`.
+The fake upstream (`tests/fake_upstream.py`) runs as its own process; the server is a real `image-generation-server`
+process started as the tests start it. Every figure is printed as a table and written to `bench/RESULTS.md`.
 """
 
 import argparse

@@ -1,13 +1,20 @@
-"""HTTP-side guards of the wrapper: optional API keys and the request body cap."""
+"""ASGI middleware in front of the JSON run routes: API keys, body cap, strict fields, cancel on disconnect."""
 
+import asyncio
 import hmac
+import json
 import os
+from typing import Any
 
-from fastapi import HTTPException
+from fastapi import FastAPI
+from hayhooks import log
 from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
 MAX_BODY_BYTES = 64 * 1024
+MAX_ECHOED_NAME_CHARS = 64
 
 
 def api_keys_from_env() -> tuple[bytes, ...]:
@@ -15,17 +22,156 @@ def api_keys_from_env() -> tuple[bytes, ...]:
     return tuple(key.strip().encode() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip())
 
 
-def check_request(headers: Headers | None, api_keys: tuple[bytes, ...]) -> None:
-    """Raise 413 for a body over the cap and 401 for a missing or wrong Bearer key (when keys are configured)."""
-    headers = headers or Headers()
+class HTTPGuard:
+    """
+    Guards every POST route whose OpenAPI schema takes a JSON object (the pipelines' `/{name}/run`).
+
+    Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
+    (checked while reading, so a chunked body is never held whole), 422 for JSON nested too deeply or naming a field
+    the route does not take. While it runs: when the client disconnects, the route is cancelled, and with it the
+    upstream call or the local generation. Other requests pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, api: FastAPI, api_keys: tuple[bytes, ...]) -> None:
+        self.app = app
+        self.api = api
+        self.api_keys = api_keys
+        self._fields: dict[str, frozenset[str] | None] = {}
+        self._schema: dict | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check a request to a guarded route, then run it until it answers or its client leaves."""
+        fields = self._json_fields(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if fields is None:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if self.api_keys and not self._authorized(headers.get("authorization", "")):
+            refusal = _refusal(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
+            await refusal(scope, receive, send)
+            return
+        try:
+            body = await _read_body(headers, receive)
+        except _BodyTooLargeError:
+            await _refusal(413, f"the request body is over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+            return
+        if body is None:  # the client left while sending
+            return
+        if errors := _json_errors(body, fields):
+            await _refusal(422, errors)(scope, receive, send)
+            return
+        await _run_until_disconnect(self.app, scope, body, receive, send)
+
+    def _authorized(self, authorization: str) -> bool:
+        scheme, _, supplied = authorization.partition(" ")
+        supplied_bytes = supplied.strip().encode()
+        # Compare against every key so that the time taken does not depend on which one matched.
+        matched = [hmac.compare_digest(supplied_bytes, key) for key in self.api_keys]
+        return scheme.lower() == "bearer" and any(matched)
+
+    def _json_fields(self, scope: Scope) -> frozenset[str] | None:
+        """The body fields the route at this path takes, or None when it takes no JSON object."""
+        schema = self.api.openapi()  # cached by FastAPI; rebuilt after a deploy or undeploy
+        if schema is not self._schema:
+            self._schema, self._fields = schema, {}
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        if path not in self._fields:
+            self._fields[path] = _body_fields(schema, path)
+        return self._fields[path]
+
+
+def _body_fields(schema: dict[str, Any], path: str) -> frozenset[str] | None:
+    body = schema.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {})
+    model = body.get("content", {}).get("application/json", {}).get("schema", {})
+    if ref := model.get("$ref"):
+        model = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+    if model.get("type") != "object":
+        return None
+    return frozenset(model.get("properties", {}))
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+async def _read_body(headers: Headers, receive: Receive) -> bytes | None:
+    """The request body, None when the client disconnects; raises as soon as it is known to be over the cap."""
     length = headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise HTTPException(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-    if not api_keys:
-        return
-    scheme, _, supplied = headers.get("authorization", "").partition(" ")
-    supplied_bytes = supplied.strip().encode()
-    # Compare against every key so that the time taken does not depend on which one matched.
-    matched = [hmac.compare_digest(supplied_bytes, key) for key in api_keys]
-    if scheme.lower() != "bearer" or not any(matched):
-        raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+        raise _BodyTooLargeError  # refused on the declared length: nothing is read
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY_BYTES:
+            raise _BodyTooLargeError  # a chunked body: stop reading here
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _json_errors(body: bytes, fields: frozenset[str]) -> list[dict[str, Any]]:
+    """FastAPI-shaped errors for JSON too deep or with unknown fields; other malformed bodies are left to FastAPI."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        return [{"type": "json_invalid", "loc": ["body"], "msg": "JSON nested too deeply"}]
+    except ValueError:
+        return []
+    if not isinstance(value, dict):
+        return []
+    unknown = sorted(name for name in value if name not in fields)[:10]
+    return [
+        {
+            "type": "extra_forbidden",
+            "loc": ["body", name[:MAX_ECHOED_NAME_CHARS]],
+            "msg": "Extra inputs are not permitted",
+        }
+        for name in unknown
+    ]
+
+
+def _refusal(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status, headers)
+
+
+async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    """Run the route on the buffered body; cancel it if the client disconnects before the response is sent."""
+    disconnected = asyncio.Event()
+    replayed = False
+    responded = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def tracked_send(message: Message) -> None:
+        nonlocal responded
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            responded = True
+        await send(message)
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected.set()
+
+    route = asyncio.ensure_future(app(scope, replay, tracked_send))
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait((route, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not route.done() and not responded:
+            route.cancel()
+            log.info("Client disconnected: cancelled {} {}", scope["method"], scope["path"])
+        await asyncio.wait((route,))
+    finally:
+        route.cancel()
+        watcher.cancel()
+    if not route.cancelled():
+        route.result()  # re-raise what the route raised

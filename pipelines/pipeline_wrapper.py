@@ -13,7 +13,6 @@ from pydantic import Field
 from starlette.datastructures import Headers
 
 from components import errors
-from components.http_guard import api_keys_from_env, check_request
 from components.request import (
     MAX_GUIDANCE,
     MAX_MODEL_ID_CHARS,
@@ -68,7 +67,6 @@ class PipelineWrapper(BasePipelineWrapper):
         allow_deserialization_module("components")
         self.pipeline = Pipeline.loads(PIPELINE_FILES[backend].read_text())
         self.pipeline.warm_up()  # settings errors and model loading fail here, at startup, not on a request
-        self.api_keys = api_keys_from_env()
 
     async def run_api_async(  # noqa: PLR0913
         self,
@@ -88,8 +86,8 @@ class PipelineWrapper(BasePipelineWrapper):
 
         The response carries `X-Seed` (the seed used; pass it back to reproduce the image), `ETag` (answered with
         304 on a matching `If-None-Match`) and, for PNG, the generation parameters in a `parameters` text chunk.
-        Errors: 401 missing API key (when keys are configured), 413 body over 64 KB, 422 bad input (nothing is
-        sent upstream), 429/503 with `Retry-After`, 502 upstream failure, 504 upstream timeout.
+        Errors: 401 missing API key (when keys are configured), 413 body over 64 KB, 422 bad input or unknown field
+        (nothing is sent upstream), 429/503 with `Retry-After`, 502 upstream failure, 504 upstream timeout.
 
         Args:
             prompt: What to draw, 1 to 2000 characters.
@@ -105,7 +103,6 @@ class PipelineWrapper(BasePipelineWrapper):
             headers: The request's headers, passed by Hayhooks (not part of the body).
 
         """
-        check_request(headers, self.api_keys)
         inputs = {
             "prompt": prompt, "width": width, "height": height, "negative_prompt": negative_prompt,
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,

@@ -1,4 +1,4 @@
-"""Shared fixtures: a fake HF upstream on loopback and real `hayhooks run` server processes pointed at it."""
+"""Shared fixtures: a fake HF upstream on loopback and real `image-generation-server` processes pointed at it."""
 
 import base64
 import io
@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_upstream import FakeUpstream  # noqa: E402
 
 HAYHOOKS = Path(sys.executable).with_name("hayhooks")
+SERVER = Path(sys.executable).with_name("image-generation-server")  # what serve.sh and the container run
 TEST_TOKEN = "test-token-that-must-never-leak-0123456789"
 
 
@@ -43,7 +44,7 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """A running `hayhooks run` process."""
+    """A running server process."""
 
     url: str
     process: subprocess.Popen
@@ -78,13 +79,13 @@ def start_server(
     deployed: bool = True,
 ) -> Server:
     """
-    Start `hayhooks run` (or `command`) on a free port and wait until /status answers; with `deployed`, it must
+    Start the server (or `command`) on a free port and wait until /status answers; with `deployed`, it must
     list `image_generation`.
     """
     port = free_port()
     env = {"HAYHOOKS_HOST": "127.0.0.1", "HAYHOOKS_PIPELINES_DIR": str(ROOT / "served"), **env}
     env["HAYHOOKS_PORT"] = str(port)
-    server = launch(command or [str(HAYHOOKS), "run"], cwd, env, tmp_dir / f"server-{port}.log", port, timeout)
+    server = launch(command or [str(SERVER)], cwd, env, tmp_dir / f"server-{port}.log", port, timeout)
     if deployed and "image_generation" not in server.pipelines:
         stop_server(server)
         raise RuntimeError(f"the server is up without image_generation:\n{server.log()}")
@@ -136,6 +137,7 @@ def fresh_upstream(upstream: FakeUpstream) -> FakeUpstream:
     upstream.latency = 0.0
     upstream.image_format = None
     upstream.max_in_flight = 0
+    upstream.abandoned = 0
     return upstream
 
 
@@ -164,6 +166,27 @@ def post_raw(server: Server, data: bytes, headers: dict[str, str] | None = None)
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def hang_up_during(server: Server, body: bytes, started: Callable[[], bool]) -> None:
+    """POST `body` to the image route over a raw socket and close it, unanswered, once `started()` holds."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(
+            b"POST /image_generation/run HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
+        )
+        assert wait_for(started), "the request never started"
 
 
 def post(server: Server, body: dict) -> tuple[int, dict[str, str], bytes]:

@@ -4,6 +4,9 @@ POST any path with `{"inputs": prompt, "parameters": {...}}`; the answer is an i
 format the `Accept` header names (or a forced one), deterministic in prompt and seed. Tests queue `Fault`s to make
 the next requests fail in a chosen way, and read `requests` to see exactly what reached the upstream.
 
+A caller that hangs up while the upstream is still "generating" (latency or hang) is noticed at once and counted in
+`abandoned`, as a real server notices a reset connection.
+
 Run it alone for benchmarks: `python tests/fake_upstream.py --latency 0.3 --variants 8` prints its URL; `GET /stats`
 then reports the calls in flight and their peak.
 """
@@ -11,6 +14,8 @@ then reports the calls in flight and their peak.
 import argparse
 import hashlib
 import json
+import select
+import socket
 import threading
 import time
 from collections import OrderedDict, deque
@@ -77,6 +82,7 @@ class FakeUpstream:
         self.requests: list[SeenRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.abandoned = 0
         self._lock = threading.Lock()
         self._images: OrderedDict[tuple, bytes] = OrderedDict()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(), bind_and_activate=False)
@@ -130,7 +136,7 @@ class FakeUpstream:
                     return
                 with upstream._lock:
                     stats = {"in_flight": upstream.in_flight, "max_in_flight": upstream.max_in_flight,
-                             "requests": len(upstream.requests)}  # fmt: skip
+                             "requests": len(upstream.requests), "abandoned": upstream.abandoned}  # fmt: skip
                     if self.path.endswith("reset=1"):
                         upstream.max_in_flight = upstream.in_flight
                 self._send(200, json.dumps(stats).encode(), {})
@@ -156,7 +162,11 @@ class FakeUpstream:
                     fault = upstream.faults.popleft()
                 except IndexError:
                     fault = Fault()
-                time.sleep(upstream.latency + fault.hang)
+                if not self._wait(upstream.latency + fault.hang):
+                    with upstream._lock:
+                        upstream.abandoned += 1
+                    self.close_connection = True
+                    return
                 if fault.close:
                     self.close_connection = True
                     self.connection.shutdown(2)
@@ -174,6 +184,20 @@ class FakeUpstream:
                 width, height = fault.size or (params.get("width") or 512, params.get("height") or 512)
                 body = upstream.image(prompt, params.get("seed") or 0, width, height, fmt)
                 self._send(200, body, {"Content-Type": f"image/{fmt}", **fault.headers}, trickle=fault.trickle)
+
+            def _wait(self, seconds: float) -> bool:
+                """Sleep `seconds`; False as soon as the caller hangs up."""
+                deadline = time.monotonic() + seconds
+                readable, _, _ = select.select([self.connection], [], [], seconds)
+                if not readable:
+                    return True
+                try:
+                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        return False
+                except OSError:
+                    return False
+                time.sleep(max(0.0, deadline - time.monotonic()))  # it sent more: still there
+                return True
 
             def _send(
                 self, status: int, body: bytes, headers: dict[str, str], trickle: float = 0.0, chunked: bool = False

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TEST_TOKEN, Server, free_port, launch, stop_server
+from conftest import ROOT, SERVER, TEST_TOKEN, Server, free_port, launch, post_raw, stop_server
 
 from components.image_codec import PNG_SIGNATURE
 
@@ -450,9 +450,6 @@ def run_service(project: Project, tmp_path: Path) -> tuple[Container, Server]:
 
 
 def _pipelines_dir(project: Project) -> str:
-    argv = project.argv()
-    if "--pipelines-dir" in argv:
-        return argv[argv.index("--pipelines-dir") + 1]
     return project.container_env().get("HAYHOOKS_PIPELINES_DIR", "")
 
 
@@ -463,7 +460,7 @@ def check_mounts(project: Project) -> None:
         if mount.kind == "bind":
             assert (ROOT / mount.source).exists(), f"mounted host path {mount.source} does not exist"
     pipelines_dir = _pipelines_dir(project)
-    assert pipelines_dir, "the command sets no --pipelines-dir and the environment no HAYHOOKS_PIPELINES_DIR"
+    assert pipelines_dir, "the environment sets no HAYHOOKS_PIPELINES_DIR"
     wrapper = [m for m in found if m.kind == "bind" and (ROOT / m.source / "pipeline_wrapper.py").exists()]
     assert wrapper, "./pipelines (the wrapper folder) is not mounted"
     assert wrapper[0].target.rstrip("/") == f"{pipelines_dir.rstrip('/')}/{PIPELINE}", (
@@ -473,13 +470,12 @@ def check_mounts(project: Project) -> None:
 
 
 def check_command(project: Project) -> None:
-    """Compose runs the image's own command, and pins neither host nor port (HAYHOOKS_HOST/PORT decide)."""
-    image_cmd = exec_form(project.final.last("CMD") or "[]")
+    """The container runs our server (hayhooks' app plus the HTTP guard) as the image's ENTRYPOINT, with no arguments:
+    host, port and pipelines dir come from HAYHOOKS_HOST/PORT/PIPELINES_DIR."""
     assert "entrypoint" not in project.service, "keep the ENTRYPOINT in the Dockerfile"
-    assert project.service.get("command", image_cmd) == image_cmd, "compose `command` differs from the Dockerfile CMD"
+    assert "command" not in project.service, "the server takes no arguments"
     argv = project.argv()
-    assert argv[:2] == ["hayhooks", "run"], argv
-    assert not {"--host", "-h", "--port", "-p"} & set(argv), f"{argv} pins host or port"
+    assert argv == [SERVER.name], f"{argv} is not {SERVER.name}: without it the HTTP guard is not in front"
     env = project.container_env()
     assert env.get("HAYHOOKS_HOST") == "0.0.0.0", "inside a container the server must listen on 0.0.0.0"
     assert env.get("HAYHOOKS_PORT") == str(CONTAINER_PORT)
@@ -681,6 +677,8 @@ def serve_as_composed(project: Project, upstream, tmp_path: Path) -> None:
     the deploy routes; raise AssertionError/RuntimeError on any deviation."""
     container, server = run_service(project, tmp_path)
     try:
+        unknown_field = json.dumps({"prompt": "x", "steps": 4}).encode()  # the HTTP guard is in front: 422
+        assert post_raw(server, unknown_field)[0] == 422
         curl_png(server, tmp_path / "image.png")
         assert run_healthcheck(container) == 0, "the healthcheck fails on a healthy service"
 
@@ -746,7 +744,7 @@ def test_compose_cli_agrees(project: Project, tmp_path: Path) -> None:
     )  # fmt: skip
     resolved = json.loads(out.stdout)["services"]
     for name, service in project.compose["services"].items():
-        assert resolved[name]["command"] == service["command"]
+        assert resolved[name].get("command") == service.get("command")
         assert resolved[name]["environment"] == {k: v or "" for k, v in environment(service).items()}
         assert resolved[name]["read_only"] is True
 
@@ -761,12 +759,12 @@ def _broken(old: str, new: str) -> str:
 
 
 MOUNT = "./pipelines:/opt/pipelines/image_generation:ro"
-COMMAND = 'command: ["run", "--pipelines-dir", "/opt/pipelines"]'
+RESTART = "  restart: unless-stopped\n"
 BROKEN = {
     "wrong_mount": (MOUNT, "./pipelines:/opt/pipelines/imagegen:ro"),
     "missing_mount_source": (MOUNT, "./pipeline:/opt/pipelines/image_generation:ro"),
-    "wrong_command": (COMMAND, 'command: ["run", "--pipelines-dir", "/opt/pipeline"]'),
-    "pinned_port": (COMMAND, 'command: ["run", "--pipelines-dir", "/opt/pipelines", "--port", "8000"]'),
+    "wrong_command": (RESTART, '  command: ["run", "--pipelines-dir", "/opt/pipeline"]\n' + RESTART),
+    "plain_hayhooks": (RESTART, '  entrypoint: ["hayhooks", "run"]\n' + RESTART),
     "missing_endpoint": ("  IMAGE_GENERATION_ENDPOINT: ${IMAGE_GENERATION_ENDPOINT:-}\n", ""),
     "missing_token": ("  HF_TOKEN: ${HF_TOKEN:-}\n", ""),
     "allow_everything": ("HAYSTACK_DESERIALIZATION_ALLOWLIST: components.*", 'HAYSTACK_DESERIALIZATION_ALLOWLIST: "*"'),

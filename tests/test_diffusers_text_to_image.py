@@ -13,7 +13,7 @@ import threading
 import urllib.request
 
 import pytest
-from conftest import ROOT, decode, post, server_env, start_server, stop_server
+from conftest import ROOT, decode, hang_up_during, post, server_env, start_server, stop_server
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from PIL import Image
@@ -239,6 +239,17 @@ def test_model_loads_once_for_many_requests(local_server):
     log = local_server.log()
     assert log.count("Loading diffusers model") == 1
     assert log.count("Generated 64x64 png with tiny-sd") >= 5
+
+
+def test_client_disconnect_stops_generation(local_server):
+    slow = {"prompt": "nobody waits", "width": 256, "height": 256, "seed": 11, "num_inference_steps": 150}
+    hang_up_during(
+        local_server, json.dumps(slow).encode(), started=lambda: "Seed 11: step 15/150" in local_server.log()
+    )
+    assert post(local_server, {"prompt": "next", "width": 64, "height": 64, **FAST})[0] == 200  # the device is free
+    log = local_server.log()
+    assert "Client disconnected: cancelled POST /image_generation/run" in log
+    assert "Seed 11: step 150/150" not in log
 
 
 def test_missing_model_folder_is_a_clear_startup_error(tmp_path):

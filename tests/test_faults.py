@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import TEST_TOKEN, free_port, post, server_env, start_server, stop_server
+from conftest import TEST_TOKEN, free_port, hang_up_during, post, server_env, start_server, stop_server, wait_for
 from fake_upstream import Fault
 
 MAX_IMAGE_BYTES = 100_000  # a 64x64 test image is ~12 KB, a 512x512 one ~470 KB
@@ -102,6 +102,16 @@ def test_oversized_image_is_refused(faulty_server, fresh_upstream, declared):
     code, _, body = post(faulty_server, SMALL)
     assert code == 502
     assert "invalid image" in json.loads(body)["detail"]
+
+
+def test_client_disconnect_cancels_the_upstream_call(faulty_server, fresh_upstream):
+    fresh_upstream.latency = 2.5  # under the 3 s deadline: only the hang-up can end the call early
+    body = json.dumps({**SMALL, "prompt": "left early"}).encode()
+    hang_up_during(faulty_server, body, started=lambda: len(fresh_upstream.requests) == 1)
+    assert wait_for(lambda: fresh_upstream.abandoned == 1, timeout=1.5), "the upstream call outlived its client"
+    assert wait_for(lambda: "Client disconnected: cancelled POST /image_generation/run" in faulty_server.log())
+    fresh_upstream.latency = 0
+    assert post(faulty_server, SMALL)[0] == 200  # its admission slot is free again
 
 
 def test_refused_connection_is_502(tmp_path):

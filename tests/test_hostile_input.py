@@ -1,5 +1,6 @@
 """Hostile input and access control through the real server: clear 4xx answers, nothing sent upstream."""
 
+import http.client
 import json
 import subprocess
 import sys
@@ -32,7 +33,9 @@ SMALL = {"prompt": "hostile", "width": 64, "height": 64}
         (json.dumps({**SMALL, "model": "a/b/c"}).encode(), 422),
         (json.dumps({**SMALL, "prompt": ["a", "list"]}).encode(), 422),
         (json.dumps(["not", "an", "object"]).encode(), 422),
-        (b'{"prompt": "x", "seed": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400),
+        (b'{"prompt": "x", "seed": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 422),
+        (json.dumps({**SMALL, "steps": 4}).encode(), 422),
+        (json.dumps({**SMALL, "x" * 5000: 1}).encode(), 422),
         (b'{"prompt": "unterminated', 422),
         (b"", 422),
     ],
@@ -42,6 +45,27 @@ def test_hostile_body_is_refused_without_an_upstream_call(server, fresh_upstream
     assert code == status, answer[:300]
     assert fresh_upstream.requests == []
     assert len(answer) < 10_000  # errors never echo a huge input back
+
+
+def test_unknown_fields_are_named_in_fastapi_shaped_errors(server, fresh_upstream):
+    code, _, answer = post(server, {**SMALL, "steps": 4, "cfg": 7})
+    assert code == 422
+    errors = json.loads(answer)["detail"]
+    assert [(e["type"], e["loc"]) for e in errors] == [("extra_forbidden", ["body", n]) for n in ("cfg", "steps")]
+    assert fresh_upstream.requests == []
+
+
+def test_chunked_body_over_the_cap_is_refused_while_reading(server, fresh_upstream):
+    """No Content-Length: the cap applies to the bytes as they arrive, and the rest is never read."""
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    chunks = (json.dumps({**SMALL, "prompt": "a" * 1000}).encode() for _ in range(10_000))  # 10 MB
+    connection.request("POST", "/image_generation/run", chunks, {"Content-Type": "application/json"},
+                       encode_chunked=True)  # fmt: skip
+    response = connection.getresponse()
+    assert response.status == 413
+    assert "65536 bytes" in response.read().decode()
+    assert fresh_upstream.requests == []
 
 
 def test_odd_but_valid_unicode_is_served(server, fresh_upstream):
@@ -79,9 +103,12 @@ def keyed_server(upstream, tmp_path_factory):
         ("Bearer second-key", 200),
     ],
 )
-def test_api_keys(keyed_server, fresh_upstream, authorization, status):
+@pytest.mark.parametrize("extra", [{}, {"padding": "a" * 100_000}], ids=["small", "over_the_cap"])
+def test_api_keys(keyed_server, fresh_upstream, authorization, status, extra):
+    """The key is checked first: without it, even a body over the cap is answered 401, unread."""
     headers = {"Authorization": authorization} if authorization else {}
-    code, answer_headers, _ = post_raw(keyed_server, json.dumps(SMALL).encode(), headers)
+    code, answer_headers, _ = post_raw(keyed_server, json.dumps({**SMALL, **extra}).encode(), headers)
+    status = 413 if extra and status == 200 else status
     assert code == status
     assert len(fresh_upstream.requests) == (1 if status == 200 else 0)
     if status == 401:

@@ -1,10 +1,11 @@
-"""End to end: a real `hayhooks run` process, the fake upstream behind it, and curl in front, as the README does."""
+"""End to end: a real server process, the fake upstream behind it, and curl in front, as the README does."""
 
 import base64
 import io
 import json
 import os
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def test_deploy_yaml_answers_json_with_a_png(server, fresh_upstream):
     assert Image.open(io.BytesIO(data)).size == (128, 64)
     assert image["mime_type"] == "image/png"
     assert image["meta"]["seed"] == fresh_upstream.requests[-1].payload["parameters"]["seed"]
+
+    request.data = json.dumps({"prompt": "json variant", "width": 128, "height": 64, "sed": 3}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the new route is guarded too: a typo is not ignored
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 422
+    assert json.load(refused.value)["detail"][0]["loc"] == ["body", "sed"]
 
 
 def test_token_goes_only_to_the_configured_endpoint(server, fresh_upstream, tmp_path):

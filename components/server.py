@@ -1,0 +1,28 @@
+"""The service: Hayhooks' app with `HTTPGuard` in front of its run routes, served by Uvicorn."""
+
+import argparse
+
+from fastapi import FastAPI
+from hayhooks import create_app as create_hayhooks_app
+from hayhooks import run_app
+from starlette.middleware import Middleware
+
+from components.http_guard import HTTPGuard, api_keys_from_env
+
+
+def create_app() -> FastAPI:
+    """
+    Hayhooks' app, configured by its `HAYHOOKS_*` settings, with `HTTPGuard` added.
+
+    Also an app factory for `uvicorn --factory components.server:create_app`, e.g. with `--workers`.
+    """
+    app = create_hayhooks_app()
+    # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
+    app.user_middleware.append(Middleware(HTTPGuard, api=app, api_keys=api_keys_from_env()))
+    return app
+
+
+def main() -> None:
+    """Serve on `HAYHOOKS_HOST:HAYHOOKS_PORT` the pipelines in `HAYHOOKS_PIPELINES_DIR`."""
+    argparse.ArgumentParser(description=main.__doc__).parse_args()  # settings come from the environment only
+    run_app(create_app())

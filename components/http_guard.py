@@ -24,7 +24,7 @@ def api_keys_from_env() -> tuple[bytes, ...]:
 
 class HTTPGuard:
     """
-    Guards every POST route whose OpenAPI schema takes a JSON object (the pipelines' `/{name}/run`).
+    Guards the pipelines' run routes: every `POST /{name}/run` whose OpenAPI schema takes a JSON object.
 
     Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
     (checked while reading, so a chunked body is never held whole), 422 for JSON nested too deeply or naming a field
@@ -41,7 +41,8 @@ class HTTPGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check a request to a guarded route, then run it until it answers or its client leaves."""
-        fields = self._json_fields(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
+        guarded = scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/run")
+        fields = self._json_fields(scope) if guarded else None
         if fields is None:
             await self.app(scope, receive, send)
             return

@@ -178,8 +178,8 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:
     return True
 
 
-def hang_up_during(server: Server, body: bytes, started: Callable[[], bool]) -> None:
-    """POST `body` to the image route over a raw socket and close it, unanswered, once `started()` holds."""
+def hang_up_during(server: Server, body: bytes, started: Callable[[], bool], hold: float = 0.0) -> None:
+    """POST `body` to the image route over a raw socket and close it, unanswered, `hold` s after `started()` holds."""
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as client:
         client.sendall(
@@ -187,6 +187,7 @@ def hang_up_during(server: Server, body: bytes, started: Callable[[], bool]) -> 
             b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
         )
         assert wait_for(started), "the request never started"
+        time.sleep(hold)
 
 
 def post(server: Server, body: dict) -> tuple[int, dict[str, str], bytes]:

@@ -1,6 +1,7 @@
 """Upstream faults through the real server: every answer is an image or a correct, short, leak-free error."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import TEST_TOKEN, free_port, hang_up_during, post, server_env, start_server, stop_server, wait_for
@@ -112,6 +113,20 @@ def test_client_disconnect_cancels_the_upstream_call(faulty_server, fresh_upstre
     assert wait_for(lambda: "Client disconnected: cancelled POST /image_generation/run" in faulty_server.log())
     fresh_upstream.latency = 0
     assert post(faulty_server, SMALL)[0] == 200  # its admission slot is free again
+
+
+def test_a_coalesced_caller_hanging_up_leaves_the_shared_call_to_the_others(faulty_server, fresh_upstream):
+    fresh_upstream.latency = 2
+    body = {**SMALL, "prompt": "shared call", "seed": 5}
+    hang_ups = faulty_server.log().count("Client disconnected")
+    with ThreadPoolExecutor(1) as pool:
+        stayer = pool.submit(post, faulty_server, body)
+        assert wait_for(lambda: len(fresh_upstream.requests) == 1)
+        joined = lambda: faulty_server.log().count("'prompt': 'shared call'") == 2  # noqa: E731
+        hang_up_during(faulty_server, json.dumps(body).encode(), started=joined, hold=0.3)
+        assert stayer.result()[0] == 200
+    assert (len(fresh_upstream.requests), fresh_upstream.abandoned) == (1, 0)
+    assert faulty_server.log().count("Client disconnected") == hang_ups + 1
 
 
 def test_refused_connection_is_502(tmp_path):

@@ -117,10 +117,12 @@ def _json_errors(body: bytes, fields: frozenset[str]) -> list[dict[str, Any]]:
     """FastAPI-shaped errors for JSON too deep or with unknown fields; other malformed bodies are left to FastAPI."""
     try:
         value = json.loads(body)
-    except RecursionError:
-        return [{"type": "json_invalid", "loc": ["body"], "msg": "JSON nested too deeply"}]
-    except ValueError:
+    except json.JSONDecodeError:
         return []
+    except (RecursionError, ValueError):  # nested too deeply, a number over 4300 digits, bytes that are not text
+        return [
+            {"type": "json_invalid", "loc": ["body"], "msg": "JSON body is too deep, too long a number, or not text"}
+        ]
     if not isinstance(value, dict):
         return []
     unknown = sorted(name for name in value if name not in fields)[:10]

@@ -34,6 +34,8 @@ SMALL = {"prompt": "hostile", "width": 64, "height": 64}
         (json.dumps({**SMALL, "prompt": ["a", "list"]}).encode(), 422),
         (json.dumps(["not", "an", "object"]).encode(), 422),
         (b'{"prompt": "x", "seed": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 422),
+        (b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}", 422),
+        (b'{"prompt": "\xff\xfe invalid utf-8"}', 422),
         (json.dumps({**SMALL, "steps": 4}).encode(), 422),
         (json.dumps({**SMALL, "x" * 5000: 1}).encode(), 422),
         (b'{"prompt": "unterminated', 422),

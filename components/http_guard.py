@@ -14,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
 MAX_BODY_BYTES = 64 * 1024
+MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer
+TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes"
 MAX_ECHOED_NAME_CHARS = 64
 
 
@@ -27,8 +29,8 @@ class HTTPGuard:
     Guards the pipelines' run routes: every `POST /{name}/run` whose OpenAPI schema takes a JSON object.
 
     Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
-    (checked while reading, so a chunked body is never held whole), 422 for JSON nested too deeply or naming a field
-    the route does not take. While it runs: when the client disconnects, the route is cancelled, and with it the
+    (declared, or counted while reading: no more than 64 KB is ever held), 422 for JSON nested too deeply or naming a
+    field the route does not take. While it runs: when the client disconnects, the route is cancelled, and with it the
     upstream call or the local generation. Other requests pass through untouched.
     """
 
@@ -36,7 +38,7 @@ class HTTPGuard:
         self.app = app
         self.api = api
         self.api_keys = api_keys
-        self._fields: dict[str, frozenset[str] | None] = {}
+        self._fields: dict[str, frozenset[str]] = {}
         self._schema: dict | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -47,21 +49,33 @@ class HTTPGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        if (refusal := self._refusal_unread(headers)) is not None:
+            # Unless the client waits for a 100 Continue, let it finish sending (up to MAX_READ_BYTES): a client that
+            # is still sending when the connection closes gets a reset instead of the answer.
+            if "100-continue" not in headers.get("expect", "").lower() and await _read_body(receive, keep=0) is None:
+                return
+        else:
+            read = await _read_body(receive, keep=MAX_BODY_BYTES)
+            if read is None:  # the client left while sending
+                return
+            body, size = read
+            if size > MAX_BODY_BYTES:
+                refusal = _refusal(413, TOO_LARGE)
+            elif errors := _json_errors(body, fields):
+                refusal = _refusal(422, errors)
+            else:
+                await _run_until_disconnect(self.app, scope, body, receive, send)
+                return
+        await refusal(scope, receive, send)
+
+    def _refusal_unread(self, headers: Headers) -> JSONResponse | None:
+        """401 without a valid key (when keys are configured), 413 for a declared length over the cap."""
         if self.api_keys and not self._authorized(headers.get("authorization", "")):
-            refusal = _refusal(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
-            await refusal(scope, receive, send)
-            return
-        try:
-            body = await _read_body(headers, receive)
-        except _BodyTooLargeError:
-            await _refusal(413, f"the request body is over {MAX_BODY_BYTES} bytes")(scope, receive, send)
-            return
-        if body is None:  # the client left while sending
-            return
-        if errors := _json_errors(body, fields):
-            await _refusal(422, errors)(scope, receive, send)
-            return
-        await _run_until_disconnect(self.app, scope, body, receive, send)
+            return _refusal(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _refusal(413, TOO_LARGE)
+        return None
 
     def _authorized(self, authorization: str) -> bool:
         scheme, _, supplied = authorization.partition(" ")
@@ -71,46 +85,46 @@ class HTTPGuard:
         return scheme.lower() == "bearer" and any(matched)
 
     def _json_fields(self, scope: Scope) -> frozenset[str] | None:
-        """The body fields the route at this path takes, or None when it takes no JSON object."""
+        """The body fields the run route at this path takes, or None when it takes no JSON object."""
         schema = self.api.openapi()  # cached by FastAPI; rebuilt after a deploy or undeploy
         if schema is not self._schema:
-            self._schema, self._fields = schema, {}
-        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-        if path not in self._fields:
-            self._fields[path] = _body_fields(schema, path)
-        return self._fields[path]
+            self._schema = schema
+            self._fields = {path: frozenset(model.get("properties", {})) for path, model in run_bodies(schema).items()}
+        return self._fields.get(scope["path"].removeprefix(scope.get("root_path", "")))
 
 
-def _body_fields(schema: dict[str, Any], path: str) -> frozenset[str] | None:
-    body = schema.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {})
-    model = body.get("content", {}).get("application/json", {}).get("schema", {})
-    if ref := model.get("$ref"):
-        model = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]
-    if model.get("type") != "object":
-        return None
-    return frozenset(model.get("properties", {}))
+def run_bodies(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The JSON-object body schemas of the run routes (`POST /{name}/run`) in an OpenAPI schema, by path."""
+    bodies = {}
+    for path, operations in schema.get("paths", {}).items():
+        body = operations.get("post", {}).get("requestBody", {}) if path.endswith("/run") else {}
+        model = body.get("content", {}).get("application/json", {}).get("schema", {})
+        if ref := model.get("$ref"):
+            model = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+        if model.get("type") == "object":
+            bodies[path] = model
+    return bodies
 
 
-class _BodyTooLargeError(Exception):
-    pass
+async def _read_body(receive: Receive, keep: int) -> tuple[bytes, int] | None:
+    """
+    Read the body, up to `MAX_READ_BYTES`, keeping its first `keep` bytes.
 
-
-async def _read_body(headers: Headers, receive: Receive) -> bytes | None:
-    """The request body, None when the client disconnects; raises as soon as it is known to be over the cap."""
-    length = headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise _BodyTooLargeError  # refused on the declared length: nothing is read
+    Returns the bytes kept and the number read (more than `keep` means the body was cut), or None when the client
+    disconnects.
+    """
     chunks, size = [], 0
-    while True:
+    while size <= MAX_READ_BYTES:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > MAX_BODY_BYTES:
-            raise _BodyTooLargeError  # a chunked body: stop reading here
+        chunk = message.get("body", b"")
+        if size + len(chunk) <= keep:
+            chunks.append(chunk)
+        size += len(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            break
+    return b"".join(chunks), size
 
 
 def _json_errors(body: bytes, fields: frozenset[str]) -> list[dict[str, Any]]:

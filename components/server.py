@@ -1,13 +1,14 @@
 """The service: Hayhooks' app with `HTTPGuard` in front of its run routes, served by Uvicorn."""
 
 import argparse
+from typing import Any
 
 from fastapi import FastAPI
 from hayhooks import create_app as create_hayhooks_app
 from hayhooks import run_app
 from starlette.middleware import Middleware
 
-from components.http_guard import HTTPGuard, api_keys_from_env
+from components.http_guard import HTTPGuard, api_keys_from_env, run_bodies
 
 
 def create_app() -> FastAPI:
@@ -19,6 +20,18 @@ def create_app() -> FastAPI:
     app = create_hayhooks_app()
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
     app.user_middleware.append(Middleware(HTTPGuard, api=app, api_keys=api_keys_from_env()))
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, with the run routes' bodies closed to unknown fields, as `HTTPGuard` enforces."""
+        fresh = app.openapi_schema is None
+        schema = build_openapi()
+        if fresh:
+            for model in run_bodies(schema).values():
+                model["additionalProperties"] = False
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from haystack.dataclasses import ImageContent
-from PIL import Image
 
+# Haystack reads this when it is first imported: the tests' own pipelines must not try to send telemetry.
+os.environ["HAYSTACK_TELEMETRY_ENABLED"] = "False"
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_upstream import FakeUpstream  # noqa: E402
+from haystack.dataclasses import ImageContent  # noqa: E402
+from PIL import Image  # noqa: E402
 
 HAYHOOKS = Path(sys.executable).with_name("hayhooks")
 SERVER = Path(sys.executable).with_name("image-generation-server")  # what serve.sh and the container run
@@ -186,7 +188,7 @@ def hang_up_during(server: Server, body: bytes, started: Callable[[], bool], hol
             b"POST /image_generation/run HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
         )
-        assert wait_for(started), "the request never started"
+        assert wait_for(started, timeout=30), "the request never started"
         time.sleep(hold)
 
 

@@ -4,6 +4,7 @@ import http.client
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -57,16 +58,39 @@ def test_unknown_fields_are_named_in_fastapi_shaped_errors(server, fresh_upstrea
     assert fresh_upstream.requests == []
 
 
+def test_the_published_schema_closes_the_body_to_unknown_fields(server):
+    with urllib.request.urlopen(f"{server.url}/openapi.json", timeout=10) as response:
+        schema = json.load(response)
+    body = schema["paths"]["/image_generation/run"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    model = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    assert model["additionalProperties"] is False
+    assert {"prompt", "width", "height", "seed"} <= set(model["properties"])
+
+
 def test_chunked_body_over_the_cap_is_refused_while_reading(server, fresh_upstream):
-    """No Content-Length: the cap applies to the bytes as they arrive, and the rest is never read."""
+    """No Content-Length: the cap applies to the bytes as they arrive; the rest is read and dropped."""
     host, port = server.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    chunks = (json.dumps({**SMALL, "prompt": "a" * 1000}).encode() for _ in range(10_000))  # 10 MB
+    chunks = (json.dumps({**SMALL, "prompt": "a" * 1000}).encode() for _ in range(500))  # 0.5 MB
     connection.request("POST", "/image_generation/run", chunks, {"Content-Type": "application/json"},
                        encode_chunked=True)  # fmt: skip
     response = connection.getresponse()
     assert response.status == 413
     assert "65536 bytes" in response.read().decode()
+    assert fresh_upstream.requests == []
+
+
+def test_a_client_that_expects_100_continue_is_refused_before_it_sends(server, fresh_upstream, tmp_path):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({**SMALL, "prompt": "a" * 5_000_000}))
+    done = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}", "-H", "Expect: 100-continue",
+         "-H", "Content-Type: application/json", "--data-binary", f"@{big}", f"{server.url}/image_generation/run"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    status, uploaded = done.stdout.split()
+    assert status == "413", done.stdout + done.stderr
+    assert int(uploaded) < 1_000_000  # curl stopped sending when the answer came
     assert fresh_upstream.requests == []
 
 

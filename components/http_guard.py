@@ -43,8 +43,7 @@ class HTTPGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check a request to a guarded route, then run it until it answers or its client leaves."""
-        guarded = scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/run")
-        fields = self._json_fields(scope) if guarded else None
+        fields = self._json_fields(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
         if fields is None:
             await self.app(scope, receive, send)
             return

@@ -449,17 +449,13 @@ def run_service(project: Project, tmp_path: Path) -> tuple[Container, Server]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pipelines_dir(project: Project) -> str:
-    return project.container_env().get("HAYHOOKS_PIPELINES_DIR", "")
-
-
 def check_mounts(project: Project) -> None:
     """Every bind source exists; ./pipelines is mounted read-only as <pipelines dir>/image_generation."""
     found = mounts(project.service)
     for mount in found:
         if mount.kind == "bind":
             assert (ROOT / mount.source).exists(), f"mounted host path {mount.source} does not exist"
-    pipelines_dir = _pipelines_dir(project)
+    pipelines_dir = project.container_env().get("HAYHOOKS_PIPELINES_DIR", "")
     assert pipelines_dir, "the environment sets no HAYHOOKS_PIPELINES_DIR"
     wrapper = [m for m in found if m.kind == "bind" and (ROOT / m.source / "pipeline_wrapper.py").exists()]
     assert wrapper, "./pipelines (the wrapper folder) is not mounted"

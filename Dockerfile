@@ -1,34 +1,46 @@
-# syntax=docker/dockerfile:1
 # Production image of the image-generation service: `image-generation-server` (Hayhooks' app plus our HTTP guard)
-# serving pipelines/ as `image_generation`.
-#   docker build -t hayhooks-image-generation .                        # Hugging Face API backend
-#   docker build --build-arg EXTRAS=local -t hayhooks-image-generation:local .   # + diffusers/torch backend
+# serving pipelines/ as `image_generation`. Built with BuildKit (the default of `docker compose` and Docker 23+).
+#   docker build -t hayhooks-image-generation .                                          # Hugging Face API backend
+#   docker build --build-arg BACKEND=local -t hayhooks-image-generation:local .          # + diffusers/torch backend
+# The local backend takes torch from, in order of preference: a wheel put in wheels/ (git-ignored), the index given
+# by the TORCH_INDEX_URL build argument (e.g. PyTorch's CPU index, for a small CPU-only image), then PyPI (on Linux,
+# the CUDA build).
 # No secrets are baked in: HF_TOKEN and the IMAGE_GENERATION_* settings come from the environment at run time.
-# tests/test_compose.py runs the ENTRYPOINT, ENV and HEALTHCHECK below without Docker: keep them in sync with
-# docker-compose.yml.
+# Layers go from the least to the most often changed: base, pinned dependencies, torch, our code, pipelines.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# huggingface_api, or local (adds the `local` extra: torch, diffusers, transformers, accelerate).
+ARG BACKEND=huggingface_api
 
-# ---- builder: resolve and install the pinned dependencies and the `components` package into /opt/venv ----
-FROM ${PYTHON_IMAGE} AS builder
-ARG EXTRAS=""
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+# ---- deps-huggingface_api: the pinned dependencies in /opt/venv, a venv with no pip of its own ----
+FROM ${PYTHON_IMAGE} AS deps-huggingface_api
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
-# A venv without pip: the base image's pip installs into it, so no installer is left in what we ship.
 RUN python -m venv --without-pip /opt/venv
 WORKDIR /src
-# Dependencies first (pinned in pyproject.toml), in their own layer: editing the code does not reinstall them.
 COPY pyproject.toml ./
-RUN python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-extras = [e for e in os.environ.get('EXTRAS', '').split(',') if e]; \
-print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" > requirements.txt \
+COPY scripts/requirements.py ./scripts/
+RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
+    python scripts/requirements.py > requirements.txt \
  && pip --python /opt/venv/bin/python install --requirement requirements.txt
+
+# ---- deps-local: plus the `local` extra; torch from wheels/, TORCH_INDEX_URL or PyPI ----
+FROM deps-huggingface_api AS deps-local
+ARG TORCH_INDEX_URL=""
+RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
+    --mount=type=bind,source=wheels,target=/wheels \
+    python scripts/requirements.py local > requirements-local.txt \
+ && pip --python /opt/venv/bin/python install --requirement requirements-local.txt --find-links /wheels \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
+
+# ---- builder: our packages on top of the backend's dependencies ----
+FROM deps-${BACKEND} AS builder
 COPY README.md ./
 COPY components ./components
-RUN pip --python /opt/venv/bin/python install --no-deps .
+RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
+    pip --python /opt/venv/bin/python install --no-deps .
 
-# ---- runtime: the venv and the service files only; no compilers, no pip cache, no tests ----
+# ---- runtime: the venv and the pipelines only; no compiler, no pip, no tests ----
 FROM ${PYTHON_IMAGE} AS runtime
 # HAYHOOKS_DURABLE_MODE fixes the pipeline set at startup: without it hayhooks serves unauthenticated
 # POST /deploy_files, /deploy-yaml and /undeploy/{name}, i.e. anyone who reaches the port could run code in the
@@ -45,7 +57,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HF_HOME=/var/cache/huggingface \
     XDG_CACHE_HOME=/tmp/.cache
-RUN groupadd --system --gid 10001 app \
+# The base image's own installer goes, so nothing in the container can install packages.
+RUN python -m pip uninstall --yes --quiet pip setuptools wheel \
+ && groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
  && mkdir -p /var/cache/huggingface \
  && chown app:app /var/cache/huggingface
@@ -56,6 +70,6 @@ USER 10001:10001
 WORKDIR /home/app
 EXPOSE 1416
 # Healthy only when /status lists the image_generation pipeline (hayhooks serves without it if setup() failed).
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import json, os, sys, urllib.request as u; s = json.load(u.urlopen('http://127.0.0.1:%s/status' % os.environ.get('HAYHOOKS_PORT', '1416'), timeout=4)); sys.exit(0 if 'image_generation' in s.get('pipelines', []) else 1)"]
 ENTRYPOINT ["image-generation-server"]

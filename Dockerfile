@@ -2,6 +2,7 @@
 # serving pipelines/ as `image_generation`. Built with BuildKit (the default of `docker compose` and Docker 23+).
 #   docker build -t hayhooks-image-generation .                                          # Hugging Face API backend
 #   docker build --build-arg BACKEND=local -t hayhooks-image-generation:local .          # + diffusers/torch backend
+#   docker build --build-arg EXTRAS=c2pa -t hayhooks-image-generation .                  # + C2PA signing
 # The local backend takes torch from, in order of preference: a wheel put in wheels/ (git-ignored), the index given
 # by the TORCH_INDEX_URL build argument (e.g. PyTorch's CPU index, for a small CPU-only image), then PyPI (on Linux,
 # the CUDA build).
@@ -33,10 +34,17 @@ RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
  && pip --python /opt/venv/bin/python install --requirement requirements-local.txt --find-links /wheels \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 
-# ---- builder: our packages on top of the backend's dependencies ----
+# ---- builder: optional extras (EXTRAS, comma-separated, e.g. c2pa), then our packages ----
 FROM deps-${BACKEND} AS builder
+ARG EXTRAS=""
+RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
+    if [ -n "$EXTRAS" ]; then \
+      python scripts/requirements.py "$EXTRAS" > requirements-extras.txt \
+      && pip --python /opt/venv/bin/python install --requirement requirements-extras.txt; \
+    fi
 COPY README.md ./
 COPY components ./components
+COPY server ./server
 RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
     pip --python /opt/venv/bin/python install --no-deps .
 

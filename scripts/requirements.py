@@ -1,10 +1,12 @@
 """
-Print the pinned requirements of pyproject.toml, one per line: the base dependencies, or those of the named extras.
+Print the pinned requirements of pyproject.toml, one per line: the base dependencies, or those of the named extras
+(as arguments, or comma-separated).
 
 The Dockerfile installs them in layers of their own, before the code, so editing the code does not reinstall them:
 
     python scripts/requirements.py          # the base dependencies
     python scripts/requirements.py local    # the `local` extra's (torch, diffusers, ...)
+    python scripts/requirements.py c2pa,local
 """
 
 import sys
@@ -21,4 +23,4 @@ def requirements(extras: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(requirements(sys.argv[1:])))
+    print("\n".join(requirements([extra for arg in sys.argv[1:] for extra in arg.split(",") if extra])))

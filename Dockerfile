@@ -13,42 +13,52 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # huggingface_api, or local (adds the `local` extra: torch, diffusers, transformers, accelerate).
 ARG BACKEND=huggingface_api
 
+# ---- requirements: the pinned requirement lists from pyproject.toml (base.txt, <extra>.txt). The stages below
+# copy only these lists, so an edit elsewhere in pyproject.toml keeps their layers cached ----
+FROM ${PYTHON_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml ./
+COPY scripts/requirements.py ./scripts/
+RUN python scripts/requirements.py --write /req
+
 # ---- deps-huggingface_api: the pinned dependencies in /opt/venv, a venv with no pip of its own ----
 FROM ${PYTHON_IMAGE} AS deps-huggingface_api
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv --without-pip /opt/venv
-WORKDIR /src
-COPY pyproject.toml ./
-COPY scripts/requirements.py ./scripts/
+COPY --from=requirements /req/base.txt /req/
 RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
-    python scripts/requirements.py > requirements.txt \
- && pip --python /opt/venv/bin/python install --requirement requirements.txt
+    pip --python /opt/venv/bin/python install --requirement /req/base.txt
 
 # ---- deps-local: plus the `local` extra; torch from wheels/, TORCH_INDEX_URL or PyPI ----
 FROM deps-huggingface_api AS deps-local
 ARG TORCH_INDEX_URL=""
+COPY --from=requirements /req/local.txt /req/
 RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
     --mount=type=bind,source=wheels,target=/wheels \
-    python scripts/requirements.py local > requirements-local.txt \
- && pip --python /opt/venv/bin/python install --requirement requirements-local.txt --find-links /wheels \
+    pip --python /opt/venv/bin/python install --requirement /req/local.txt --find-links /wheels \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 
-# ---- builder: optional extras (EXTRAS, comma-separated, e.g. c2pa), then our packages ----
-FROM deps-${BACKEND} AS builder
+# ---- deps: the backend's dependencies plus optional extras (EXTRAS, comma-separated, e.g. c2pa) ----
+FROM deps-${BACKEND} AS deps
 ARG EXTRAS=""
 RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
+    --mount=type=bind,from=requirements,source=/req,target=/req \
     if [ -n "$EXTRAS" ]; then \
-      python scripts/requirements.py "$EXTRAS" > requirements-extras.txt \
-      && pip --python /opt/venv/bin/python install --requirement requirements-extras.txt; \
+      for extra in $(echo "$EXTRAS" | tr , ' '); do cat "/req/$extra.txt"; done > /tmp/extras.txt \
+      && pip --python /opt/venv/bin/python install --requirement /tmp/extras.txt; \
     fi
-COPY README.md ./
+
+# ---- wheel: our packages (components, server), the only layer a code change rebuilds ----
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY components ./components
 COPY server ./server
 RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
-    pip --python /opt/venv/bin/python install --no-deps .
+    pip wheel --disable-pip-version-check --no-deps --wheel-dir /dist .
 
-# ---- runtime: the venv and the pipelines only; no compiler, no pip, no tests ----
+# ---- runtime: the venv, our wheel installed, the pipelines; no compiler, no pip, no tests ----
 FROM ${PYTHON_IMAGE} AS runtime
 # HAYHOOKS_DURABLE_MODE fixes the pipeline set at startup: without it hayhooks serves unauthenticated
 # POST /deploy_files, /deploy-yaml and /undeploy/{name}, i.e. anyone who reaches the port could run code in the
@@ -65,13 +75,18 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HF_HOME=/var/cache/huggingface \
     XDG_CACHE_HOME=/tmp/.cache
-# The base image's own installer goes, so nothing in the container can install packages.
-RUN python -m pip uninstall --yes --quiet pip setuptools wheel \
- && groupadd --system --gid 10001 app \
+RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
  && mkdir -p /var/cache/huggingface \
  && chown app:app /var/cache/huggingface
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+# Our wheel goes in with the base image's own pip (/usr/local/bin/python's), which then goes too: nothing in the
+# container can install packages.
+RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
+    /usr/local/bin/python -m pip --python /opt/venv/bin/python install --quiet --disable-pip-version-check \
+        --root-user-action=ignore --no-deps --no-index /dist/*.whl \
+ && /usr/local/bin/python -m pip uninstall --yes --quiet --disable-pip-version-check --root-user-action=ignore \
+        pip setuptools wheel
 # Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only.
 COPY pipelines /opt/pipelines/image_generation
 USER 10001:10001

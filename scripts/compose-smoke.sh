@@ -15,9 +15,9 @@
 #   HF_TOKEN=hf_... scripts/compose-smoke.sh                       # the real Hugging Face API
 #   COMPOSE_FILE=docker-compose.yml:tests/compose.test.yml scripts/compose-smoke.sh   # the fake upstream, no token
 #   PROFILE=local SERVICE=hayhooks-local WIDTH=256 HEIGHT=256 scripts/compose-smoke.sh   # diffusers backend
-# Settings (environment): SERVICE [hayhooks], PROFILE, ENV_FILE [.env], TIMEOUT [300], WIDTH and HEIGHT [512], EXTRA_FIELDS (more
-# JSON fields for the request, e.g. '"num_inference_steps": 4'), OUT_DIR (keeps image.png and compose.log), and
-# docker compose's own (COMPOSE_FILE, COMPOSE_PROJECT_NAME) plus those of docker-compose.yml (HAYHOOKS_PUBLISH, ...).
+# Settings (environment): SERVICE [hayhooks], PROFILE, ENV_FILE [.env], TIMEOUT [300], WIDTH and HEIGHT [512],
+# EXTRA_FIELDS (more JSON fields for the request, e.g. '"num_inference_steps": 4'), OUT_DIR (keeps image.png and
+# compose.log), docker compose's own (COMPOSE_FILE, COMPOSE_PROJECT_NAME) and docker-compose.yml's (HAYHOOKS_PUBLISH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -132,7 +132,7 @@ step_down() {
   "${compose[@]}" stop "$SERVICE"
   elapsed="$((($(date +%s%N) - start) / 1000000))"
   code="$(docker inspect -f '{{.State.ExitCode}}' "$id")"
-  # Uvicorn shuts down gracefully on SIGTERM, then re-raises it: 143. 137 would be the SIGKILL at the grace period's end.
+  # Uvicorn shuts down gracefully on SIGTERM, then re-raises it: 143. A SIGKILL at the grace period's end: 137.
   [ "$code" = 0 ] || [ "$code" = 143 ] || fail "exit code $code after SIGTERM"
   [ "$elapsed" -lt "$((grace * 1000))" ] || fail "stop took ${elapsed} ms, the grace period is ${grace}s"
   docker logs "$id" 2>&1 | grep "Application shutdown complete" > /dev/null || fail "no graceful shutdown in the log"

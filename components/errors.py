@@ -64,3 +64,7 @@ class InvalidImageError(UpstreamError):
 
 class GenerationTimeoutError(ImageGenerationError):
     """A local model did not finish within the deadline; it was stopped at the next denoising step."""
+
+
+class PipelineNotServedError(ImageGenerationError):
+    """The server has no image pipeline deployed (yet, or any more) to run a request on."""

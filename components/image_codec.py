@@ -58,6 +58,15 @@ def encode(image: Image.Image, output_format: str) -> bytes:
     return out.getvalue()
 
 
+def recompress(data: bytes, output_format: str, quality: int) -> bytes:
+    """Decode a JPEG or WebP and encode it again at `quality` (0..100)."""
+    with Image.open(BytesIO(data)) as image:
+        image.load()
+        out = BytesIO()
+        image.save(out, format=output_format.upper(), **{**_ENCODE_OPTIONS[output_format], "quality": quality})
+    return out.getvalue()
+
+
 def with_png_text(png: bytes, keyword: str, text: str) -> bytes:
     """Insert a text chunk right after IHDR; tEXt when the text is Latin-1, else uncompressed UTF-8 iTXt."""
     try:

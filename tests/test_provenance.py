@@ -6,11 +6,14 @@ The upstream's own metadata (spoofed text, XMP, EXIF, C2PA) never survives, and 
 """
 
 import base64
+import contextlib
 import io
 import json
 import shutil
+import socket
 import struct
 import subprocess
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -258,6 +261,26 @@ def test_bad_credentials_fail_at_warm_up_with_a_clear_message(
     with pytest.raises(ValueError, match=message) as raised:
         generator.warm_up()
     assert "PRIVATE KEY" not in str(raised.value)
+
+
+def test_a_timestamp_authority_that_fails_stops_the_start(generator, signing, monkeypatch):
+    with socket.socket() as tsa:  # answers every request with a 500
+        tsa.bind(("127.0.0.1", 0))
+        tsa.listen()
+        threading.Thread(target=answer_500, args=(tsa,), daemon=True).start()
+        monkeypatch.setenv("IMAGE_GENERATION_C2PA_TSA_URL", f"http://127.0.0.1:{tsa.getsockname()[1]}/tsa")
+
+        with pytest.raises(ValueError, match="IMAGE_GENERATION_C2PA_TSA_URL"):
+            generator.warm_up()
+
+
+def answer_500(listener: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while True:
+            client, _ = listener.accept()
+            with client:
+                client.recv(65536)
+                client.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ with LazyImport(message="Run 'pip install \".[c2pa]\"' to sign images with C2PA 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-SIGN_TIMEOUT = 30.0  # seconds for one image, a timestamp authority's answer included
+SIGN_TIMEOUT = 10.0  # seconds for one image, a timestamp authority's answer included
 SIGNING_THREADS = 4
 # What a reader without our trust list says about a correct signature: it cannot know whether to trust the issuer.
 _UNTRUSTED_CODES = frozenset({"signingCredential.untrusted", "timeStamp.untrusted"})
@@ -58,7 +58,8 @@ class C2paSigner:
         try:
             signed = self.sign(probe, "png", probe_manifest)
         except SigningError as e:
-            raise ValueError(f"c2pa could not sign with IMAGE_GENERATION_C2PA_CERT/KEY: {e.__cause__ or e}") from e
+            settings = "IMAGE_GENERATION_C2PA_CERT/KEY" + (" and IMAGE_GENERATION_C2PA_TSA_URL" if tsa_url else "")
+            raise ValueError(f"c2pa could not sign with {settings}: {str(e.__cause__ or '') or e}") from e
         failures = sorted(set(validation_failures(signed, "png")) - _UNTRUSTED_CODES)
         if failures:
             raise ValueError(f"images signed with IMAGE_GENERATION_C2PA_CERT/KEY do not validate: {failures}")
@@ -73,7 +74,7 @@ class C2paSigner:
         try:
             return future.result(timeout=SIGN_TIMEOUT)
         except FutureTimeoutError as e:
-            raise SigningError("C2PA signing ran past its deadline") from e
+            raise SigningError(f"C2PA signing ran past its {SIGN_TIMEOUT:.0f} s deadline") from e
         except c2pa.C2paError as e:
             raise SigningError("C2PA signing failed") from e
 

@@ -90,7 +90,9 @@ def install(app: FastAPI) -> None:
         "max_seed": MAX_SEED,
         "max_prompt_chars": MAX_PROMPT_CHARS,
     }
-    page = Asset(Template((STATIC / "index.html").read_text()).substitute(limits).encode(), MEDIA_TYPES[".html"], PAGE_CSP)
+    page = Asset(
+        Template((STATIC / "index.html").read_text()).substitute(limits).encode(), MEDIA_TYPES[".html"], PAGE_CSP
+    )
     assets = {
         path.name: Asset(path.read_bytes(), MEDIA_TYPES[path.suffix], PAGE_CSP)
         for path in sorted(STATIC.iterdir())

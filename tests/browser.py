@@ -61,7 +61,7 @@ class BrowserLog:
 def browser() -> Iterator[object]:
     """One headless chromium for the session."""
     try:
-        from playwright.sync_api import Error, sync_playwright
+        from playwright.sync_api import Error, sync_playwright  # noqa: PLC0415 (a missing package skips, not errors)
     except ImportError:
         _unavailable("playwright is not installed (pip install '.[test]')")
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
@@ -83,7 +83,7 @@ def browser_log() -> BrowserLog:
 
 @pytest.fixture
 def page(browser, browser_log: BrowserLog) -> Iterator[object]:
-    """A fresh browser context (empty storage) and page at 1280×800, with its log recorded and checked at the end."""
+    """A fresh browser context (empty storage) and page at 1280x800, with its log recorded and checked at the end."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
 
     def local_only(route) -> None:
@@ -108,9 +108,9 @@ def page(browser, browser_log: BrowserLog) -> Iterator[object]:
     browser_log.assert_clean()
 
 
-def screenshot(tab, name: str) -> Path:
-    """Save a screenshot of the whole page as a test artifact (`test-artifacts/`, or `TEST_ARTIFACTS`)."""
+def screenshot(tab, name: str, full_page: bool = False) -> Path:
+    """Save a screenshot (of the viewport, or the whole page) under `test-artifacts/` (or `TEST_ARTIFACTS`)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
-    tab.screenshot(path=str(path), full_page=True)
+    tab.screenshot(path=str(path), full_page=full_page)
     return path

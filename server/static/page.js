@@ -122,6 +122,7 @@ async function generate() {
   status.textContent = "Generating…";
   try {
     const result = await generateImages(params, n, controller.signal);
+    clearInterval(timer);
     const ms = Math.round(performance.now() - started);
     const entries = [];
     for (const image of result.images) {

@@ -13,6 +13,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -21,7 +22,7 @@ from pathlib import Path
 import c2pa
 import pytest
 from c2pa_ca import make_credentials
-from conftest import TEST_TOKEN, post, server_env, start_server, stop_server
+from conftest import ROOT, TEST_TOKEN, post, server_env, start_server, stop_server
 from fake_upstream import Fault
 from image_parts import coded_pixels
 from PIL import Image, PngImagePlugin
@@ -351,3 +352,19 @@ def test_native_route_replaces_an_upstreams_own_credentials_with_ours(signing_se
     assert created_action(manifest)["digitalSourceType"] == AI_MADE
     assert not manifest.get("ingredients")  # nothing of the upstream's manifest is carried over
     assert coded_pixels(data, fmt) == coded_pixels(upstream_image, fmt)
+
+
+def test_signing_without_the_c2pa_extra_says_how_to_install_it(credentials, tmp_path):
+    chain, key = credentials
+    code = (
+        "import sys; sys.modules['c2pa'] = None\n"  # as if the c2pa extra were not installed
+        "from components.provenance import Provenance\n"
+        "Provenance.from_env()\n"  # what warm_up() builds
+    )
+    env = server_env(IMAGE_GENERATION_C2PA_CERT=str(chain), IMAGE_GENERATION_C2PA_KEY=str(key))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert done.returncode != 0
+    assert 'pip install ".[c2pa]"' in done.stderr

@@ -15,6 +15,7 @@ import pybase64
 from haystack import logging
 from haystack.dataclasses import ImageContent
 
+from components import progress
 from components.admission import AdmissionGate
 from components.errors import InvalidImageError
 from components.image_codec import convert, sniff, with_png_text
@@ -63,9 +64,12 @@ class ImageResults:
     async def _make_async(
         self, request: GenerationRequest, produce: ProduceAsync, key: tuple, pinned: bool
     ) -> ImageContent:
+        progress.report({"phase": "queued"})
         async with self.gate.slot():
+            progress.report({"phase": "generating" if self.backend_meta.get("provider") == "local" else "sent"})
             started = time.monotonic()
             raw = await produce(request)
+        progress.report({"phase": "received"})
         image = await asyncio.to_thread(self.finish, request, raw, started)
         self._remember(key, image, pinned)
         return image

@@ -6,6 +6,19 @@ upstream), `{"phase": "generating"}` (local backend: the device is ours), `{"pha
 (local backend, once per denoising step), `{"phase": "received"}` (the image bytes are here). The callback runs in the
 thread that reports (the event loop, or a worker thread: context variables follow `asyncio.to_thread`); an exception
 it raises, such as a cancellation, stops the generation.
+
+Observers (`observe`) receive every event of every generation in the process, for counting (the server's metrics).
+Some events are only of use to them; a callback ignores phases it does not know. Every event is small and names no
+prompt, token or URL:
+- `queued`, `sent`/`generating` with `waited` (seconds in the queue), `received` with `seconds` (upstream or local
+  generation), `released` (the slot is free again, whatever happened);
+- `upstream`: one HTTP call to the upstream, with `status` (its status code, or `timeout` / `error`) and `seconds`;
+- `cache` with `hit` (a pinned-seed lookup) and `bytes` (what the cache holds); `coalesced` (a request joined an
+  identical one in flight);
+- `finished`: an image is ready, with `model` (a served model id, else `other`), `width`, `height`, `format` and
+  `seconds` (post-processing);
+- `denoised` (local backend): `steps` in `seconds`; then, on CUDA, `device_memory` with `device_memory_bytes` and
+  `device_memory_peak_bytes` (`torch.cuda.memory_allocated()` and its peak).
 """
 
 from collections.abc import Callable, Iterator
@@ -16,10 +29,19 @@ from typing import Any
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 _callback: ContextVar[ProgressCallback | None] = ContextVar("image_generation_progress", default=None)
+_observers: list[ProgressCallback] = []
+
+
+def observe(observer: ProgressCallback) -> None:
+    """Send every event of this process to `observer` from now on (once, however often it is passed here)."""
+    if observer not in _observers:
+        _observers.append(observer)
 
 
 def report(event: dict[str, Any]) -> None:
-    """Pass `event` to the callback set in this context, if any."""
+    """Pass `event` to every observer, then to the callback set in this context, if any."""
+    for observer in _observers:
+        observer(event)
     callback = _callback.get()
     if callback is not None:
         callback(event)

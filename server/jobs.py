@@ -37,6 +37,10 @@ DEFAULT_MAX_PENDING_JOBS = 100
 CANCEL_POLL_SECONDS = 0.5  # how often a job checks for a cancel while no step reports (an upstream call, a queue)
 CHECKPOINT_INTERVAL_SECONDS = 0.5  # step progress is committed at most this often (and at the last step)
 COMPONENT = "text_to_image"
+# The progress events a job shows (components/progress.py has more, for the metrics), and their fields.
+JOB_EVENTS = {
+    "queued": (), "sent": (), "generating": (), "step": ("step", "steps"), "received": (), "stored": ("image", "images")
+}  # fmt: skip
 
 
 class JobRequest(BaseModel):
@@ -229,7 +233,11 @@ class _ProgressPublisher:
         self.pending: set[asyncio.Task] = set()
 
     def report(self, event: dict[str, Any]) -> None:
-        """Publish `event`; from a worker thread, wait for it (and raise a cancellation); on the loop, schedule it."""
+        """Publish a job event: from a worker thread, wait for it (raising a cancellation); on the loop, schedule it."""
+        fields = JOB_EVENTS.get(event["phase"])
+        if fields is None:
+            return
+        event = {"phase": event["phase"], **{name: event[name] for name in fields}}
         try:
             on_loop = asyncio.get_running_loop() is self.loop
         except RuntimeError:

@@ -142,7 +142,7 @@ def finish(fmt: str, raw: bytes, size: tuple[int, int]) -> bytes:
         allowed_models=None, timeout=None, max_image_bytes=None, max_concurrency=None, max_queue=None,
         cache_max_bytes=None,
     )  # fmt: skip
-    image = ImageResults(settings, {"backend": "test"}).finish(request(fmt, size), raw, time.monotonic())
+    image = ImageResults(settings, {"backend": "test"}, MODEL).finish(request(fmt, size), raw, time.monotonic())
     return base64.b64decode(image.base64_image)
 
 

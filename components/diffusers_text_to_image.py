@@ -13,6 +13,7 @@ from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.lazy_imports import LazyImport
 from haystack.utils import ComponentDevice
 
+from components import progress
 from components.errors import GenerationTimeoutError, ImageGenerationError, InvalidRequestError
 from components.image_codec import encode
 from components.image_results import ImageResults
@@ -206,7 +207,9 @@ class DiffusersTextToImage(TextToImageBase):
         )  # fmt: skip
         self._loaded = loaded
         self.defaults = replace(self.defaults, model=name)
-        self._results = ImageResults(settings, {"backend": "diffusers", "provider": "local", "device": loaded.device})
+        self._results = ImageResults(
+            settings, {"backend": "diffusers", "provider": "local", "device": loaded.device}, name
+        )
 
     async def warm_up_async(self) -> None:
         """Like `warm_up`, off the event loop."""
@@ -279,7 +282,18 @@ class DiffusersTextToImage(TextToImageBase):
                 kwargs["guidance_scale"] = request.guidance_scale
             if loaded.interruptible:
                 kwargs["callback_on_step_end"] = stop
+            started = time.monotonic()
             image = loaded.pipeline(**kwargs).images[0]
+            if stop.steps_done:  # counted by the step callback: a pipeline without one reports nothing
+                progress.report({"phase": "denoised", "steps": stop.steps_done, "seconds": time.monotonic() - started})
+            if loaded.device == "cuda":
+                progress.report(
+                    {
+                        "phase": "device_memory",
+                        "device_memory_bytes": torch.cuda.memory_allocated(),
+                        "device_memory_peak_bytes": torch.cuda.max_memory_allocated(),
+                    }
+                )
         if stop.reason == "deadline":
             raise GenerationTimeoutError(f"generation stopped at step {stop.steps_done}: past the {timeout} s deadline")
         if stop.reason == "cancelled":
@@ -288,7 +302,12 @@ class DiffusersTextToImage(TextToImageBase):
 
 
 class _StepWatch:
-    """The `callback_on_step_end` of one generation: logs progress, and interrupts on cancel or past the deadline."""
+    """
+    The `callback_on_step_end` of one generation: reports each step, and interrupts on cancel or past the deadline.
+
+    Each step goes to the progress callback set for this generation, if any (an exception it raises stops the
+    generation there); every 10% of the steps also goes to the log.
+    """
 
     def __init__(self, request: GenerationRequest, cancel: threading.Event, deadline: float) -> None:
         self.seed = request.seed
@@ -302,6 +321,7 @@ class _StepWatch:
         total = getattr(pipeline, "num_timesteps", None) or self.steps_done
         if self.steps_done == total or self.steps_done % max(1, total // 10) == 0:
             logger.info("Seed {seed}: step {step}/{total}", seed=self.seed, step=self.steps_done, total=total)
+        progress.report({"phase": "step", "step": self.steps_done, "steps": total})
         if self.cancel.is_set():
             self.reason = "cancelled"
         elif time.monotonic() > self.deadline:

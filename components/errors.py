@@ -68,3 +68,7 @@ class GenerationTimeoutError(ImageGenerationError):
 
 class PipelineNotServedError(ImageGenerationError):
     """The server has no image pipeline deployed (yet, or any more) to run a request on."""
+
+
+class SigningError(ImageGenerationError):
+    """C2PA signing failed or ran past its deadline; no unsigned image is served in its place."""

@@ -29,7 +29,7 @@ def api_keys_from_env() -> tuple[bytes, ...]:
 
 class HTTPGuard:
     """
-    Guards the JSON run routes: every `POST /{name}/run` and `POST /v1/...` whose OpenAPI schema takes an object.
+    Guards the JSON run routes: every `POST /{name}/run` (and `/run-durable`) and `POST /v1/...` that takes an object.
 
     Refusals on `/v1/...` (the OpenAI-compatible doors) come in OpenAI's error envelope.
 
@@ -84,11 +84,7 @@ class HTTPGuard:
         return None
 
     def _authorized(self, authorization: str) -> bool:
-        scheme, _, supplied = authorization.partition(" ")
-        supplied_bytes = supplied.strip().encode()
-        # Compare against every key so that the time taken does not depend on which one matched.
-        matched = [hmac.compare_digest(supplied_bytes, key) for key in self.api_keys]
-        return scheme.lower() == "bearer" and any(matched)
+        return matching_key(authorization, self.api_keys) is not None
 
     def _json_fields(self, scope: Scope) -> frozenset[str] | None:
         """The body fields the run route at this path takes, or None when it takes no JSON object."""
@@ -99,11 +95,20 @@ class HTTPGuard:
         return self._fields.get(scope["path"].removeprefix(scope.get("root_path", "")))
 
 
+def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | None:
+    """The API key an `Authorization: Bearer <key>` header carries, if it is one of `api_keys`; else None."""
+    scheme, _, supplied = authorization.partition(" ")
+    supplied_bytes = supplied.strip().encode()
+    # Compare against every key so that the time taken does not depend on which one matched.
+    matched = [key for key in api_keys if hmac.compare_digest(supplied_bytes, key)]
+    return matched[0] if matched and scheme.lower() == "bearer" else None
+
+
 def run_bodies(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The JSON-object body schemas of the guarded routes (`POST /{name}/run`, `POST /v1/...`) in an OpenAPI schema."""
+    """The JSON-object body schemas of the guarded routes (`POST /{name}/run`, `/run-durable`, `/v1/...`), by path."""
     bodies = {}
     for path, operations in schema.get("paths", {}).items():
-        guarded = path.endswith("/run") or path.startswith(OPENAI_PREFIX)
+        guarded = path.endswith(("/run", "/run-durable")) or path.startswith(OPENAI_PREFIX)
         body = operations.get("post", {}).get("requestBody", {}) if guarded else {}
         model = body.get("content", {}).get("application/json", {}).get("schema", {})
         if ref := model.get("$ref"):

@@ -62,7 +62,7 @@ RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
 FROM ${PYTHON_IMAGE} AS runtime
 # HAYHOOKS_DURABLE_MODE fixes the pipeline set at startup: without it hayhooks serves unauthenticated
 # POST /deploy_files, /deploy-yaml and /undeploy/{name}, i.e. anyone who reaches the port could run code in the
-# container or take the pipeline down. No durable wrapper is deployed, so the in-memory store holds nothing.
+# container or take the pipeline down. It also turns jobs on (in memory; docker-compose.yml puts them in Redis).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -70,15 +70,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     HAYHOOKS_PORT=1416 \
     HAYHOOKS_PIPELINES_DIR=/opt/pipelines \
     HAYHOOKS_DURABLE_MODE=true \
-    HAYHOOKS_DURABLE_STORE=memory \
     HAYSTACK_TELEMETRY_ENABLED=False \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HF_HOME=/var/cache/huggingface \
     XDG_CACHE_HOME=/tmp/.cache
 RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
- && mkdir -p /var/cache/huggingface \
- && chown app:app /var/cache/huggingface
+ && mkdir -p /var/cache/huggingface /var/lib/image-generation/images \
+ && chown app:app /var/cache/huggingface /var/lib/image-generation/images
 COPY --from=deps /opt/venv /opt/venv
 # Our wheel goes in with the base image's own pip (/usr/local/bin/python's), which then goes too: nothing in the
 # container can install packages.

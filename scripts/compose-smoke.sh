@@ -2,7 +2,8 @@
 # The compose deployment's lifecycle against a real Docker engine, one step per argument; tests/test_compose.py runs
 # these same steps. With no argument it runs them all, in order, and tears down even when one fails:
 #   build     docker compose build
-#   up        docker compose up -d --wait: the service turns healthy (its own healthcheck) within $TIMEOUT s
+#   up        docker compose up -d --wait: the service (SCALE replicas of it) turns healthy (its own healthcheck)
+#             within $TIMEOUT s
 #   request   the README's curl through the published port answers a PNG of the requested size; the runtime
 #             deployment routes are refused; CORS refuses an origin not configured
 #   hardening on the running container: uid != 0, a read-only root (/ and $HOME refuse writes, /tmp takes them),
@@ -51,7 +52,7 @@ step_build() {
 
 step_up() {
   local start=$SECONDS
-  if ! "${compose[@]}" up -d --wait --wait-timeout "$TIMEOUT" "$SERVICE"; then
+  if ! "${compose[@]}" up -d --wait --wait-timeout "$TIMEOUT" ${SCALE:+--scale "$SERVICE=$SCALE"} "$SERVICE"; then
     "${compose[@]}" ps -a >&2 || true
     "${compose[@]}" logs --no-color --tail 80 >&2 || true
     fail "not healthy within ${TIMEOUT}s"

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TEST_TOKEN, free_port
+from conftest import ROOT, TEST_TOKEN
+from jobs_client import call, submit, wait_status
 from PIL import Image
 
 SMOKE = ROOT / "scripts" / "compose-smoke.sh"
@@ -32,6 +33,8 @@ ENV_EXAMPLE = ROOT / ".env.example"
 WHEELS = ROOT / "wheels"
 # The steps after `build` and `up`, in order (`down` last: it stops the stack).
 STEPS = ["request", "hardening", "logs", "down"]
+# Published ports: "127.0.0.1::1416", a free loopback port chosen by Docker (`docker compose port` tells which).
+EPHEMERAL = "127.0.0.1:"
 TOKEN_SHAPE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
@@ -149,13 +152,13 @@ def stack(
         ENV_FILE=str(ENV_EXAMPLE),  # what `cp .env.example .env` gives, not the developer's .env
         HF_TOKEN=TEST_TOKEN,
         OUT_DIR=str(out_dir),
-        HAYHOOKS_PUBLISH=f"127.0.0.1:{free_port()}",
+        HAYHOOKS_PUBLISH=EPHEMERAL,
     )
     if service == "hayhooks-local":
         provide_torch(env)
         env.update(
             PROFILE="local",
-            LOCAL_PUBLISH=f"127.0.0.1:{free_port()}",
+            LOCAL_PUBLISH=EPHEMERAL,
             LOCAL_CPUS=str(os.cpu_count()),  # the shipped 8 is more than a small CI machine has
             LOCAL_MEMORY="4g",
             TINY_MODEL_DIR=str(tiny_model(out_dir)),
@@ -180,6 +183,59 @@ def test_lifecycle(stack: Stack, step: str) -> None:
         with Image.open(stack.out_dir / "image.png") as image:
             image.load()
             assert image.size == (int(stack.env.get("WIDTH", "512")), int(stack.env.get("HEIGHT", "512")))
+
+
+# --- Replicas: one Redis, one image volume ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_replicas_share_jobs_and_images(docker_engine: None, tmp_path: Path) -> None:
+    """`--scale hayhooks=3`: jobs submitted to one replica are drained by all three, any replica serves any job's
+    image (the `images` volume), and `docker kill` of the replica running a job hands the job to another."""
+    project = f"hig-scale-{os.getpid()}"
+    env = clean_env(
+        SERVICE="hayhooks",
+        SCALE="3",
+        COMPOSE_FILE=f"docker-compose.yml:{TEST_FILE}",
+        COMPOSE_PROJECT_NAME=project,
+        ENV_FILE=str(ENV_EXAMPLE),
+        HF_TOKEN=TEST_TOKEN,
+        HAYHOOKS_PUBLISH=EPHEMERAL,
+        FAKE_UPSTREAM_LATENCY="3",
+        OUT_DIR=str(tmp_path),
+    )
+    stack = Stack("hayhooks", env, tmp_path)
+
+    def compose(*args: str) -> str:
+        return subprocess.run(
+            ["docker", "compose", "--env-file", str(ENV_EXAMPLE), *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120,
+        ).stdout  # fmt: skip
+
+    try:
+        stack.run("build", "up")
+        bases = [f"http://{compose('port', '--index', str(i), 'hayhooks', '1416').strip()}" for i in (1, 2, 3)]
+        jobs = [submit(bases[0], {"prompt": "a shared job", "width": 64, "height": 64, "seed": i}) for i in range(6)]
+        for job in jobs:
+            done = wait_status(bases[0], job["execution_id"], {"completed", "failed"}, timeout=180)
+            assert done["status"] == "completed", done
+            for base in bases:  # any replica serves the image, wherever it was made
+                assert call(f"{base}{done['result']['images'][0]['url']}")[0] == 200
+        generated = [
+            line for line in compose("logs", "--no-color", "hayhooks").splitlines() if "Generated 64x64" in line
+        ]
+        replicas = {line.split("|")[0].strip() for line in generated}
+        assert len(replicas) == 3, f"the jobs ran on {sorted(replicas)} only"
+
+        job = submit(bases[1], {"prompt": "a job whose replica dies", "width": 64, "height": 64, "seed": 99})
+        assert wait_status(bases[1], job["execution_id"], {"running"}, timeout=60)["attempt"] == 1
+        subprocess.run(["docker", "kill", f"{project}-hayhooks-2"], check=True, capture_output=True, timeout=60)
+        done = wait_status(bases[0], job["execution_id"], {"completed", "failed"}, timeout=180)
+        assert done["status"] == "completed", done
+        assert done["attempt"] == 2, "the killed replica was not the one running the job"
+        assert call(f"{bases[2]}{done['result']['images'][0]['url']}")[0] == 200
+    finally:
+        stack.run("clean", check=False)
 
 
 # --- The hardening step must fail on a container that is not hardened ---------------------------------------------
@@ -208,7 +264,7 @@ def test_hardening_step_fails_on_softened_containers(docker_engine: None, tmp_pa
         COMPOSE_FILE=f"{compose}:{override}",
         COMPOSE_PROJECT_NAME=f"hig-soft-{os.getpid()}",
         ENV_FILE=str(ENV_EXAMPLE),
-        HAYHOOKS_PUBLISH=f"127.0.0.1:{free_port()}",
+        HAYHOOKS_PUBLISH=EPHEMERAL,
         OUT_DIR=str(tmp_path),
     )
     compose_env = {**env, "SERVICE": "soft-0"}
@@ -270,11 +326,13 @@ def test_compose_passes_every_setting(docker_engine: None) -> None:
     `hayhooks`), the pipeline deserializes only our package, and the shipped `local` service reserves an NVIDIA GPU
     (the test override clears it)."""
     services = compose_config("--profile", "local")["services"]
-    passed = {name for service in services.values() for name in service["environment"]}
+    ours = {name: service for name, service in services.items() if "build" in service}  # not redis
+    assert set(ours) == {"hayhooks", "hayhooks-local"}
+    passed = {name for service in ours.values() for name in service["environment"]}
     missing = _settings_read_by_the_code() - passed
     assert missing == set(), f"no service passes {missing}"
     assert {"HF_TOKEN", "IMAGE_GENERATION_ENDPOINT"} <= set(services["hayhooks"]["environment"])
-    for service in services.values():
+    for service in ours.values():
         assert service["environment"]["HAYSTACK_DESERIALIZATION_ALLOWLIST"] == "components.*"
     assert services["hayhooks-local"]["environment"]["IMAGE_GENERATION_BACKEND"] == "local"
     devices = services["hayhooks-local"]["deploy"]["resources"]["reservations"]["devices"]

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from components import errors, progress
 from components.request import MAX_SEED, OutputFormat
+from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
 from server.guard import api_keys_from_env, matching_key
 from server.image_store import ImageStore
 from server.params import Guidance, ModelId, Seed, Size, Steps, Text
@@ -137,14 +138,17 @@ def configure_durable_mode() -> None:
     Our defaults for Hayhooks' durable mode, applied before the app is built.
 
     The execution store is Hayhooks' in-memory store unless Redis is configured (`HAYHOOKS_DURABLE_STORE=redis` or
-    `HAYHOOKS_DURABLE_REDIS_URL`), and a process with the memory store refuses to be one of several workers: each would
-    hold its own jobs. At most `DEFAULT_MAX_PENDING_JOBS` jobs wait or run unless configured otherwise.
+    `HAYHOOKS_DURABLE_REDIS_URL`); with Redis, the seeded-result cache is shared through it too. A process with the
+    memory store refuses to be one of several workers: each would hold its own jobs. At most
+    `DEFAULT_MAX_PENDING_JOBS` jobs wait or run unless configured otherwise.
     """
     if not hayhooks_settings.durable_mode:
         return
     configured = {name.upper() for name in os.environ}
     if not {"HAYHOOKS_DURABLE_STORE", "HAYHOOKS_DURABLE_REDIS_URL"} & configured:
         hayhooks_settings.durable_store = "memory"
+    if hayhooks_settings.durable_store == "redis" and not os.environ.get(SHARED_CACHE_URL_ENV, "").strip():
+        os.environ[SHARED_CACHE_URL_ENV] = hayhooks_settings.durable_redis_url  # read when the pipeline warms up
     if "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS" not in configured:
         hayhooks_settings.durable_max_nonterminal_executions = DEFAULT_MAX_PENDING_JOBS
     if hayhooks_settings.durable_store == "memory" and multiprocessing.parent_process() is not None:

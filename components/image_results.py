@@ -45,8 +45,10 @@ class ImageResults:
         cached = self.cache.get(key) if pinned else None
         if cached is not None:
             return cached
-        started = time.monotonic()
-        image = self.finish(request, produce(request), started)
+        with self.gate.slot():
+            started = time.monotonic()
+            raw = produce(request)
+        image = self.finish(request, raw, started)
         self._remember(key, image, pinned)
         return image
 
@@ -63,7 +65,7 @@ class ImageResults:
     async def _make_async(
         self, request: GenerationRequest, produce: ProduceAsync, key: tuple, pinned: bool
     ) -> ImageContent:
-        async with self.gate.slot():
+        async with self.gate.slot_async():
             started = time.monotonic()
             raw = await produce(request)
         image = await asyncio.to_thread(self.finish, request, raw, started)

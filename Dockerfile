@@ -26,6 +26,7 @@ print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-depe
  && pip --python /opt/venv/bin/python install --requirement requirements.txt
 COPY README.md ./
 COPY components ./components
+COPY server ./server
 RUN pip --python /opt/venv/bin/python install --no-deps .
 
 # ---- runtime: the venv and the service files only; no compilers, no pip cache, no tests ----

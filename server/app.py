@@ -8,14 +8,17 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks import run_app
 from starlette.middleware import Middleware
 
-from components.http_guard import HTTPGuard, api_keys_from_env, run_bodies
+from server.guard import HTTPGuard, api_keys_from_env, run_bodies
+
+# The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
+DOORS: tuple = ()
 
 
 def create_app() -> FastAPI:
     """
     Hayhooks' app, configured by its `HAYHOOKS_*` settings, with `HTTPGuard` added.
 
-    Also an app factory for `uvicorn --factory components.server:create_app`, e.g. with `--workers`.
+    Also an app factory for `uvicorn --factory server.app:create_app`, e.g. with `--workers`.
     """
     app = create_hayhooks_app()
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
@@ -32,6 +35,8 @@ def create_app() -> FastAPI:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    for door in DOORS:
+        door.install(app)
     return app
 
 

@@ -1,0 +1,1 @@
+"""The HTTP side of the image service: the app factory, the guard, the doors, and one error and response mapping."""

@@ -1,0 +1,73 @@
+"""
+The one mapping from generation results and errors to HTTP, shared by every door.
+
+Errors become short fixed messages with the right status (and `Retry-After` where the upstream asked to wait); a
+generated image becomes a `Response` whose body is the image itself, with its seed and ETag in headers.
+"""
+
+import pybase64
+from fastapi import HTTPException, Response
+from hayhooks import log
+from haystack.dataclasses import ImageContent
+from starlette.datastructures import Headers
+
+from components import errors
+
+# Error class -> (status, fixed message). The first class in an error's MRO that is listed decides.
+HTTP_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    errors.InvalidRequestError: (422, ""),
+    errors.ServerBusyError: (503, "the server is busy, retry later"),
+    errors.UpstreamRateLimitedError: (429, "the upstream is rate limiting, retry later"),
+    errors.UpstreamUnavailableError: (503, "the model is unavailable, retry later"),
+    errors.UpstreamAuthError: (502, "upstream rejected the credentials"),
+    errors.UpstreamRejectedError: (422, "the upstream rejected the parameters"),
+    errors.UpstreamTimeoutError: (504, "the upstream did not answer in time"),
+    errors.GenerationTimeoutError: (504, "image generation ran past its deadline"),
+    errors.InvalidImageError: (502, "the upstream returned an invalid image"),
+    errors.UpstreamError: (502, "the upstream failed"),
+    errors.ImageGenerationError: (503, "image generation was interrupted, retry later"),
+}
+
+
+def http_error(error: Exception) -> HTTPException:
+    """Map a pipeline failure to a short fixed message; unknown failures are logged and become a bare 500."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, errors.ImageGenerationError):
+        cause = cause.__cause__
+    if cause is None:
+        log.opt(exception=error).error("Image generation failed unexpectedly ({})", type(error).__name__)
+        return HTTPException(500, "image generation failed")
+    status, message = next(HTTP_ERRORS[cls] for cls in type(cause).__mro__ if cls in HTTP_ERRORS)
+    if isinstance(cause, errors.InvalidRequestError):
+        message = str(cause)
+    elif isinstance(cause, errors.UpstreamRejectedError) and cause.reason:
+        message = f"{message}: {cause.reason}"
+    log.warning("Image generation failed: {} -> {}", type(cause).__name__, status)
+    retry_after = getattr(cause, "retry_after", None)
+    return HTTPException(status, message, headers={"Retry-After": str(retry_after)} if retry_after else None)
+
+
+def image_response(image: ImageContent, headers: Headers | None = None) -> Response:
+    """
+    The image as the response body, with `X-Seed`, `ETag` and `Content-Disposition`.
+
+    A request whose `If-None-Match` matches the ETag gets a 304 without the body.
+    """
+    meta = image.meta
+    etag = f'"{meta["etag"]}"'
+    response_headers = {
+        "X-Seed": str(meta["seed"]),
+        "ETag": etag,
+        "Content-Disposition": f'inline; filename="image-{meta["seed"]}.{meta["format"]}"',
+    }
+    if headers is not None and _etag_matches(headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=response_headers)
+    body = pybase64.b64decode(image.base64_image, validate=True)  # SIMD: 6 ms -> 0.15 ms for a 1024² PNG
+    return Response(body, media_type=image.mime_type, headers=response_headers)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in candidates or etag in candidates

@@ -17,6 +17,7 @@ from components.hf_providers import (
     UpstreamTarget,
     check_provider,
     generation_calls,
+    quiet_hub_library,
 )
 from components.hf_transport import Bounds, Network, run_calls, run_calls_async
 from components.image_results import ImageResults
@@ -123,6 +124,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         endpoint_url = resolve(self.endpoint_url, "IMAGE_GENERATION_ENDPOINT", None, str)
         if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
             raise ValueError("IMAGE_GENERATION_ENDPOINT must be an http(s) URL")
+        quiet_hub_library()
         token = self.token.resolve_value() or _token_file()
         router_url = resolve(None, "IMAGE_GENERATION_ROUTER_URL", HF_ROUTER_URL, _http_url)
         self._target = UpstreamTarget(self.provider, endpoint_url, token, router_url)

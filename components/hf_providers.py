@@ -26,7 +26,13 @@ from huggingface_hub.hf_api import InferenceProviderMapping
 from huggingface_hub.inference._providers import PROVIDERS, TaskProviderHelper
 from huggingface_hub.utils import build_hf_headers
 
-from components.errors import InvalidImageError, UnknownModelError, UpstreamNotFoundError, UpstreamTimeoutError
+from components.errors import (
+    InvalidImageError,
+    UnknownModelError,
+    UpstreamError,
+    UpstreamNotFoundError,
+    UpstreamTimeoutError,
+)
 from components.request import GenerationRequest
 
 TASK = "text-to-image"
@@ -96,6 +102,16 @@ class ProviderMappings:
                 self._entries.popitem(last=False)
 
 
+def quiet_hub_library() -> None:
+    """
+    Stop huggingface_hub from calling the Hub on its own (process-wide, as `HF_HUB_DISABLE_TELEMETRY=1` does).
+
+    With its telemetry on, building request headers fetches an agent registry from the Hub through huggingface_hub's
+    global session: a call outside every bound of ours, on the first request of a process.
+    """
+    constants.HF_HUB_DISABLE_TELEMETRY = True
+
+
 def check_provider(provider: str) -> None:
     """Raise `ValueError` unless `provider` is `auto` or a supported text-to-image provider."""
     if provider != "auto" and provider not in SUPPORTED_PROVIDERS:
@@ -155,7 +171,7 @@ def _parse_mappings(body: bytes, model: str) -> list[InferenceProviderMapping]:
         items = [{**value, "provider": name} for name, value in raw.items()] if isinstance(raw, dict) else raw
         return [InferenceProviderMapping(**{**item, "hf_model_id": model}) for item in items]
     except (ValueError, AttributeError, TypeError, KeyError) as e:
-        raise InvalidImageError("the Hub answered something that is not a model description") from e
+        raise UpstreamError("the Hub answered something that is not a model description") from e
 
 
 def _provider_call(

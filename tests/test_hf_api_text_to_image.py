@@ -29,7 +29,7 @@ def test_init_default():
     assert component.model == "black-forest-labs/FLUX.1-schnell"
     assert component.provider == "auto"
     assert component.endpoint_url is None
-    assert component.token == Secret.from_env_var(["HF_TOKEN", "HF_API_TOKEN"], strict=False)
+    assert component.token == Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False)
     assert (component.defaults.width, component.defaults.height, component.defaults.output_format) == (512, 512, "png")
 
 
@@ -50,7 +50,7 @@ def test_to_dict():
             "model": "stabilityai/sdxl-turbo",
             "provider": "fal-ai",
             "endpoint_url": None,
-            "token": {"type": "env_var", "env_vars": ["HF_TOKEN", "HF_API_TOKEN"], "strict": False},
+            "token": {"type": "env_var", "env_vars": ["HF_API_TOKEN", "HF_TOKEN"], "strict": False},
             "width": 1024,
             "height": 512,
             "num_inference_steps": None,

@@ -42,7 +42,7 @@ _MAX_LOADING_WAIT = 20.0
 _ERROR_BODY_BYTES = 4096
 _SAFE_REASON_RE = re.compile(r"[A-Za-z0-9 _.,:;'()+-]{1,200}")
 _UNSAFE_REASON_RE = re.compile(r"https?:|hf_|bearer|token|traceback|javascript", re.IGNORECASE)
-_DIGITS_RE = re.compile(r"[0-9]{1,10}")
+_DIGITS_RE = re.compile(r"[0-9]{1,20}")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address

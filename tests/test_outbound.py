@@ -14,6 +14,8 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from conftest import Server, free_port, post, server_env, start_server, stop_server
@@ -157,6 +159,27 @@ def test_slow_hub_is_504_within_the_deadline(auto_server, hub, fresh):
     code, _, _ = post(auto_server, {**SMALL, "prompt": "slow hub", "model": model})
     assert code == 504
     assert time.monotonic() - started < 30  # the deadline is 3 s; unbounded, this would wait out the 60 s hang
+
+
+def test_compressed_replies_are_never_asked_for_nor_inflated(auto_server, hub, fresh):
+    """The upstream is asked for `identity`; one that gzips anyway is refused before a byte is inflated."""
+    model = unique_model()
+    hub.routes[f"/api/models/{model}"] = hub_model(model, {"hf-inference": model})
+    peak = peak_rss(auto_server)
+    bomb = Fault(body=gzip_bomb(), headers={"Content-Type": "image/png", "Content-Encoding": "gzip"})
+    fresh.fail_next(*[bomb] * 8)
+    with ThreadPoolExecutor(8) as pool:
+        answers = pool.map(lambda i: post(auto_server, {**SMALL, "prompt": f"bomb {i}", "model": model})[0], range(8))
+        assert list(answers) == [502] * 8
+    assert {r.headers["accept-encoding"] for r in fresh.requests} == {"identity"}
+    # Inflating up to the default 32 MiB cap, as a decoding client does, grows the peak by ~280 MB for 8 bombs.
+    assert peak_rss(auto_server) - peak < 64 * 1024 * 1024
+
+
+def peak_rss(server: Server) -> int:
+    """The server process's peak resident memory so far, in bytes."""
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
 
 
 def fal_model(hub: ScriptedServer) -> str:

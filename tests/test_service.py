@@ -57,6 +57,10 @@ def test_seed_reproduces_the_image(server, fresh_upstream, tmp_path):
     assert first["x-seed"] == again["x-seed"] == "1234"
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "c.png").read_bytes()
     assert first["etag"] == third["etag"] != again["etag"]
+    # The first two reached the upstream, the negative prompt with the second; the third came from the cache.
+    sent = [request.payload["parameters"] for request in fresh_upstream.requests]
+    assert [p.get("negative_prompt") for p in sent] == [None, "fog"]
+    assert [p["seed"] for p in sent] == [1234, 1234]
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])

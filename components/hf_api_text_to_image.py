@@ -143,7 +143,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         if inflight < settings.max_image_bytes:
             raise ValueError("IMAGE_GENERATION_MAX_INFLIGHT_BYTES must be at least IMAGE_GENERATION_MAX_IMAGE_BYTES")
         backend = "endpoint" if endpoint_url else self.provider
-        self._results = ImageResults(settings, {"backend": "huggingface_api", "provider": backend})
+        self._results = ImageResults(settings, {"backend": "huggingface_api", "provider": backend}, self.model)
         logger.info("Text-to-image upstream: {backend}", backend=backend)
 
     def _limits(self) -> httpx2.Limits:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
 
+from components import progress
 from components.admission import ByteLease
 from components.errors import (
     ImageGenerationError,
@@ -90,12 +91,14 @@ async def run_calls_async(client: httpx2.AsyncClient, calls: Generator[Call, byt
 def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:
     """Send `call` and return its reply body; a provider's 'model loading' 503 is retried until the deadline."""
     while True:
+        started, status = time.monotonic(), "error"
         try:
             url, headers, extensions = _target(call, bounds, _resolve(call, bounds))
             with client.stream(
                 call.method, url, json=call.json, headers=headers, extensions=extensions,
                 timeout=_remaining(bounds.deadline),
             ) as response:  # fmt: skip
+                status = response.status_code
                 reader = _Reader(call, bounds, response)
                 _raise_for_status(response, _error_body(response) if reader.error else b"")
                 for chunk in response.iter_raw():
@@ -103,33 +106,43 @@ def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:
                     _remaining(bounds.deadline)
                 return reader.body()
         except UpstreamUnavailableError as e:
-            time.sleep(_loading_wait(e, call, bounds.deadline))
+            wait = _loading_wait(e, call, bounds.deadline)
         except httpx2.TimeoutException as e:
+            status = "timeout"
             raise UpstreamTimeoutError("the upstream did not answer in time") from e
         except (httpx2.TransportError, OSError) as e:
             raise UpstreamError("the upstream could not be reached") from e
+        finally:
+            progress.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
+        time.sleep(wait)  # the provider is loading the model: try again
 
 
 async def fetch_async(client: httpx2.AsyncClient, call: Call, bounds: Bounds) -> bytes:
     """The async twin of `fetch`."""
     while True:
+        started, status = time.monotonic(), "error"
         try:
             async with asyncio.timeout(_remaining(bounds.deadline)):
                 url, headers, extensions = _target(call, bounds, await _resolve_async(call, bounds))
                 async with client.stream(
                     call.method, url, json=call.json, headers=headers, extensions=extensions
                 ) as response:
+                    status = response.status_code
                     reader = _Reader(call, bounds, response)
                     _raise_for_status(response, await _error_body_async(response) if reader.error else b"")
                     async for chunk in response.aiter_raw():
                         reader.take(chunk)
                     return reader.body()
         except UpstreamUnavailableError as e:
-            await asyncio.sleep(_loading_wait(e, call, bounds.deadline))
+            wait = _loading_wait(e, call, bounds.deadline)
         except (TimeoutError, httpx2.TimeoutException) as e:
+            status = "timeout"
             raise UpstreamTimeoutError("the upstream did not answer in time") from e
         except (httpx2.TransportError, OSError) as e:
             raise UpstreamError("the upstream could not be reached") from e
+        finally:
+            progress.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
+        await asyncio.sleep(wait)  # the provider is loading the model: try again
 
 
 class _Reader:

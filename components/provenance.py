@@ -52,7 +52,7 @@ class ProvenanceSettings:
 
 
 def provenance_settings() -> ProvenanceSettings:
-    """Read the `IMAGE_GENERATION_EMBED_PARAMETERS` and `IMAGE_GENERATION_C2PA_*` environment."""
+    """Read `IMAGE_GENERATION_EMBED_PARAMETERS` and the C2PA settings (certificate, key, timestamp authority)."""
     key = os.environ.get("IMAGE_GENERATION_C2PA_KEY", "").strip()
     if key.startswith("-----"):  # never echoed: it is the key itself
         raise ValueError("IMAGE_GENERATION_C2PA_KEY must be the path of a key file (or a Docker secret), not a key")

@@ -6,6 +6,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+from components import progress
+
 T = TypeVar("T")
 
 
@@ -62,6 +64,8 @@ class Coalescer(Generic[T]):
             entry = (task, [0])
             self._tasks[key] = entry
             task.add_done_callback(lambda _: self._tasks.pop(key, None))
+        else:
+            progress.report({"phase": "coalesced"})
         task, waiters = entry
         waiters[0] += 1
         try:

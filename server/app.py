@@ -8,10 +8,11 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks import run_app
 from starlette.middleware import Middleware
 
+from server import metrics, page
 from server.guard import HTTPGuard, api_keys_from_env, run_bodies
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = ()
+DOORS: tuple = (metrics, page)
 
 
 def create_app() -> FastAPI:

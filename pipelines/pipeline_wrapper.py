@@ -1,15 +1,24 @@
-"""Hayhooks wrapper: `POST /image_generation/run` answers with the image itself."""
+"""
+Hayhooks wrapper: `POST /image_generation/run` answers with the image itself.
+
+In Hayhooks' durable mode the wrapper also runs jobs (`POST /image_generation/run-durable`, see `server/jobs.py`). A
+wrapper with a durable run cannot be loaded by a live server, so the durable class is chosen here, at import, from
+Hayhooks' settings: one folder serves both modes.
+"""
 
 import os
 from pathlib import Path
 
 from fastapi import Response
 from hayhooks import BasePipelineWrapper
+from hayhooks.settings import settings as hayhooks_settings
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from starlette.datastructures import Headers
 
 from components.request import OutputFormat
+from server.generation import run_pipeline
+from server.jobs import jobs_mixin
 from server.log import configure_server_log
 from server.params import Guidance, ModelId, Seed, Size, Steps, Text
 from server.responses import http_error, image_response
@@ -21,8 +30,11 @@ PIPELINE_FILES = {
 }
 
 
-class PipelineWrapper(BasePipelineWrapper):
+class LivePipelineWrapper(BasePipelineWrapper):
     """Serves the configured backend's pipeline; the image bytes go out as the response body, never through a file."""
+
+    # Hayhooks' own MCP tool would answer `str(Response)`: the image is served to MCP clients by server/mcp.py.
+    skip_mcp = True
 
     def setup(self) -> None:
         """Load and warm up the backend's pipeline, allowing Haystack to deserialize our `components` only."""
@@ -50,6 +62,8 @@ class PipelineWrapper(BasePipelineWrapper):
         """
         Generate an image from a text prompt and return it as the response body.
 
+        One image per call: for several at once (`n`), use `POST /v1/images/generations` or the MCP tool.
+
         The response carries `X-Seed` (the seed used; pass it back to reproduce the image) and `ETag` (answered with
         304 on a matching `If-None-Match`). The image is marked as AI-generated (IPTC digital source type in XMP; C2PA
         Content Credentials when the server signs).
@@ -76,7 +90,14 @@ class PipelineWrapper(BasePipelineWrapper):
             "model": model, "output_format": output_format,
         }  # fmt: skip
         try:
-            result = await self.pipeline.run_async({"text_to_image": inputs})
+            [image] = await run_pipeline(self.pipeline, **inputs)
         except Exception as e:
             raise http_error(e) from None
-        return image_response(result["text_to_image"]["images"][0], headers)
+        return image_response(image, headers)
+
+
+class DurablePipelineWrapper(jobs_mixin(), LivePipelineWrapper):
+    """The same routes, plus jobs: `/run-durable`, `executions/{id}` (with `/stream` and `/cancel`)."""
+
+
+PipelineWrapper = DurablePipelineWrapper if hayhooks_settings.durable_mode else LivePipelineWrapper

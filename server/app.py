@@ -10,6 +10,7 @@ from starlette.middleware import Middleware
 
 from server import metrics
 from server.guard import HTTPGuard, api_keys_from_env, run_bodies
+from server.quota import Quota
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
 DOORS: tuple = (metrics,)
@@ -23,7 +24,7 @@ def create_app() -> FastAPI:
     """
     app = create_hayhooks_app()
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
-    app.user_middleware.append(Middleware(HTTPGuard, api=app, api_keys=api_keys_from_env()))
+    app.user_middleware.append(Middleware(HTTPGuard, api=app, api_keys=api_keys_from_env(), quota=Quota.from_env()))
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from haystack import logging
 from haystack.lazy_imports import LazyImport
 from PIL import Image
 
@@ -24,6 +25,8 @@ with LazyImport(message="Run 'pip install \".[c2pa]\"' to sign images with C2PA 
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+logger = logging.getLogger(__name__)
 
 SIGN_TIMEOUT = 10.0  # seconds for one image, a timestamp authority's answer included
 SIGNING_THREADS = 4
@@ -74,8 +77,10 @@ class C2paSigner:
         try:
             return future.result(timeout=SIGN_TIMEOUT)
         except FutureTimeoutError as e:
+            logger.error("C2PA signing ran past its {seconds:.0f} s deadline", seconds=SIGN_TIMEOUT)
             raise SigningError(f"C2PA signing ran past its {SIGN_TIMEOUT:.0f} s deadline") from e
-        except c2pa.C2paError as e:
+        except Exception as e:  # whatever c2pa raises: a 503 for the client, the reason in our log
+            logger.error("C2PA signing failed: {error}", error=str(e) or type(e).__name__)
             raise SigningError("C2PA signing failed") from e
 
     def _sign(self, data: bytes, image_format: str, manifest: dict[str, Any]) -> bytes:

@@ -28,7 +28,7 @@ def api_keys_from_env() -> tuple[bytes, ...]:
 
 class HTTPGuard:
     """
-    Guards the pipelines' run routes: every `POST /{name}/run` whose OpenAPI schema takes a JSON object.
+    Guards the pipelines' run routes: every `POST /{name}/run` (and `/run-durable`) that takes a JSON object.
 
     Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
     (declared, or counted while reading: no more than 64 KB is ever held), 422 for JSON nested too deeply or naming a
@@ -51,7 +51,7 @@ class HTTPGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        key = self._key(headers.get("authorization", ""))
+        key = matching_key(headers.get("authorization", ""), self.api_keys)
         refusal = self._refusal_unread(headers, key)
         if self.quota is not None and (key is not None or not self.api_keys):
             send, retry_after = await limited_send(self.quota, key, scope.get("client"), send)
@@ -85,14 +85,6 @@ class HTTPGuard:
             return _refusal(413, TOO_LARGE)
         return None
 
-    def _key(self, authorization: str) -> bytes | None:
-        """The configured key this `Authorization` header presents, or None."""
-        scheme, _, supplied = authorization.partition(" ")
-        supplied_bytes = supplied.strip().encode()
-        # Compare against every key so that the time taken does not depend on which one matched.
-        matched = [key for key in self.api_keys if hmac.compare_digest(supplied_bytes, key)]
-        return matched[0] if matched and scheme.lower() == "bearer" else None
-
     def _json_fields(self, scope: Scope) -> frozenset[str] | None:
         """The body fields the run route at this path takes, or None when it takes no JSON object."""
         schema = self.api.openapi()  # cached by FastAPI; rebuilt after a deploy or undeploy
@@ -102,11 +94,20 @@ class HTTPGuard:
         return self._fields.get(scope["path"].removeprefix(scope.get("root_path", "")))
 
 
+def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | None:
+    """The API key an `Authorization: Bearer <key>` header carries, if it is one of `api_keys`; else None."""
+    scheme, _, supplied = authorization.partition(" ")
+    supplied_bytes = supplied.strip().encode()
+    # Compare against every key so that the time taken does not depend on which one matched.
+    matched = [key for key in api_keys if hmac.compare_digest(supplied_bytes, key)]
+    return matched[0] if matched and scheme.lower() == "bearer" else None
+
+
 def run_bodies(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The JSON-object body schemas of the run routes (`POST /{name}/run`) in an OpenAPI schema, by path."""
+    """The JSON-object body schemas of the run routes (`POST /{name}/run` and `/run-durable`) in an OpenAPI schema."""
     bodies = {}
     for path, operations in schema.get("paths", {}).items():
-        body = operations.get("post", {}).get("requestBody", {}) if path.endswith("/run") else {}
+        body = operations.get("post", {}).get("requestBody", {}) if path.endswith(("/run", "/run-durable")) else {}
         model = body.get("content", {}).get("application/json", {}).get("schema", {})
         if ref := model.get("$ref"):
             model = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]

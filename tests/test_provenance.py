@@ -13,6 +13,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -21,12 +22,13 @@ from pathlib import Path
 import c2pa
 import pytest
 from c2pa_ca import make_credentials
-from conftest import TEST_TOKEN, post, server_env, start_server, stop_server
+from conftest import ROOT, TEST_TOKEN, post, server_env, start_server, stop_server
 from fake_upstream import Fault
 from image_parts import coded_pixels
 from PIL import Image, PngImagePlugin
 
 from components import HuggingFaceAPITextToImage
+from components.errors import InvalidImageError
 from components.image_results import ImageResults
 from components.request import GenerationRequest
 from components.settings import serving_settings
@@ -141,7 +143,7 @@ def finish(fmt: str, raw: bytes, size: tuple[int, int]) -> bytes:
         allowed_models=None, timeout=None, max_image_bytes=None, max_concurrency=None, max_queue=None,
         cache_max_bytes=None,
     )  # fmt: skip
-    image = ImageResults(settings, {"backend": "test"}).finish(request(fmt, size), raw, time.monotonic())
+    image = ImageResults(settings, {"backend": "test"}, MODEL).finish(request(fmt, size), raw, time.monotonic())
     return base64.b64decode(image.base64_image)
 
 
@@ -171,6 +173,14 @@ def test_upstream_metadata_is_dropped_and_the_pixels_kept(fmt, tmp_path):
     assert not {"ImageDescription", "Parameters", "Comment", "JUMDLabel"} & tags.keys()
     assert coded_pixels(data, fmt) == coded_pixels(raw, fmt)  # spliced, never re-encoded
     assert exiftool(data, tmp_path, "-validate")["Validate"] == "OK"
+
+
+def test_an_upstream_png_of_countless_empty_chunks_is_refused_not_walked():
+    raw = spoofed("png", (64, 64))
+    flood = raw[:-12] + png_chunk(b"quIt", b"") * 200_000 + raw[-12:]  # 2.4 MB: IEND stays last
+
+    with pytest.raises(InvalidImageError, match="chunks"):
+        finish("png", flood, (64, 64))
 
 
 def test_embedding_parameters_puts_ours_in_not_the_upstreams(monkeypatch, tmp_path):
@@ -351,3 +361,19 @@ def test_native_route_replaces_an_upstreams_own_credentials_with_ours(signing_se
     assert created_action(manifest)["digitalSourceType"] == AI_MADE
     assert not manifest.get("ingredients")  # nothing of the upstream's manifest is carried over
     assert coded_pixels(data, fmt) == coded_pixels(upstream_image, fmt)
+
+
+def test_signing_without_the_c2pa_extra_says_how_to_install_it(credentials, tmp_path):
+    chain, key = credentials
+    code = (
+        "import sys; sys.modules['c2pa'] = None\n"  # as if the c2pa extra were not installed
+        "from components.provenance import Provenance\n"
+        "Provenance.from_env()\n"  # what warm_up() builds
+    )
+    env = server_env(IMAGE_GENERATION_C2PA_CERT=str(chain), IMAGE_GENERATION_C2PA_KEY=str(key))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert done.returncode != 0
+    assert 'pip install ".[c2pa]"' in done.stderr

@@ -53,7 +53,8 @@ class HTTPGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check a request to a guarded route, then run it until it answers or its client leaves."""
         if scope["type"] == "http" and scope["path"] in KEYED_PATHS:
-            refusal = self._refusal_unread(Headers(scope=scope))
+            headers = Headers(scope=scope)
+            refusal = self._refusal_unread(headers, matching_key(headers.get("authorization", ""), self.api_keys))
             await (self.app if refusal is None else refusal)(scope, receive, send)
             return
         fields = self._json_fields(scope) if scope["type"] == "http" and scope["method"] == "POST" else None

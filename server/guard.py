@@ -12,10 +12,12 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.quota import Quota, limited_send
 from server.responses import openai_error
 
 API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
 OPENAI_PREFIX = "/v1/"  # the OpenAI-compatible doors: refusals in OpenAI's error envelope
+KEYED_PATHS = ("/mcp",)  # routes without an OpenAPI body that still need the API key (their own code caps bodies)
 MAX_BODY_BYTES = 64 * 1024
 MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer
 TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes"
@@ -36,24 +38,37 @@ class HTTPGuard:
     Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
     (declared, or counted while reading: no more than 64 KB is ever held), 422 for JSON nested too deeply or naming a
     field the route does not take. While it runs: when the client disconnects, the route is cancelled, and with it the
-    upstream call or the local generation. Other requests pass through untouched.
+    upstream call or the local generation. `/mcp` gets the API key and declared-length checks only. Other requests
+    pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, api: FastAPI, api_keys: tuple[bytes, ...]) -> None:
+    def __init__(self, app: ASGIApp, api: FastAPI, api_keys: tuple[bytes, ...], quota: Quota | None = None) -> None:
         self.app = app
         self.api = api
         self.api_keys = api_keys
+        self.quota = quota
         self._fields: dict[str, frozenset[str]] = {}
         self._schema: dict | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check a request to a guarded route, then run it until it answers or its client leaves."""
+        if scope["type"] == "http" and scope["path"] in KEYED_PATHS:
+            headers = Headers(scope=scope)
+            refusal = self._refusal_unread(headers, matching_key(headers.get("authorization", ""), self.api_keys))
+            await (self.app if refusal is None else refusal)(scope, receive, send)
+            return
         fields = self._json_fields(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
         if fields is None:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if (refusal := self._refusal_unread(headers)) is not None:
+        key = matching_key(headers.get("authorization", ""), self.api_keys)
+        refusal = self._refusal_unread(headers, key)
+        if self.quota is not None and (key is not None or not self.api_keys):
+            send, retry_after = await limited_send(self.quota, key, scope.get("client"), send)
+            if retry_after is not None and refusal is None:
+                refusal = _refusal(429, "the rate limit is spent, retry later", {"Retry-After": str(retry_after)})
+        if refusal is not None:
             # Unless the client waits for a 100 Continue, let it finish sending (up to MAX_READ_BYTES): a client that
             # is still sending when the connection closes gets a reset instead of the answer.
             if "100-continue" not in headers.get("expect", "").lower() and await _read_body(receive, keep=0) is None:
@@ -74,17 +89,14 @@ class HTTPGuard:
             refusal = _openai_refusal(refusal)
         await refusal(scope, receive, send)
 
-    def _refusal_unread(self, headers: Headers) -> JSONResponse | None:
+    def _refusal_unread(self, headers: Headers, key: bytes | None) -> JSONResponse | None:
         """401 without a valid key (when keys are configured), 413 for a declared length over the cap."""
-        if self.api_keys and not self._authorized(headers.get("authorization", "")):
+        if self.api_keys and key is None:
             return _refusal(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             return _refusal(413, TOO_LARGE)
         return None
-
-    def _authorized(self, authorization: str) -> bool:
-        return matching_key(authorization, self.api_keys) is not None
 
     def _json_fields(self, scope: Scope) -> frozenset[str] | None:
         """The body fields the run route at this path takes, or None when it takes no JSON object."""

@@ -103,6 +103,9 @@ def page(browser, browser_log: BrowserLog) -> Iterator[object]:
     tab.on("console", lambda m: browser_log.errors.append(m.text) if m.type == "error" else None)
     tab.on("pageerror", lambda e: browser_log.errors.append(f"uncaught: {e}"))
     tab.set_default_timeout(60_000)  # a loaded 2-core machine
+    from playwright.sync_api import expect  # noqa: PLC0415 (the browser fixture has found playwright)
+
+    expect.set_options(timeout=60_000)
     yield tab
     context.close()
     browser_log.assert_clean()

@@ -8,11 +8,12 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks import run_app
 from starlette.middleware import Middleware
 
-from server import metrics, page
+from server import image_store, metrics, page
 from server.guard import HTTPGuard, api_keys_from_env, run_bodies
+from server.jobs import configure_durable_mode
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = (metrics, page)
+DOORS: tuple = (metrics, page, image_store)
 
 
 def create_app() -> FastAPI:
@@ -21,6 +22,7 @@ def create_app() -> FastAPI:
 
     Also an app factory for `uvicorn --factory server.app:create_app`, e.g. with `--workers`.
     """
+    configure_durable_mode()
     app = create_hayhooks_app()
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
     app.user_middleware.append(Middleware(HTTPGuard, api=app, api_keys=api_keys_from_env()))

@@ -26,7 +26,7 @@ def api_keys_from_env() -> tuple[bytes, ...]:
 
 class HTTPGuard:
     """
-    Guards the pipelines' run routes: every `POST /{name}/run` whose OpenAPI schema takes a JSON object.
+    Guards the pipelines' run routes: every `POST /{name}/run` (and `/run-durable`) that takes a JSON object.
 
     Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
     (declared, or counted while reading: no more than 64 KB is ever held), 422 for JSON nested too deeply or naming a
@@ -77,11 +77,7 @@ class HTTPGuard:
         return None
 
     def _authorized(self, authorization: str) -> bool:
-        scheme, _, supplied = authorization.partition(" ")
-        supplied_bytes = supplied.strip().encode()
-        # Compare against every key so that the time taken does not depend on which one matched.
-        matched = [hmac.compare_digest(supplied_bytes, key) for key in self.api_keys]
-        return scheme.lower() == "bearer" and any(matched)
+        return matching_key(authorization, self.api_keys) is not None
 
     def _json_fields(self, scope: Scope) -> frozenset[str] | None:
         """The body fields the run route at this path takes, or None when it takes no JSON object."""
@@ -92,11 +88,20 @@ class HTTPGuard:
         return self._fields.get(scope["path"].removeprefix(scope.get("root_path", "")))
 
 
+def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | None:
+    """The API key an `Authorization: Bearer <key>` header carries, if it is one of `api_keys`; else None."""
+    scheme, _, supplied = authorization.partition(" ")
+    supplied_bytes = supplied.strip().encode()
+    # Compare against every key so that the time taken does not depend on which one matched.
+    matched = [key for key in api_keys if hmac.compare_digest(supplied_bytes, key)]
+    return matched[0] if matched and scheme.lower() == "bearer" else None
+
+
 def run_bodies(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The JSON-object body schemas of the run routes (`POST /{name}/run`) in an OpenAPI schema, by path."""
+    """The JSON-object body schemas of the run routes (`POST /{name}/run` and `/run-durable`) in an OpenAPI schema."""
     bodies = {}
     for path, operations in schema.get("paths", {}).items():
-        body = operations.get("post", {}).get("requestBody", {}) if path.endswith("/run") else {}
+        body = operations.get("post", {}).get("requestBody", {}) if path.endswith(("/run", "/run-durable")) else {}
         model = body.get("content", {}).get("application/json", {}).get("schema", {})
         if ref := model.get("$ref"):
             model = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]

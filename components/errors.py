@@ -66,5 +66,9 @@ class GenerationTimeoutError(ImageGenerationError):
     """A local model did not finish within the deadline; it was stopped at the next denoising step."""
 
 
+class PipelineNotServedError(ImageGenerationError):
+    """The server has no image pipeline deployed (yet, or any more) to run a request on."""
+
+
 class SigningError(ImageGenerationError):
     """C2PA signing failed or ran past its deadline; no unsigned image is served in its place."""

@@ -71,6 +71,18 @@ def encode(image: Image.Image, output_format: str) -> bytes:
     return out.getvalue()
 
 
+def recompress(data: bytes, output_format: str, quality: int) -> bytes:
+    """Decode a JPEG or WebP and encode it again at `quality` (0..100), keeping its XMP packet."""
+    with Image.open(BytesIO(data)) as image:
+        image.load()
+        options = {**_ENCODE_OPTIONS[output_format], "quality": quality}
+        if xmp := image.info.get("xmp"):
+            options["xmp"] = xmp
+        out = BytesIO()
+        image.save(out, format=output_format.upper(), **options)
+    return out.getvalue()
+
+
 def replace_metadata(
     data: bytes, image_format: str, size: tuple[int, int], xmp: bytes, png_text: tuple[str, str] | None = None
 ) -> bytes:

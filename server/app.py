@@ -8,12 +8,13 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks import run_app
 from starlette.middleware import Middleware
 
-from server import image_store, metrics, page
+from server import image_store, metrics, openai_images, page
 from server.guard import HTTPGuard, api_keys_from_env, run_bodies
 from server.jobs import configure_durable_mode
+from server.quota import Quota
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = (metrics, page, image_store)
+DOORS: tuple = (metrics, page, image_store, openai_images)
 
 
 def create_app() -> FastAPI:
@@ -25,7 +26,7 @@ def create_app() -> FastAPI:
     configure_durable_mode()
     app = create_hayhooks_app()
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
-    app.user_middleware.append(Middleware(HTTPGuard, api=app, api_keys=api_keys_from_env()))
+    app.user_middleware.append(Middleware(HTTPGuard, api=app, api_keys=api_keys_from_env(), quota=Quota.from_env()))
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -12,7 +12,11 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.quota import Quota, limited_send
+from server.responses import openai_error
+
 API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
+OPENAI_PREFIX = "/v1/"  # the OpenAI-compatible doors: refusals in OpenAI's error envelope
 MAX_BODY_BYTES = 64 * 1024
 MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer
 TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes"
@@ -26,7 +30,9 @@ def api_keys_from_env() -> tuple[bytes, ...]:
 
 class HTTPGuard:
     """
-    Guards the pipelines' run routes: every `POST /{name}/run` (and `/run-durable`) that takes a JSON object.
+    Guards the JSON run routes: every `POST /{name}/run` (and `/run-durable`) and `POST /v1/...` that takes an object.
+
+    Refusals on `/v1/...` (the OpenAI-compatible doors) come in OpenAI's error envelope.
 
     Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
     (declared, or counted while reading: no more than 64 KB is ever held), 422 for JSON nested too deeply or naming a
@@ -34,10 +40,11 @@ class HTTPGuard:
     upstream call or the local generation. Other requests pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, api: FastAPI, api_keys: tuple[bytes, ...]) -> None:
+    def __init__(self, app: ASGIApp, api: FastAPI, api_keys: tuple[bytes, ...], quota: Quota | None = None) -> None:
         self.app = app
         self.api = api
         self.api_keys = api_keys
+        self.quota = quota
         self._fields: dict[str, frozenset[str]] = {}
         self._schema: dict | None = None
 
@@ -48,7 +55,13 @@ class HTTPGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if (refusal := self._refusal_unread(headers)) is not None:
+        key = matching_key(headers.get("authorization", ""), self.api_keys)
+        refusal = self._refusal_unread(headers, key)
+        if self.quota is not None and (key is not None or not self.api_keys):
+            send, retry_after = await limited_send(self.quota, key, scope.get("client"), send)
+            if retry_after is not None and refusal is None:
+                refusal = _refusal(429, "the rate limit is spent, retry later", {"Retry-After": str(retry_after)})
+        if refusal is not None:
             # Unless the client waits for a 100 Continue, let it finish sending (up to MAX_READ_BYTES): a client that
             # is still sending when the connection closes gets a reset instead of the answer.
             if "100-continue" not in headers.get("expect", "").lower() and await _read_body(receive, keep=0) is None:
@@ -65,19 +78,18 @@ class HTTPGuard:
             else:
                 await _run_until_disconnect(self.app, scope, body, receive, send)
                 return
+        if scope["path"].startswith(OPENAI_PREFIX):
+            refusal = _openai_refusal(refusal)
         await refusal(scope, receive, send)
 
-    def _refusal_unread(self, headers: Headers) -> JSONResponse | None:
+    def _refusal_unread(self, headers: Headers, key: bytes | None) -> JSONResponse | None:
         """401 without a valid key (when keys are configured), 413 for a declared length over the cap."""
-        if self.api_keys and not self._authorized(headers.get("authorization", "")):
+        if self.api_keys and key is None:
             return _refusal(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             return _refusal(413, TOO_LARGE)
         return None
-
-    def _authorized(self, authorization: str) -> bool:
-        return matching_key(authorization, self.api_keys) is not None
 
     def _json_fields(self, scope: Scope) -> frozenset[str] | None:
         """The body fields the run route at this path takes, or None when it takes no JSON object."""
@@ -98,10 +110,11 @@ def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | Non
 
 
 def run_bodies(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The JSON-object body schemas of the run routes (`POST /{name}/run` and `/run-durable`) in an OpenAPI schema."""
+    """The JSON-object body schemas of the guarded routes (`POST /{name}/run`, `/run-durable`, `/v1/...`), by path."""
     bodies = {}
     for path, operations in schema.get("paths", {}).items():
-        body = operations.get("post", {}).get("requestBody", {}) if path.endswith(("/run", "/run-durable")) else {}
+        guarded = path.endswith(("/run", "/run-durable")) or path.startswith(OPENAI_PREFIX)
+        body = operations.get("post", {}).get("requestBody", {}) if guarded else {}
         model = body.get("content", {}).get("application/json", {}).get("schema", {})
         if ref := model.get("$ref"):
             model = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]
@@ -156,6 +169,16 @@ def _json_errors(body: bytes, fields: frozenset[str]) -> list[dict[str, Any]]:
 
 def _refusal(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status, headers)
+
+
+def _openai_refusal(refusal: JSONResponse) -> JSONResponse:
+    """A refusal in OpenAI's envelope (its 400 for our 422), naming the first unknown field."""
+    detail = json.loads(refusal.body)["detail"]
+    param = detail[0]["loc"][-1] if isinstance(detail, list) and detail[0]["type"] == "extra_forbidden" else None
+    if isinstance(detail, list):
+        detail = f"unknown field {param!r}" if param is not None else detail[0]["msg"]
+    headers = {name: value for name, value in refusal.headers.items() if name in ("www-authenticate",)}
+    return openai_error(refusal.status_code, detail, param=param, headers=headers)
 
 
 async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:

@@ -5,8 +5,11 @@ Errors become short fixed messages with the right status (and `Retry-After` wher
 generated image becomes a `Response` whose body is the image itself, with its seed and ETag in headers.
 """
 
+from dataclasses import dataclass
+
 import pybase64
 from fastapi import HTTPException, Response
+from fastapi.responses import JSONResponse
 from hayhooks import log
 from haystack.dataclasses import ImageContent
 from starlette.datastructures import Headers
@@ -23,28 +26,73 @@ HTTP_ERRORS: dict[type[Exception], tuple[int, str]] = {
     errors.UpstreamRejectedError: (422, "the upstream rejected the parameters"),
     errors.UpstreamTimeoutError: (504, "the upstream did not answer in time"),
     errors.GenerationTimeoutError: (504, "image generation ran past its deadline"),
+    errors.PipelineNotServedError: (503, "the image pipeline is not deployed, retry later"),
     errors.InvalidImageError: (502, "the upstream returned an invalid image"),
     errors.UpstreamError: (502, "the upstream failed"),
     errors.ImageGenerationError: (503, "image generation was interrupted, retry later"),
 }
 
 
-def http_error(error: Exception) -> HTTPException:
-    """Map a pipeline failure to a short fixed message; unknown failures are logged and become a bare 500."""
+@dataclass(frozen=True)
+class Failure:
+    """What a client is told about a failed generation, whatever the door's error envelope."""
+
+    status: int
+    message: str
+    retry_after: int | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """`Retry-After` where the upstream or the admission queue asked to wait."""
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else None
+
+
+def classify(error: Exception) -> Failure:
+    """Map a pipeline failure to a status and a short fixed message; unknown failures are logged and become a 500."""
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, errors.ImageGenerationError):
         cause = cause.__cause__
     if cause is None:
         log.opt(exception=error).error("Image generation failed unexpectedly ({})", type(error).__name__)
-        return HTTPException(500, "image generation failed")
+        return Failure(500, "image generation failed")
     status, message = next(HTTP_ERRORS[cls] for cls in type(cause).__mro__ if cls in HTTP_ERRORS)
     if isinstance(cause, errors.InvalidRequestError):
         message = str(cause)
     elif isinstance(cause, errors.UpstreamRejectedError) and cause.reason:
         message = f"{message}: {cause.reason}"
     log.warning("Image generation failed: {} -> {}", type(cause).__name__, status)
-    retry_after = getattr(cause, "retry_after", None)
-    return HTTPException(status, message, headers={"Retry-After": str(retry_after)} if retry_after else None)
+    return Failure(status, message, getattr(cause, "retry_after", None))
+
+
+def http_error(error: Exception) -> HTTPException:
+    """The native routes' form of `classify`: an `HTTPException` with `{"detail": message}`."""
+    failure = classify(error)
+    return HTTPException(failure.status, failure.message, headers=failure.headers)
+
+
+# OpenAI's error `type` by status; the SDK picks its exception class by status alone.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error(
+    status: int, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """
+    The same failure in OpenAI's envelope, `{"error": {"message", "type", "param", "code"}}`.
+
+    Our validation status, 422, is OpenAI's 400.
+    """
+    status = 400 if status == 422 else status
+    kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status, headers)
 
 
 def image_response(image: ImageContent, headers: Headers | None = None) -> Response:

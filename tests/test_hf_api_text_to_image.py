@@ -1,17 +1,18 @@
 """HuggingFaceAPITextToImage against the fake upstream: Haystack's per-component list plus the request contract."""
 
+import asyncio
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TEST_TOKEN, decode
+from conftest import ROOT, TEST_TOKEN, decode, wait_for
 from fake_upstream import Fault
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from haystack.utils import Secret
 
 from components import HuggingFaceAPITextToImage
-from components.errors import InvalidRequestError, UpstreamRejectedError
+from components.errors import InvalidRequestError, UpstreamError, UpstreamRejectedError
 
 TYPE = "components.hf_api_text_to_image.HuggingFaceAPITextToImage"
 
@@ -137,12 +138,47 @@ def test_converts_when_upstream_format_differs(generator, fresh_upstream):
         {"prompt": "x", "output_format": "gif"},
         {"prompt": "x", "model": "https://attacker.example/steal"},
         {"prompt": "x", "model": "../../etc/passwd"},
+        {"prompt": "x", "n": 0},
+        {"prompt": "x", "n": 11},
+        {"prompt": "x", "n": True},
+        {"prompt": "x", "n": 2, "seed": 2**32 - 1},
     ],
 )
 def test_bad_input_costs_nothing_upstream(generator, fresh_upstream, kwargs):
     with pytest.raises(InvalidRequestError):
         generator.run(**kwargs)
     assert fresh_upstream.requests == []
+
+
+async def test_n_images_are_made_at_once_and_equal_their_seeds_alone(fresh_upstream, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    generator = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url, width=64, height=64, cache_max_bytes=0)
+    fresh_upstream.latency = 0.3  # long enough for the three calls to overlap
+    batch = (await generator.run_async(prompt="a batch", seed=40, n=3))["images"]
+    assert fresh_upstream.max_in_flight == 3
+    fresh_upstream.latency = 0
+    assert [image.meta["seed"] for image in batch] == [40, 41, 42]
+    for i, image in enumerate(batch):
+        alone = (await generator.run_async(prompt="a batch", seed=40 + i))["images"][0]
+        assert image.base64_image == alone.base64_image
+    assert len(fresh_upstream.requests) == 6  # the cache is off: every image was made
+    await generator.close_async()
+
+
+def test_n_images_sync_with_a_random_seed(generator, fresh_upstream):
+    images = generator.run(prompt="two", width=64, height=64, n=2)["images"]
+    first = images[0].meta["seed"]
+    assert [image.meta["seed"] for image in images] == [first, first + 1]
+    assert [r.payload["parameters"]["seed"] for r in fresh_upstream.requests] == [first, first + 1]
+
+
+async def test_a_failed_image_fails_the_batch_and_cancels_the_rest(generator, fresh_upstream):
+    fresh_upstream.fail_next(Fault(status=500), Fault(hang=5), Fault(hang=5))  # the first to arrive fails
+    with pytest.raises(UpstreamError):
+        await generator.run_async(prompt="doomed batch", width=64, height=64, n=3)
+    dropped = await asyncio.to_thread(wait_for, lambda: fresh_upstream.abandoned == 2, 3)
+    assert dropped, "the two other upstream calls outlived the failed batch"
+    await generator.close_async()
 
 
 def test_allowed_models_from_environment(fresh_upstream, monkeypatch):

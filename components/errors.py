@@ -54,6 +54,14 @@ class UpstreamRejectedError(UpstreamError):
         self.reason = reason
 
 
+class UpstreamNotFoundError(UpstreamError):
+    """The upstream answered 404 (or the Hub said the repository does not exist)."""
+
+
+class UnknownModelError(InvalidRequestError):
+    """The Hub does not know the model, or no supported provider serves it for text-to-image."""
+
+
 class UpstreamTimeoutError(UpstreamError):
     """The upstream did not answer within the deadline."""
 

@@ -43,6 +43,8 @@ def sniff(data: bytes) -> tuple[str, int, int]:
         with Image.open(BytesIO(data)) as image:
             fmt = _PIL_FORMATS.get(image.format or "")
             size = image.size
+    except Image.DecompressionBombError as e:
+        raise InvalidImageError("the upstream image declares too many pixels") from e
     except (UnidentifiedImageError, OSError, ValueError, struct.error) as e:
         raise InvalidImageError("the upstream reply is not an image") from e
     if fmt is None:
@@ -58,7 +60,7 @@ def convert(data: bytes, output_format: str) -> bytes:
         with Image.open(BytesIO(data)) as image:
             image.load()
             return encode(image, output_format)
-    except (OSError, ValueError, struct.error) as e:
+    except (Image.DecompressionBombError, OSError, ValueError, struct.error) as e:
         raise InvalidImageError("the upstream image could not be decoded") from e
 
 

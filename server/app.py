@@ -8,13 +8,13 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks import run_app
 from starlette.middleware import Middleware
 
-from server import image_store, metrics, openai_images, page
+from server import image_store, mcp, metrics, openai_images, page
 from server.guard import HTTPGuard, api_keys_from_env, run_bodies
 from server.jobs import configure_durable_mode
 from server.quota import Quota
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = (metrics, page, image_store, openai_images)
+DOORS: tuple = (metrics, page, image_store, openai_images, mcp)
 
 
 def create_app() -> FastAPI:

@@ -24,7 +24,7 @@ from components.image_codec import recompress
 from components.request import MAX_IMAGES, OutputFormat
 from server.generation import generate, served_models
 from server.params import Guidance, ModelId, Seed, Steps, Text
-from server.responses import classify, openai_error
+from server.responses import classify, openai_error, validation_message
 
 PREFIX = "/v1/"
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,3}x[1-9][0-9]{1,3})$"
@@ -210,13 +210,9 @@ def install(app: FastAPI) -> None:
 
 
 def openai_validation_error(errors: Any) -> JSONResponse:
-    """The first of pydantic's errors as OpenAI's 400, naming the field; the input is never echoed."""
-    first = next(iter(errors), {"loc": (), "msg": "invalid request"})
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = loc[0] if loc else None
-    if first.get("type") == "extra_forbidden":
-        return openai_error(400, f"unknown field {param!r}", param=param)
-    return openai_error(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+    """The first of pydantic's errors as OpenAI's 400, naming the field."""
+    param, message = validation_message(errors)
+    return openai_error(400, message, param=param)
 
 
 def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:

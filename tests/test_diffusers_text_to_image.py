@@ -283,10 +283,12 @@ def test_missing_model_folder_is_a_clear_startup_error(tmp_path):
         stop_server(server)
 
 
-def test_worker_threads_are_not_leaked(generator):
+async def test_worker_threads_are_not_leaked(generator):
+    """`run_async` generates on a worker thread (`run` starts none): each call's thread is reused, none piles up."""
+    await generator.run_async(prompt="threads", seed=0)  # the loop's executor starts its worker
     before = threading.active_count()
-    for seed in range(5):
-        generator.run(prompt="threads", seed=seed)
+    for seed in range(1, 6):
+        await generator.run_async(prompt="threads", seed=seed)
     assert threading.active_count() <= before
 
 

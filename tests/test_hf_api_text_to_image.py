@@ -3,6 +3,7 @@
 import asyncio
 import subprocess
 import sys
+from ipaddress import ip_network
 
 import pytest
 from conftest import ROOT, TEST_TOKEN, decode, wait_for
@@ -12,7 +13,8 @@ from haystack.core.serialization import allow_deserialization_module
 from haystack.utils import Secret
 
 from components import HuggingFaceAPITextToImage
-from components.errors import InvalidRequestError, UpstreamError, UpstreamRejectedError
+from components.errors import InvalidImageError, InvalidRequestError, UpstreamError, UpstreamRejectedError
+from components.hf_transport import check_address
 
 TYPE = "components.hf_api_text_to_image.HuggingFaceAPITextToImage"
 
@@ -30,7 +32,7 @@ def test_init_default():
     assert component.model == "black-forest-labs/FLUX.1-schnell"
     assert component.provider == "auto"
     assert component.endpoint_url is None
-    assert component.token == Secret.from_env_var(["HF_TOKEN", "HF_API_TOKEN"], strict=False)
+    assert component.token == Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False)
     assert (component.defaults.width, component.defaults.height, component.defaults.output_format) == (512, 512, "png")
 
 
@@ -51,7 +53,7 @@ def test_to_dict():
             "model": "stabilityai/sdxl-turbo",
             "provider": "fal-ai",
             "endpoint_url": None,
-            "token": {"type": "env_var", "env_vars": ["HF_TOKEN", "HF_API_TOKEN"], "strict": False},
+            "token": {"type": "env_var", "env_vars": ["HF_API_TOKEN", "HF_TOKEN"], "strict": False},
             "width": 1024,
             "height": 512,
             "num_inference_steps": None,
@@ -223,3 +225,71 @@ def test_committed_yaml_is_what_the_code_dumps():
         [sys.executable, "scripts/build_pipelines.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"HF_API_TOKEN": "from-api-token", "HF_TOKEN": "from-token"}, "from-api-token"),
+        ({"HF_TOKEN": "from-token"}, "from-token"),
+        ({}, "from-file"),
+    ],
+)
+def test_token_sources_in_order(fresh_upstream, monkeypatch, tmp_path, env, expected):
+    (tmp_path / "secret").write_text("from-file\n")
+    monkeypatch.setenv("HF_TOKEN_FILE", str(tmp_path / "secret"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url).run(prompt="token", width=64, height=64, seed=1)
+    assert fresh_upstream.requests[0].headers["authorization"] == f"Bearer {expected}"
+
+
+@pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
+def test_unusable_token_file_fails_warm_up(monkeypatch, tmp_path, content):
+    if content is not None:
+        (tmp_path / "secret").write_text(content)
+    monkeypatch.setenv("HF_TOKEN_FILE", str(tmp_path / "secret"))
+    with pytest.raises(ValueError, match="HF_TOKEN_FILE"):
+        HuggingFaceAPITextToImage().warm_up()
+
+
+def test_no_token_and_no_endpoint_warns(caplog):
+    HuggingFaceAPITextToImage().warm_up()
+    assert "No Hugging Face token" in caplog.text
+
+
+def test_only_providers_that_answer_without_polling():
+    for provider in ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale"):
+        HuggingFaceAPITextToImage(provider=provider)
+    with pytest.raises(ValueError, match="provider"):
+        HuggingFaceAPITextToImage(provider="wavespeed")  # its replies are jobs to poll
+
+
+@pytest.mark.parametrize(
+    ("addresses", "allowed", "ok"),
+    [
+        (["93.184.216.34"], (), True),
+        (["2606:2800:220:1:248:1893:25c8:1946"], (), True),
+        (["127.0.0.1"], (), False),
+        (["::1"], (), False),
+        (["::ffff:127.0.0.1"], (), False),
+        (["10.1.2.3"], (), False),
+        (["172.16.0.1"], (), False),
+        (["192.168.1.1"], (), False),
+        (["169.254.169.254"], (), False),
+        (["fe80::1%eth0"], (), False),
+        (["fd00::1"], (), False),
+        (["100.64.0.1"], (), False),  # carrier-grade NAT
+        (["0.0.0.0"], (), False),
+        (["93.184.216.34", "127.0.0.1"], (), False),  # one inside answer is enough to refuse
+        (["127.0.0.2"], (ip_network("127.0.0.2/32"),), True),
+        (["127.0.0.1"], (ip_network("127.0.0.2/32"),), False),
+        ([], (), False),
+    ],
+)
+def test_result_addresses(addresses, allowed, ok):
+    if ok:
+        assert str(check_address(addresses, allowed)) == addresses[0]
+    else:
+        with pytest.raises(InvalidImageError):
+            check_address(addresses, allowed)

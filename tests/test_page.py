@@ -215,3 +215,11 @@ def test_a_401_asks_for_the_api_key_and_keeps_it_in_the_tab(page, browser_log, k
     page.click("figure.result .copy-curl")
     command = page.inner_text("figure.result pre.curl")
     assert "page-key" not in command and "$IMAGE_GENERATION_API_KEY" in command
+
+
+def test_the_browser_fixture_refuses_and_reports_other_hosts(page, browser_log):
+    page.goto("about:blank")
+    page.evaluate("fetch('http://192.0.2.1/cdn.js').catch(() => null)")
+    assert wait_for(lambda: page.evaluate("1") and browser_log.offsite == ["http://192.0.2.1/cdn.js"])
+    browser_log.offsite.clear()
+    browser_log.errors.clear()  # the refused fetch's console error

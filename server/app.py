@@ -8,13 +8,13 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks import run_app
 from starlette.middleware import Middleware
 
-from server import image_store, metrics, openai_images, page
+from server import api_docs, image_store, mcp, metrics, openai_images, page
 from server.guard import HTTPGuard, api_keys_from_env, run_bodies
 from server.jobs import configure_durable_mode
 from server.quota import Quota
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = (metrics, page, image_store, openai_images)
+DOORS: tuple = (metrics, page, image_store, openai_images, mcp)
 
 
 def create_app() -> FastAPI:
@@ -30,12 +30,13 @@ def create_app() -> FastAPI:
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema, with the run routes' bodies closed to unknown fields, as `HTTPGuard` enforces."""
+        """FastAPI's schema, run bodies closed to unknown fields (as `HTTPGuard` enforces), completed by `api_docs`."""
         fresh = app.openapi_schema is None
         schema = build_openapi()
         if fresh:
             for model in run_bodies(schema).values():
                 model["additionalProperties"] = False
+            api_docs.document(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

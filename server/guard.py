@@ -17,6 +17,7 @@ from server.responses import openai_error
 
 API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
 OPENAI_PREFIX = "/v1/"  # the OpenAI-compatible doors: refusals in OpenAI's error envelope
+KEYED_PATHS = ("/mcp",)  # routes without an OpenAPI body that still need the API key (their own code caps bodies)
 MAX_BODY_BYTES = 64 * 1024
 MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer
 TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes"
@@ -37,7 +38,8 @@ class HTTPGuard:
     Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
     (declared, or counted while reading: no more than 64 KB is ever held), 422 for JSON nested too deeply or naming a
     field the route does not take. While it runs: when the client disconnects, the route is cancelled, and with it the
-    upstream call or the local generation. Other requests pass through untouched.
+    upstream call or the local generation. `/mcp` gets the API key and declared-length checks only. Other requests
+    pass through untouched.
     """
 
     def __init__(self, app: ASGIApp, api: FastAPI, api_keys: tuple[bytes, ...], quota: Quota | None = None) -> None:
@@ -50,6 +52,11 @@ class HTTPGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Check a request to a guarded route, then run it until it answers or its client leaves."""
+        if scope["type"] == "http" and scope["path"] in KEYED_PATHS:
+            headers = Headers(scope=scope)
+            refusal = self._refusal_unread(headers, matching_key(headers.get("authorization", ""), self.api_keys))
+            await (self.app if refusal is None else refusal)(scope, receive, send)
+            return
         fields = self._json_fields(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
         if fields is None:
             await self.app(scope, receive, send)

@@ -24,7 +24,7 @@ from components.image_codec import recompress
 from components.request import MAX_IMAGES, OutputFormat
 from server.generation import generate, served_models
 from server.params import Guidance, ModelId, Seed, Steps, Text
-from server.responses import classify, openai_error
+from server.responses import classify, openai_error, validation_message
 
 PREFIX = "/v1/"
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,3}x[1-9][0-9]{1,3})$"
@@ -76,7 +76,8 @@ class ImageGenerationRequest(BaseModel):
         None, description="`WIDTHxHEIGHT`, each a multiple of 8 from 64 to 2048, or `auto` (the default size)."
     )
     response_format: Literal["b64_json", "url"] | None = Field(
-        None, description="`b64_json` (the default). `url` is not offered yet."
+        None,
+        description="`b64_json` (the default), or `url`: a link to the image store, no API key needed to fetch it.",
     )
     output_format: OutputFormat | None = Field(None, description="`png` (default), `jpeg` or `webp`.")
     output_compression: Annotated[int, Field(strict=True, ge=0, le=100)] | None = Field(
@@ -101,9 +102,10 @@ class ImageGenerationRequest(BaseModel):
 
 
 class ImageData(BaseModel):
-    """One generated image."""
+    """One generated image: its base64 data, or the URL it can be downloaded from (`response_format`)."""
 
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     seed: int
 
 
@@ -149,11 +151,12 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible images"])
     "/images/generations",
     response_model=ImagesResponse,
     responses=ERROR_RESPONSES,
+    response_model_exclude_none=True,
     summary="Generate images (OpenAI Images API)",
 )
 async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     """
-    Generate `n` images from a prompt, as OpenAI's `images.generate` does; each image comes back as base64.
+    Generate `n` images from a prompt, as OpenAI's `images.generate` does; each comes back as base64, or as a URL.
 
     Works with OpenAI's SDKs and OpenAI-compatible clients (set their base URL to this server's `/v1`).
     """
@@ -170,9 +173,16 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     data = [image.base64_image for image in images]
     if body.output_compression is not None:
         data = await asyncio.to_thread(_recompressed, data, output_format, body.output_compression)
+    seeds = [image.meta["seed"] for image in images]
+    if body.response_format == "url":
+        store, origin = request.app.state.image_store, f"{request.url.scheme}://{request.url.netloc}"
+        stored = [await asyncio.to_thread(store.put, pybase64.b64decode(b64), output_format) for b64 in data]
+        items = [ImageData(url=origin + image.url, seed=seed) for image, seed in zip(stored, seeds, strict=True)]
+    else:
+        items = [ImageData(b64_json=b64, seed=seed) for b64, seed in zip(data, seeds, strict=True)]
     return ImagesResponse(
         created=int(time.time()),
-        data=[ImageData(b64_json=b64, seed=image.meta["seed"]) for b64, image in zip(data, images, strict=True)],
+        data=items,
         output_format=output_format,
         size=f"{images[0].meta['width']}x{images[0].meta['height']}",
         quality="standard",
@@ -210,19 +220,13 @@ def install(app: FastAPI) -> None:
 
 
 def openai_validation_error(errors: Any) -> JSONResponse:
-    """The first of pydantic's errors as OpenAI's 400, naming the field; the input is never echoed."""
-    first = next(iter(errors), {"loc": (), "msg": "invalid request"})
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = loc[0] if loc else None
-    if first.get("type") == "extra_forbidden":
-        return openai_error(400, f"unknown field {param!r}", param=param)
-    return openai_error(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+    """The first of pydantic's errors as OpenAI's 400, naming the field."""
+    param, message = validation_message(errors)
+    return openai_error(400, message, param=param)
 
 
 def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
     """The component's run inputs for `body`, or `Refused` for a setting this server cannot honour."""
-    if body.response_format == "url":
-        raise Refused("response_format", "response_format='url' is not offered here yet; use b64_json")
     if body.quality not in (None, "auto", "standard"):
         raise Refused("quality", f"quality={body.quality!r} is not offered; set num_inference_steps instead")
     if body.background == "transparent":

@@ -5,7 +5,9 @@ Errors become short fixed messages with the right status (and `Retry-After` wher
 generated image becomes a `Response` whose body is the image itself, with its seed and ETag in headers.
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pybase64
 from fastapi import HTTPException, Response
@@ -68,6 +70,16 @@ def http_error(error: Exception) -> HTTPException:
     """The native routes' form of `classify`: an `HTTPException` with `{"detail": message}`."""
     failure = classify(error)
     return HTTPException(failure.status, failure.message, headers=failure.headers)
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str | None, str]:
+    """The first of pydantic's errors as (field, short message); the input is never echoed."""
+    first = next(iter(errors), {"loc": (), "msg": "invalid request", "type": ""})
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = loc[0][:64] if loc else None
+    if first.get("type") == "extra_forbidden":
+        return field, f"unknown field {field!r}"
+    return field, f"{field}: {first['msg']}" if field else first["msg"]
 
 
 # OpenAI's error `type` by status; the SDK picks its exception class by status alone.

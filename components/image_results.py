@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pybase64
@@ -19,7 +20,7 @@ from components.admission import AdmissionGate
 from components.errors import InvalidImageError
 from components.image_codec import convert, sniff, with_png_text
 from components.request import GenerationRequest
-from components.result_cache import ByteBudgetLRU, Coalescer
+from components.result_cache import CACHE_SCOPE, ByteBudgetLRU, Coalescer
 from components.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,10 @@ class ImageResults:
 
     def get(self, request: GenerationRequest, produce: Produce, *, pinned: bool) -> ImageContent:
         """The image for `request`, from the cache when its seed was pinned and it was made before."""
-        key = request.cache_key()
+        key = (CACHE_SCOPE.get(), *request.cache_key())
         cached = self.cache.get(key) if pinned else None
         if cached is not None:
-            return cached
+            return _from_cache(cached)
         started = time.monotonic()
         image = self.finish(request, produce(request), started)
         self._remember(key, image, pinned)
@@ -52,12 +53,12 @@ class ImageResults:
 
     async def get_async(self, request: GenerationRequest, produce: ProduceAsync, *, pinned: bool) -> ImageContent:
         """Like `get`; identical pinned requests in flight also share one call to `produce`."""
-        key = request.cache_key()
+        key = (CACHE_SCOPE.get(), *request.cache_key())
         if not pinned:
             return await self._make_async(request, produce, key, pinned)
         cached = self.cache.get(key)
         if cached is not None:
-            return cached
+            return _from_cache(cached)
         return await self.coalescer.run(key, lambda: self._make_async(request, produce, key, pinned))
 
     async def _make_async(
@@ -109,3 +110,8 @@ class ImageResults:
             meta=meta,
             validation=False,
         )
+
+
+def _from_cache(image: ImageContent) -> ImageContent:
+    """A cached image marked `meta["cached"]`: only such an answer, which cost no work, may be a 304."""
+    return replace(image, meta={**image.meta, "cached": True})

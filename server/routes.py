@@ -1,0 +1,140 @@
+"""
+The route inventory: every (method, path) the server answers, and the policy `HTTPGuard` applies to each.
+
+Hayhooks' app adds more routes than this service serves (runtime deployment, chat, files, drawing, traces).
+`prune()` removes every route and mount that no row lists, and `HTTPGuard` answers 404 or 405 for any request no
+row matches, so a route that Hayhooks (or anything else) adds later is never reachable. A door adds its rows here.
+"""
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI
+from fastapi.routing import _IncludedRouter  # FastAPI >= 0.16x keeps included routers lazily
+from starlette.routing import BaseRoute, Mount, compile_path
+
+# Who may call a route: with a valid API key when keys are configured, anyone, or whoever holds the URL.
+Auth = Literal["api_key", "public", "capability"]
+# How a refusal's body is shaped: FastAPI's `{"detail": ...}`, or OpenAI's `{"error": {...}}` (the `/v1/*` doors).
+ErrorShape = Literal["native", "openai"]
+
+
+@dataclass(frozen=True)
+class Body:
+    """
+    A request body a route takes.
+
+    :param max_bytes: Largest body accepted (413 beyond); no more than this is ever held in memory.
+    :param closed: Refuse JSON object fields that the route's OpenAPI request schema does not declare (422).
+    """
+
+    max_bytes: int
+    closed: bool = True
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    One (method, path) the server answers, and its policy.
+
+    :param method: HTTP method; a GET row also answers HEAD.
+    :param path: Starlette path template, as the route declares it (`/images/{name}`); a mount's row ends in
+        `{path:path}`.
+    :param auth: `api_key`, `public` or `capability` (the unguessable URL is the credential).
+    :param body: The body it takes; None means a request with a body is refused (413).
+    :param errors: The shape of its error bodies.
+    :param durable: True for a route served only in Hayhooks' durable mode, False only outside it, None in both.
+    """
+
+    method: str
+    path: str
+    auth: Auth
+    body: Body | None = None
+    errors: ErrorShape = "native"
+    durable: bool | None = None
+
+
+RUN_BODY = Body(max_bytes=64 * 1024)
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/status", "public"),
+    Route("GET", "/docs", "public"),
+    Route("GET", "/openapi.json", "public"),
+    Route("POST", "/image_generation/run", "api_key", RUN_BODY),
+    Route("POST", "/image_generation_json/run", "api_key", RUN_BODY),
+)
+
+
+class Inventory:
+    """The rows that apply in one mode, matched against requests and against the app's routes."""
+
+    def __init__(self, routes: tuple[Route, ...] = ROUTES, *, durable: bool = False) -> None:
+        self.routes = tuple(route for route in routes if route.durable in (None, durable))
+        self._patterns = [(route, compile_path(route.path)[0]) for route in self.routes]
+
+    def match(self, method: str, path: str) -> Route | Literal[405] | None:
+        """The row for this request; 405 when rows list the path under other methods only; None when none list it."""
+        listed = False
+        for route, pattern in self._patterns:
+            if pattern.fullmatch(path):
+                if route.method == method or (method == "HEAD" and route.method == "GET"):
+                    return route
+                listed = True
+        return 405 if listed else None
+
+    def lists(self, route: BaseRoute, path: str) -> bool:
+        """Whether a row names this route (one of its methods at `path`, its full path), or a path under this mount."""
+        if isinstance(route, Mount):
+            return any(row.path.startswith(path.rstrip("/") + "/") for row in self.routes)
+        methods = getattr(route, "methods", None) or set()
+        return any(row.path == path and row.method in methods for row in self.routes)
+
+
+def prune(app: FastAPI, inventory: Inventory) -> None:
+    """
+    Remove from `app` every route and mount that `inventory` does not list, and invalidate its OpenAPI schema.
+
+    Included routers are copied before their routes are filtered: Hayhooks' routers are module globals that another
+    app in the same process may still include whole.
+    """
+    app.router.routes[:] = _pruned(app.router.routes, "", inventory)
+    app.openapi_schema = None
+
+
+def listed_routes(app: FastAPI) -> set[tuple[str, str]]:
+    """Every (method, path) the app's router answers, HEAD left out; a mount is `("*", "<path>/{path:path}")`."""
+    found = set()
+    for route, path in _walk(app.router.routes, ""):
+        if isinstance(route, Mount):
+            found.add(("*", f"{path.rstrip('/')}/{{path:path}}"))
+        else:
+            found |= {(method, path) for method in getattr(route, "methods", None) or () if method != "HEAD"}
+    return found
+
+
+def _walk(routes: list[BaseRoute], prefix: str) -> Iterator[tuple[BaseRoute, str]]:
+    """Each route with its full path, included routers flattened."""
+    for route in routes:
+        if isinstance(route, _IncludedRouter):
+            yield from _walk(route.original_router.routes, prefix + route.include_context.prefix)
+        else:
+            yield route, prefix + getattr(route, "path", "")
+
+
+def _pruned(routes: list[BaseRoute], prefix: str, inventory: Inventory) -> list[BaseRoute]:
+    kept: list[BaseRoute] = []
+    seen: set[tuple[str, frozenset[str]]] = set()  # FastAPI adds its doc routes again each time a pipeline deploys
+    for route in routes:
+        if isinstance(route, _IncludedRouter):
+            router = copy.copy(route.original_router)
+            router.routes = _pruned(router.routes, prefix + route.include_context.prefix, inventory)
+            if router.routes:
+                kept.append(_IncludedRouter(original_router=router, include_context=route.include_context))
+        elif inventory.lists(route, path := prefix + getattr(route, "path", "")):
+            methods = frozenset(getattr(route, "methods", None) or ())
+            if isinstance(route, Mount) or (path, methods) not in seen:
+                seen.add((path, methods))
+                kept.append(route)
+    return kept

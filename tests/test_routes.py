@@ -1,0 +1,87 @@
+"""The route inventory: the app answers exactly the routes `server/routes.py` lists, in both of Hayhooks' modes."""
+
+import json
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import ROOT
+from fastapi.testclient import TestClient
+from hayhooks import create_app as create_hayhooks_app
+from hayhooks.settings import settings
+
+from server.app import create_app
+from server.routes import ROUTES, Inventory, listed_routes
+
+
+@pytest.fixture
+def hayhooks_settings(monkeypatch, upstream):
+    """Hayhooks' settings for an in-process app serving our pipelines against the fake upstream."""
+    monkeypatch.setenv("IMAGE_GENERATION_ENDPOINT", upstream.url)
+    monkeypatch.setattr(settings, "pipelines_dir", str(ROOT / "served"))
+    monkeypatch.setattr(settings, "durable_store", "memory")
+    for name in ("cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "cors_expose_headers"):
+        monkeypatch.setattr(settings, name, getattr(settings, name))  # create_app sets our defaults; undo after
+    return settings
+
+
+def inventory_of(durable: bool) -> set[tuple[str, str]]:
+    return {(row.method, row.path) for row in Inventory(durable=durable).routes}
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
+def test_the_app_answers_exactly_the_inventory(hayhooks_settings, monkeypatch, durable):
+    """A Hayhooks upgrade that adds a route, or a door that adds one without its row, fails here."""
+    monkeypatch.setattr(settings, "durable_mode", durable)
+    app = create_app()
+    assert listed_routes(app) <= inventory_of(durable)
+    with TestClient(app, base_url="http://localhost"):  # runs the startup deploy (live mode adds routes then)
+        assert listed_routes(app) == inventory_of(durable)
+        assert "/deploy_files" not in json.dumps(app.openapi())
+
+
+def test_hayhooks_serves_routes_the_inventory_leaves_out(hayhooks_settings):
+    """The other half of the comparison: what would be open without the inventory (if this fails, simplify)."""
+    unlisted = listed_routes(create_hayhooks_app()) - inventory_of(durable=False)
+    assert {("POST", "/deploy_files"), ("POST", "/deploy-yaml"), ("GET", "/draw/{pipeline_name}")} <= unlisted
+    assert {("POST", "/v1/files"), ("POST", "/v1/chat/completions"), ("GET", "/traces")} <= unlisted
+
+
+def test_a_route_added_after_startup_is_not_reachable(hayhooks_settings, monkeypatch):
+    """The guard refuses what no row lists, whenever it was added."""
+    monkeypatch.setattr(settings, "durable_mode", False)
+    app = create_app()
+    with TestClient(app, base_url="http://localhost") as client:
+        app.add_api_route("/late", lambda: {"ok": True}, methods=["GET"])
+        app.add_api_route("/status", lambda: {"ok": True}, methods=["DELETE"])
+        assert client.get("/late").status_code == 404
+        assert client.delete("/status").status_code == 405
+        assert client.get("/status").status_code == 200
+
+
+def concrete(path: str) -> str:
+    """A request path for a path template: each parameter becomes `x`."""
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+def request(server, method: str, path: str) -> int:
+    req = urllib.request.Request(f"{server.url}{path}", method=method, data=b"{}" if method == "POST" else None,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_running_server_refuses_every_route_hayhooks_would_add(server, hayhooks_settings, fresh_upstream):
+    unlisted = listed_routes(create_hayhooks_app()) - inventory_of(durable=False)
+    answers = {(method, path): request(server, method, concrete(path)) for method, path in sorted(unlisted)}
+    assert set(answers.values()) <= {404, 405}, answers
+    assert fresh_upstream.requests == []
+
+
+@pytest.mark.parametrize("row", [row for row in ROUTES if row.durable is not True], ids=lambda row: row.path)
+def test_a_running_server_answers_every_row(server, fresh_upstream, row):
+    assert request(server, row.method, concrete(row.path)) not in {404, 405}

@@ -64,3 +64,7 @@ class InvalidImageError(UpstreamError):
 
 class GenerationTimeoutError(ImageGenerationError):
     """A local model did not finish within the deadline; it was stopped at the next denoising step."""
+
+
+class SigningError(ImageGenerationError):
+    """C2PA signing failed or ran past its deadline; no unsigned image is served in its place."""

@@ -2,7 +2,7 @@
 What every backend does around producing pixels: admission, reuse of seeded results, and the final image.
 
 A backend supplies one function that turns a `GenerationRequest` into encoded image bytes; this module turns those
-bytes into the JSON-safe `ImageContent` the components output, with the parameters embedded and an ETag.
+bytes into the JSON-safe `ImageContent` the components output, marked as AI-made (see `provenance`), with an ETag.
 """
 
 import asyncio
@@ -18,14 +18,14 @@ from haystack.dataclasses import ImageContent
 
 from components.admission import AdmissionGate
 from components.errors import InvalidImageError
-from components.image_codec import convert, sniff, with_png_text
+from components.image_codec import convert, sniff
+from components.provenance import Provenance
 from components.request import GenerationRequest
 from components.result_cache import CACHE_SCOPE, ByteBudgetLRU, Coalescer
 from components.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
 
-PARAMETERS_KEYWORD = "parameters"
 Produce = Callable[[GenerationRequest], bytes]
 ProduceAsync = Callable[[GenerationRequest], Awaitable[bytes]]
 
@@ -39,6 +39,7 @@ class ImageResults:
         self.cache: ByteBudgetLRU[ImageContent] = ByteBudgetLRU(settings.cache_max_bytes)
         self.coalescer: Coalescer[ImageContent] = Coalescer()
         self.gate = AdmissionGate(settings.max_concurrency, settings.max_queue)
+        self.provenance = Provenance.from_env()
 
     def get(self, request: GenerationRequest, produce: Produce, *, pinned: bool) -> ImageContent:
         """The image for `request`, from the cache when its seed was pinned and it was made before."""
@@ -76,13 +77,12 @@ class ImageResults:
             self.cache.put(key, image, len(image.base64_image))
 
     def finish(self, request: GenerationRequest, raw: bytes, started: float) -> ImageContent:
-        """Check the upstream image, convert it only if its format differs, embed the parameters, and wrap it."""
+        """Check the upstream image, convert it only if its format differs, mark (and sign) it, and wrap it."""
         upstream_format, width, height = sniff(raw)
         if (width, height) != (request.width, request.height):
             raise InvalidImageError(f"the upstream image is {width}x{height}, not {request.width}x{request.height}")
         data = raw if upstream_format == request.output_format else convert(raw, request.output_format)
-        if request.output_format == "png":
-            data = with_png_text(data, PARAMETERS_KEYWORD, request.parameters_text())
+        data = self.provenance.mark(data, request, (width, height))
         meta = {
             **self.backend_meta,
             "model": request.model,

@@ -50,8 +50,9 @@ class PipelineWrapper(BasePipelineWrapper):
         """
         Generate an image from a text prompt and return it as the response body.
 
-        The response carries `X-Seed` (the seed used; pass it back to reproduce the image), `ETag` (answered with
-        304 on a matching `If-None-Match`) and, for PNG, the generation parameters in a `parameters` text chunk.
+        The response carries `X-Seed` (the seed used; pass it back to reproduce the image) and `ETag` (answered with
+        304 on a matching `If-None-Match`). The image is marked as AI-generated (IPTC digital source type in XMP; C2PA
+        Content Credentials when the server signs).
         Errors: 401 missing API key (when keys are configured), 413 body over 64 KB, 422 bad input or unknown field
         (nothing is sent upstream), 429/503 with `Retry-After`, 502 upstream failure, 504 upstream timeout.
 

@@ -2,6 +2,8 @@
 # Set up a fresh test environment in .venv-test and run the whole test suite (extra pytest arguments pass through).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# System tools the tests need, installed only when missing.
+command -v exiftool >/dev/null || { apt-get update -qq && apt-get install -y -qq libimage-exiftool-perl; }  # reads our XMP
 python3 -m venv --clear .venv-test
 .venv-test/bin/python -m pip install --quiet --disable-pip-version-check --editable ".[local,test]"
 exec .venv-test/bin/python -m pytest "$@"

@@ -100,7 +100,7 @@ def test_run(generator):
     assert image.mime_type == "image/png"
     png = decode(image)
     assert (png.format, png.size) == ("PNG", (64, 64))
-    assert "Seed: 7" in png.text["parameters"]
+    assert list(png.text) == ["XML:com.adobe.xmp"]  # our XMP mark only (tests/test_provenance.py)
     assert image.meta["backend"] == "diffusers"
     assert image.meta["model"] == "tiny-sd"  # a local folder is served under its name
     assert (image.meta["seed"], image.meta["num_inference_steps"]) == (7, STEPS)
@@ -214,7 +214,7 @@ def test_endpoint_serves_a_png(local_server):
     assert headers["content-type"] == "image/png"
     png = Image.open(io.BytesIO(body))
     assert (png.format, png.size) == ("PNG", (64, 64))
-    assert f"Seed: {headers['x-seed']}" in png.text["parameters"]
+    assert b"trainedAlgorithmicMedia" in png.text["XML:com.adobe.xmp"].encode()
 
 
 def test_endpoint_seed_reproduces_the_bytes(local_server):

@@ -1,0 +1,149 @@
+"""
+What every image says about where it comes from: the IPTC digital source type in XMP, and C2PA Content Credentials.
+
+The XMP is always there and costs a few hundred bytes. The prompt and the generation parameters go in only when
+`IMAGE_GENERATION_EMBED_PARAMETERS` is on. Images are signed with C2PA when a certificate and key are configured.
+"""
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+from components.c2pa_signer import C2paSigner
+from components.image_codec import replace_metadata
+from components.request import GenerationRequest
+from components.settings import resolve
+
+SERVICE_NAME = "hayhooks-image-generation"
+TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+PARAMETERS_KEYWORD = "parameters"  # AUTOMATIC1111's PNG text chunk
+_XML_TEXT = {'"': "&quot;", "\r": "&#13;"}
+
+
+def service_version() -> str:
+    """The installed version of this service."""
+    try:
+        return importlib.metadata.version(SERVICE_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def parse_bool(raw: str) -> bool:
+    """`true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`, in any case."""
+    value = raw.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+@dataclass(frozen=True)
+class ProvenanceSettings:
+    """What goes into every image besides its pixels."""
+
+    embed_parameters: bool
+    c2pa_cert: Path | None
+    c2pa_key: Path | None
+    c2pa_tsa_url: str | None
+
+
+def provenance_settings() -> ProvenanceSettings:
+    """Read `IMAGE_GENERATION_EMBED_PARAMETERS` and the C2PA settings (certificate, key, timestamp authority)."""
+    key = os.environ.get("IMAGE_GENERATION_C2PA_KEY", "").strip()
+    if key.startswith("-----"):  # never echoed: it is the key itself
+        raise ValueError("IMAGE_GENERATION_C2PA_KEY must be the path of a key file (or a Docker secret), not a key")
+    cert = resolve(None, "IMAGE_GENERATION_C2PA_CERT", None, Path)
+    key_path = Path(key) if key else None
+    if (cert is None) != (key_path is None):
+        raise ValueError("IMAGE_GENERATION_C2PA_CERT and IMAGE_GENERATION_C2PA_KEY must be set together")
+    tsa_url = resolve(None, "IMAGE_GENERATION_C2PA_TSA_URL", None, str)
+    if tsa_url is not None and not tsa_url.startswith(("http://", "https://")):
+        raise ValueError("IMAGE_GENERATION_C2PA_TSA_URL must be an http(s) URL")
+    return ProvenanceSettings(
+        embed_parameters=resolve(None, "IMAGE_GENERATION_EMBED_PARAMETERS", False, parse_bool),
+        c2pa_cert=cert,
+        c2pa_key=key_path,
+        c2pa_tsa_url=tsa_url,
+    )
+
+
+class Provenance:
+    """Replaces an image's metadata with ours and signs it; built once per component, in `warm_up()`."""
+
+    def __init__(self, settings: ProvenanceSettings) -> None:
+        """
+        Load the signer when one is configured.
+
+        :raises ValueError: The certificate or key is missing, unreadable, expired, mismatched or refused by c2pa.
+        """
+        self.settings = settings
+        self.version = service_version()
+        self.signer = (
+            C2paSigner(
+                settings.c2pa_cert, settings.c2pa_key, settings.c2pa_tsa_url, c2pa_manifest(self.version, "probe", None)
+            )
+            if settings.c2pa_cert is not None and settings.c2pa_key is not None
+            else None
+        )
+
+    @classmethod
+    def from_env(cls) -> "Provenance":
+        """The provenance the environment configures."""
+        return cls(provenance_settings())
+
+    def mark(self, data: bytes, request: GenerationRequest, size: tuple[int, int]) -> bytes:
+        """Strip the upstream's metadata, insert ours, then sign: the bytes every door serves and the cache keeps."""
+        embed = self.settings.embed_parameters
+        png_text = (PARAMETERS_KEYWORD, request.parameters_text()) if embed else None
+        xmp = xmp_packet(f"{SERVICE_NAME} {self.version}", request.model, request.prompt if embed else None)
+        data = replace_metadata(data, request.output_format, size, xmp, png_text)
+        if self.signer is not None:
+            data = self.signer.sign(data, request.output_format, self.manifest(request))
+        return data
+
+    def manifest(self, request: GenerationRequest) -> dict[str, Any]:
+        """The C2PA manifest of this image; the parameters are in it only when embedding them is on."""
+        parameters = vars(request) if self.settings.embed_parameters else None
+        return c2pa_manifest(self.version, request.model, parameters)
+
+
+def c2pa_manifest(version: str, model: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A C2PA manifest with one `c2pa.created` action by a trained model: this service, the model, the parameters."""
+    action: dict[str, Any] = {
+        "action": "c2pa.created",
+        "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+        "softwareAgent": {"name": model},
+    }
+    if parameters is not None:
+        action["parameters"] = {name: value for name, value in parameters.items() if value is not None}
+    return {
+        "claim_generator_info": [{"name": SERVICE_NAME, "version": version}],
+        "assertions": [{"label": "c2pa.actions.v2", "data": {"actions": [action]}}],
+    }
+
+
+def xmp_packet(creator_tool: str, model: str, prompt: str | None) -> bytes:
+    """An XMP packet saying the image was made by a trained model (IPTC digital source type), by what, and from what."""
+    prompt_xml = (
+        f"<Iptc4xmpExt:AIPromptInformation>{escape(prompt, _XML_TEXT)}</Iptc4xmpExt:AIPromptInformation>"
+        if prompt is not None
+        else ""
+    )
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+        '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description rdf:about=""'
+        ' xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"'
+        ' xmlns:xmp="http://ns.adobe.com/xap/1.0/"'
+        f' Iptc4xmpExt:DigitalSourceType="{TRAINED_ALGORITHMIC_MEDIA}"'
+        f' Iptc4xmpExt:AISystemUsed="{escape(model, _XML_TEXT)}"'
+        f' xmp:CreatorTool="{escape(creator_tool, _XML_TEXT)}">'
+        f"{prompt_xml}"
+        "</rdf:Description></rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="r"?>'
+    ).encode()

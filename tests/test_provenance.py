@@ -1,0 +1,287 @@
+"""
+Every image is marked as AI-made, read back by readers we did not write: exiftool for the IPTC digital source type
+in XMP, and c2pa-python's `Reader` for C2PA Content Credentials signed by a test CA made here.
+
+The upstream's own metadata (spoofed text, XMP, EXIF, C2PA) never survives, and the coded pixels are never re-encoded.
+"""
+
+import base64
+import io
+import json
+import shutil
+import struct
+import subprocess
+import time
+import zlib
+from pathlib import Path
+
+import c2pa
+import pytest
+from c2pa_ca import make_credentials
+from conftest import TEST_TOKEN, post, server_env, start_server, stop_server
+from image_parts import coded_pixels
+from PIL import Image, PngImagePlugin
+
+from components import HuggingFaceAPITextToImage
+from components.image_results import ImageResults
+from components.request import GenerationRequest
+from components.settings import serving_settings
+
+FORMATS = ["png", "jpeg", "webp"]
+AI_MADE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+MODEL = "black-forest-labs/FLUX.1-schnell"
+SPOOF = "SPOOFED"
+SPOOFED_XMP = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"'
+    ' Iptc4xmpExt:DigitalSourceType="http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture"'
+    f' Iptc4xmpExt:AISystemUsed="{SPOOF}"/></rdf:RDF></x:xmpmeta>'
+)
+SETTINGS = (
+    "IMAGE_GENERATION_EMBED_PARAMETERS",
+    "IMAGE_GENERATION_C2PA_CERT",
+    "IMAGE_GENERATION_C2PA_KEY",
+    "IMAGE_GENERATION_C2PA_TSA_URL",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_marking_settings(monkeypatch):
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory) -> tuple[Path, Path]:
+    return make_credentials(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture
+def signing(credentials, monkeypatch):
+    chain, key = credentials
+    monkeypatch.setenv("IMAGE_GENERATION_C2PA_CERT", str(chain))
+    monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", str(key))
+
+
+@pytest.fixture
+def generator(fresh_upstream, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    component = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url, cache_max_bytes=0)
+    yield component
+    component.close()
+
+
+def exiftool(data: bytes, tmp_path: Path, *tags: str) -> dict:
+    """What exiftool reads from the image (Debian's libimage-exiftool-perl)."""
+    assert shutil.which("exiftool"), "exiftool is missing: scripts/test.sh installs libimage-exiftool-perl"
+    path = tmp_path / f"image-{time.monotonic_ns()}"
+    path.write_bytes(data)
+    out = subprocess.run(["exiftool", "-j", "-a", *tags, str(path)], capture_output=True, check=True, timeout=60)
+    return json.loads(out.stdout)[0]
+
+
+def c2pa_report(data: bytes, fmt: str) -> tuple[list[str], dict]:
+    """c2pa's validation status codes and the active manifest."""
+    with c2pa.Reader(f"image/{fmt}", io.BytesIO(data)) as reader:
+        report = json.loads(reader.json())
+    return [s["code"] for s in report.get("validation_status", [])], report["manifests"][report["active_manifest"]]
+
+
+def created_action(manifest: dict) -> dict:
+    [actions] = [a["data"]["actions"] for a in manifest["assertions"] if a["label"].startswith("c2pa.actions")]
+    return actions[0]
+
+
+def generate(generator, fmt: str, seed: int = 5, prompt: str = "a private prompt") -> bytes:
+    image = generator.run(prompt=prompt, width=128, height=96, seed=seed, output_format=fmt)["images"][0]
+    return base64.b64decode(image.base64_image)
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def spoofed(fmt: str, size: tuple[int, int]) -> bytes:
+    """An upstream image carrying metadata of its own: A1111 parameters, XMP claiming a camera, EXIF, C2PA data."""
+    picture = Image.effect_noise(size, 64).convert("RGB")
+    exif = Image.Exif()
+    exif[0x010E] = SPOOF  # ImageDescription
+    out = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", f"{SPOOF} prompt\nSeed: 1")
+        info.add_itxt("XML:com.adobe.xmp", SPOOFED_XMP)
+        info.add_text("Comment", SPOOF, zip=True)
+        picture.save(out, "PNG", pnginfo=info, exif=exif)
+        data = out.getvalue()
+        return data[:33] + png_chunk(b"caBX", SPOOF.encode() * 4) + data[33:]
+    if fmt == "jpeg":
+        picture.save(out, "JPEG", exif=exif, xmp=SPOOFED_XMP.encode(), comment=SPOOF)
+        data = out.getvalue()
+        jumbf = b"JP\x00\x00\x00\x00\x00\x01" + SPOOF.encode() * 4  # an APP11 JUMBF box, as C2PA uses
+        return data[:2] + b"\xff\xeb" + struct.pack(">H", len(jumbf) + 2) + jumbf + data[2:]
+    picture.save(out, "WEBP", exif=exif, xmp=SPOOFED_XMP.encode())
+    return out.getvalue()
+
+
+def request(fmt: str, size: tuple[int, int], prompt: str = "a private prompt") -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt, negative_prompt=None, width=size[0], height=size[1], num_inference_steps=None,
+        guidance_scale=None, seed=3, model=MODEL, output_format=fmt,
+    )  # fmt: skip
+
+
+def finish(fmt: str, raw: bytes, size: tuple[int, int]) -> bytes:
+    """What every backend's image goes through: `ImageResults.finish`."""
+    settings = serving_settings(
+        allowed_models=None, timeout=None, max_image_bytes=None, max_concurrency=None, max_queue=None,
+        cache_max_bytes=None,
+    )  # fmt: skip
+    image = ImageResults(settings, {"backend": "test"}).finish(request(fmt, size), raw, time.monotonic())
+    return base64.b64decode(image.base64_image)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_component_output_is_marked_ai_made_and_keeps_the_prompt_out(generator, fmt, tmp_path):
+    data = generate(generator, fmt)
+
+    tags = exiftool(data, tmp_path, "-XMP:all")
+    assert tags["DigitalSourceType"] == AI_MADE
+    assert tags["AISystemUsed"] == MODEL
+    assert tags["CreatorTool"].startswith("hayhooks-image-generation ")
+    assert b"a private prompt" not in data  # nor in a parameters chunk: embedding them is off by default
+    if fmt == "webp":
+        assert data[12:16] == b"VP8X" and data[20] & 0x04  # extended format, XMP flag set
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_upstream_metadata_is_dropped_and_the_pixels_kept(fmt, tmp_path):
+    raw = spoofed(fmt, (96, 64))
+    assert raw.count(SPOOF.encode()) >= 2  # the test input really carries it
+
+    data = finish(fmt, raw, (96, 64))
+
+    assert SPOOF.encode() not in data
+    tags = exiftool(data, tmp_path, "-XMP:all", "-EXIF:all", "-PNG:all", "-JUMBF:all", "-Comment")
+    assert tags["DigitalSourceType"] == AI_MADE
+    assert not {"ImageDescription", "Parameters", "Comment", "JUMDLabel"} & tags.keys()
+    assert coded_pixels(data, fmt) == coded_pixels(raw, fmt)  # spliced, never re-encoded
+    assert exiftool(data, tmp_path, "-validate")["Validate"] == "OK"
+
+
+def test_embedding_parameters_puts_ours_in_not_the_upstreams(monkeypatch, tmp_path):
+    monkeypatch.setenv("IMAGE_GENERATION_EMBED_PARAMETERS", "true")
+
+    data = finish("png", spoofed("png", (64, 64)), (64, 64))
+
+    tags = exiftool(data, tmp_path, "-XMP:all", "-PNG:all")
+    assert tags["Parameters"] == f"a private prompt\nSeed: 3, Size: 64x64, Model: {MODEL}"
+    assert tags["AIPromptInformation"] == "a private prompt"
+    assert Image.open(io.BytesIO(data)).text["parameters"] == tags["Parameters"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_signed_output_validates_with_only_the_untrusted_test_ca(generator, signing, fmt, tmp_path):
+    data = generate(generator, fmt)
+
+    codes, manifest = c2pa_report(data, fmt)
+    assert codes == ["signingCredential.untrusted"]  # a correct signature by a CA no trust list knows
+    assert manifest["claim_generator_info"][0]["name"] == "hayhooks-image-generation"
+    action = created_action(manifest)
+    assert (action["action"], action["digitalSourceType"]) == ("c2pa.created", AI_MADE)
+    assert action["softwareAgent"]["name"] == MODEL
+    assert "parameters" not in action
+    assert b"a private prompt" not in data
+    assert exiftool(data, tmp_path, "-XMP:all")["DigitalSourceType"] == AI_MADE  # signing kept our XMP
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_flipped_byte_fails_validation(generator, signing, fmt):
+    data = bytearray(generate(generator, fmt))
+    data[len(data) // 2] ^= 0x01
+
+    try:
+        codes, _ = c2pa_report(bytes(data), fmt)
+    except c2pa.C2paError:
+        return  # the reader refuses the file outright
+    assert set(codes) - {"signingCredential.untrusted"}
+
+
+def test_signed_manifest_carries_the_parameters_only_when_configured(generator, signing, monkeypatch):
+    monkeypatch.setenv("IMAGE_GENERATION_EMBED_PARAMETERS", "true")
+
+    _, manifest = c2pa_report(generate(generator, "png", seed=11), "png")
+
+    parameters = created_action(manifest)["parameters"]
+    assert (parameters["seed"], parameters["prompt"], parameters["model"]) == (11, "a private prompt", MODEL)
+
+
+def test_with_signing_the_same_seed_gives_the_same_pixels_and_xmp(generator, signing, tmp_path):
+    first, second = generate(generator, "png", seed=9), generate(generator, "png", seed=9)
+
+    assert first != second  # C2PA signatures differ each time
+    assert Image.open(io.BytesIO(first)).tobytes() == Image.open(io.BytesIO(second)).tobytes()
+    assert exiftool(first, tmp_path, "-XMP:all")["DigitalSourceType"] == AI_MADE
+    xmp = [
+        subprocess.run(["exiftool", "-b", "-XMP", "-"], input=d, capture_output=True, check=True).stdout
+        for d in (first, second)
+    ]
+    assert xmp[0] == xmp[1] and b"trainedAlgorithmicMedia" in xmp[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("expired", "expired on"),
+        ("other_key", "is not the key of the first certificate"),
+        ("key_value", "must be the path of a key file"),
+        ("missing_key", "IMAGE_GENERATION_C2PA_KEY: cannot read"),
+        ("cert_only", "must be set together"),
+    ],
+)
+def test_bad_credentials_fail_at_warm_up_with_a_clear_message(
+    generator, credentials, tmp_path, monkeypatch, change, message
+):
+    chain, key = credentials
+    if change == "expired":
+        chain, key = make_credentials(tmp_path / "expired", expired=True)
+    elif change == "other_key":
+        _, key = make_credentials(tmp_path / "other")
+    monkeypatch.setenv("IMAGE_GENERATION_C2PA_CERT", str(chain))
+    if change == "key_value":
+        monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", key.read_text())
+    elif change == "missing_key":
+        monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", str(tmp_path / "nowhere.pem"))
+    elif change != "cert_only":
+        monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", str(key))
+
+    with pytest.raises(ValueError, match=message) as raised:
+        generator.warm_up()
+    assert "PRIVATE KEY" not in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def signing_server(upstream, credentials, tmp_path_factory):
+    """The server as the README starts it, signing with the test CA's certificate."""
+    chain, key = credentials
+    env = server_env(
+        IMAGE_GENERATION_ENDPOINT=upstream.url,
+        IMAGE_GENERATION_C2PA_CERT=str(chain),
+        IMAGE_GENERATION_C2PA_KEY=str(key),
+    )
+    server = start_server(tmp_path_factory.mktemp("signing-server"), env)
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_native_route_serves_signed_marked_bytes_and_its_cache_the_same(signing_server, fresh_upstream, fmt, tmp_path):
+    body = {"prompt": "served signed", "width": 128, "height": 128, "seed": 77, "output_format": fmt}
+    status, headers, data = post(signing_server, body)
+    assert status == 200, data
+
+    assert c2pa_report(data, fmt)[0] == ["signingCredential.untrusted"]
+    assert exiftool(data, tmp_path, "-XMP:all")["DigitalSourceType"] == AI_MADE
+    again_status, again_headers, again = post(signing_server, body)  # a cache hit: the same signed bytes
+    assert (again_status, again, again_headers["etag"]) == (200, data, headers["etag"])
+    assert len(fresh_upstream.requests) == 1

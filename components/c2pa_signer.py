@@ -13,6 +13,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from haystack import logging
 from haystack.lazy_imports import LazyImport
 from PIL import Image
 
@@ -25,7 +26,9 @@ with LazyImport(message="Run 'pip install \".[c2pa]\"' to sign images with C2PA 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-SIGN_TIMEOUT = 30.0  # seconds for one image, a timestamp authority's answer included
+logger = logging.getLogger(__name__)
+
+SIGN_TIMEOUT = 10.0  # seconds for one image, a timestamp authority's answer included
 SIGNING_THREADS = 4
 # What a reader without our trust list says about a correct signature: it cannot know whether to trust the issuer.
 _UNTRUSTED_CODES = frozenset({"signingCredential.untrusted", "timeStamp.untrusted"})
@@ -58,7 +61,8 @@ class C2paSigner:
         try:
             signed = self.sign(probe, "png", probe_manifest)
         except SigningError as e:
-            raise ValueError(f"c2pa could not sign with IMAGE_GENERATION_C2PA_CERT/KEY: {e.__cause__ or e}") from e
+            settings = "IMAGE_GENERATION_C2PA_CERT/KEY" + (" and IMAGE_GENERATION_C2PA_TSA_URL" if tsa_url else "")
+            raise ValueError(f"c2pa could not sign with {settings}: {str(e.__cause__ or '') or e}") from e
         failures = sorted(set(validation_failures(signed, "png")) - _UNTRUSTED_CODES)
         if failures:
             raise ValueError(f"images signed with IMAGE_GENERATION_C2PA_CERT/KEY do not validate: {failures}")
@@ -73,8 +77,10 @@ class C2paSigner:
         try:
             return future.result(timeout=SIGN_TIMEOUT)
         except FutureTimeoutError as e:
-            raise SigningError("C2PA signing ran past its deadline") from e
-        except c2pa.C2paError as e:
+            logger.error("C2PA signing ran past its {seconds:.0f} s deadline", seconds=SIGN_TIMEOUT)
+            raise SigningError(f"C2PA signing ran past its {SIGN_TIMEOUT:.0f} s deadline") from e
+        except Exception as e:  # whatever c2pa raises: a 503 for the client, the reason in our log
+            logger.error("C2PA signing failed: {error}", error=str(e) or type(e).__name__)
             raise SigningError("C2PA signing failed") from e
 
     def _sign(self, data: bytes, image_format: str, manifest: dict[str, Any]) -> bytes:

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.lazy_imports import LazyImport
 
+from components import progress
 from components.errors import GenerationTimeoutError, ImageGenerationError, InvalidRequestError
 from components.image_codec import encode
 from components.image_results import ImageResults
@@ -209,7 +210,9 @@ class DiffusersTextToImage(TextToImageBase):
         )  # fmt: skip
         self._loaded = loaded
         self.defaults = replace(self.defaults, model=name)
-        self._results = ImageResults(settings, {"backend": "diffusers", "provider": "local", "device": loaded.device})
+        self._results = ImageResults(
+            settings, {"backend": "diffusers", "provider": "local", "device": loaded.device}, name
+        )
 
     async def warm_up_async(self) -> None:
         """Like `warm_up`, off the event loop."""
@@ -279,7 +282,18 @@ class DiffusersTextToImage(TextToImageBase):
                 kwargs["guidance_scale"] = request.guidance_scale
             if loaded.interruptible:
                 kwargs["callback_on_step_end"] = stop
+            started = time.monotonic()
             image = loaded.pipeline(**kwargs).images[0]
+            if stop.steps_done:  # counted by the step callback: a pipeline without one reports nothing
+                progress.report({"phase": "denoised", "steps": stop.steps_done, "seconds": time.monotonic() - started})
+            if loaded.device == "cuda":
+                progress.report(
+                    {
+                        "phase": "device_memory",
+                        "device_memory_bytes": torch.cuda.memory_allocated(),
+                        "device_memory_peak_bytes": torch.cuda.max_memory_allocated(),
+                    }
+                )
         if stop.reason == "deadline":
             raise GenerationTimeoutError(f"generation stopped at step {stop.steps_done}: past the {timeout} s deadline")
         if stop.reason == "cancelled":

@@ -110,7 +110,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             max_concurrency=self.max_concurrency, max_queue=self.max_queue, cache_max_bytes=self.cache_max_bytes,
         )  # fmt: skip
         backend = "endpoint" if endpoint_url else self.provider
-        self._results = ImageResults(settings, {"backend": "huggingface_api", "provider": backend})
+        self._results = ImageResults(settings, {"backend": "huggingface_api", "provider": backend}, self.model)
         logger.info("Text-to-image upstream: {backend}", backend=backend)
 
     def _limits(self) -> httpx2.Limits:

@@ -17,6 +17,7 @@ import httpx2
 from huggingface_hub.inference._common import RequestParameters
 from huggingface_hub.inference._providers import get_provider_helper
 
+from components import progress
 from components.errors import (
     InvalidImageError,
     UpstreamAuthError,
@@ -68,9 +69,11 @@ def build_request(target: UpstreamTarget, request: GenerationRequest) -> tuple[R
 async def post_async(client: httpx2.AsyncClient, params: RequestParameters, deadline: float, max_bytes: int) -> bytes:
     """POST with retries on 'model loading' 503s until `deadline` (a `time.monotonic()` value)."""
     while True:
+        started, status = time.monotonic(), "error"
         try:
             async with asyncio.timeout(_remaining(deadline)):
                 async with client.stream("POST", params.url, json=params.json, headers=params.headers) as response:
+                    status = response.status_code
                     _raise_for_status(response.status_code, response.headers, await _read_error_body(response))
                     _check_declared_size(response.headers, max_bytes)
                     body = bytearray()
@@ -78,11 +81,15 @@ async def post_async(client: httpx2.AsyncClient, params: RequestParameters, dead
                         _append_capped(body, chunk, max_bytes)
                     return bytes(body)
         except UpstreamUnavailableError as e:
-            await asyncio.sleep(_loading_wait(e, deadline))
+            wait = _loading_wait(e, deadline)
         except (TimeoutError, httpx2.TimeoutException) as e:
+            status = "timeout"
             raise UpstreamTimeoutError("the upstream did not answer in time") from e
         except httpx2.TransportError as e:
             raise UpstreamError("the upstream could not be reached") from e
+        finally:
+            progress.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
+        await asyncio.sleep(wait)  # the upstream is loading the model: try again
 
 
 def post(client: httpx2.Client, params: RequestParameters, deadline: float, max_bytes: int) -> bytes:

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from contextvars import ContextVar
 from typing import Generic, TypeVar
 
+from components import progress
+
 T = TypeVar("T")
 
 # Who may share a cached or coalesced result: requests with different scopes never do. A server sets it per request
@@ -67,6 +69,8 @@ class Coalescer(Generic[T]):
             entry = (task, [0])
             self._tasks[key] = entry
             task.add_done_callback(lambda _: self._tasks.pop(key, None))
+        else:
+            progress.report({"phase": "coalesced"})
         task, waiters = entry
         waiters[0] += 1
         try:

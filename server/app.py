@@ -14,13 +14,14 @@ from hayhooks.settings import settings
 from haystack.core.serialization import allow_deserialization_module
 from starlette.middleware import Middleware
 
+from server import metrics, page
 from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from server.origins import HostAllowList, OriginPolicy, configure_cors
 from server.responses import validation_error_handler
 from server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = ()
+DOORS: tuple = (metrics, page)
 # Largest request line plus headers accepted (h11's incomplete-event cap); larger is a 400 before any route runs.
 MAX_HEADER_BYTES = 16 * 1024
 # Seconds an idle keep-alive connection stays open.

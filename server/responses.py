@@ -133,13 +133,15 @@ def image_response(image: ImageContent, headers: Headers | None = None) -> Respo
         "ETag": etag,
         "Content-Disposition": f'inline; filename="image-{meta["seed"]}.{meta["format"]}"',
     }
-    if headers is not None and meta.get("cached") and _etag_matches(headers.get("if-none-match"), etag):
+    if headers is not None and meta.get("cached") and etag_matches(headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=response_headers)
     body = pybase64.b64decode(image.base64_image, validate=True)  # SIMD: 6 ms -> 0.15 ms for a 1024² PNG
     return Response(body, media_type=image.mime_type, headers=response_headers)
 
 
-def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an `If-None-Match` header names `etag` (weak or strong) or is `*`."""
     if not if_none_match:
         return False
-    return etag in {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    candidates = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in candidates or etag in candidates

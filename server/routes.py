@@ -15,8 +15,9 @@ from fastapi import FastAPI
 from fastapi.routing import _IncludedRouter  # FastAPI >= 0.16x keeps included routers lazily
 from starlette.routing import BaseRoute, Mount, compile_path
 
-# Who may call a route: with a valid API key when keys are configured, anyone, or whoever holds the URL.
-Auth = Literal["api_key", "public", "capability"]
+# Who may call a route: with a valid API key when keys are configured, anyone, whoever holds the URL, or whoever
+# holds a key of the route's own that the route checks (the metrics scrape key).
+Auth = Literal["api_key", "public", "capability", "own_key"]
 # How a refusal's body is shaped: FastAPI's `{"detail": ...}`, or OpenAI's `{"error": {...}}` (the `/v1/*` doors).
 ErrorShape = Literal["native", "openai"]
 
@@ -42,10 +43,12 @@ class Route:
     :param method: HTTP method; a GET row also answers HEAD.
     :param path: Starlette path template, as the route declares it (`/images/{name}`); a mount's row ends in
         `{path:path}`.
-    :param auth: `api_key`, `public` or `capability` (the unguessable URL is the credential).
+    :param auth: `api_key`, `public`, `capability` (the unguessable URL is the credential) or `own_key` (the route
+        checks a key of its own).
     :param body: The body it takes; None means a request with a body is refused (413).
     :param errors: The shape of its error bodies.
     :param durable: True for a route served only in Hayhooks' durable mode, False only outside it, None in both.
+    :param optional: Served only when a setting turns it on (or does not turn it off).
     """
 
     method: str
@@ -54,16 +57,27 @@ class Route:
     body: Body | None = None
     errors: ErrorShape = "native"
     durable: bool | None = None
+    optional: bool = False
 
 
 RUN_BODY = Body(max_bytes=64 * 1024)
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", "public"),
-    Route("GET", "/docs", "public"),
     Route("GET", "/openapi.json", "public"),
+    # Swagger UI with its assets served from here (server/page.py)
+    Route("GET", "/docs", "public"),
+    Route("GET", "/docs/swagger-ui-bundle.js", "public"),
+    Route("GET", "/docs/swagger-ui.css", "public"),
+    Route("GET", "/docs/favicon.png", "public"),
+    # the pipelines' run routes: the wrapper, and the JSON variant (served/image_generation_json.yml)
     Route("POST", "/image_generation/run", "api_key", RUN_BODY),
     Route("POST", "/image_generation_json/run", "api_key", RUN_BODY),
+    # the web page (server/page.py), unless IMAGE_GENERATION_UI=false
+    Route("GET", "/", "public", optional=True),
+    Route("GET", "/static/{name}", "public", optional=True),
+    # Prometheus metrics (server/metrics.py), only when IMAGE_GENERATION_METRICS_KEY is set
+    Route("GET", "/metrics", "own_key", optional=True),
 )
 
 
@@ -125,7 +139,8 @@ def _walk(routes: list[BaseRoute], prefix: str) -> Iterator[tuple[BaseRoute, str
 
 def _pruned(routes: list[BaseRoute], prefix: str, inventory: Inventory) -> list[BaseRoute]:
     kept: list[BaseRoute] = []
-    seen: set[tuple[str, frozenset[str]]] = set()  # FastAPI adds its doc routes again each time a pipeline deploys
+    # A route shadowed by an earlier one goes too: FastAPI adds its doc routes again each time a pipeline deploys.
+    seen: dict[str, set[str]] = {}
     for route in routes:
         if isinstance(route, _IncludedRouter):
             router = copy.copy(route.original_router)
@@ -133,8 +148,8 @@ def _pruned(routes: list[BaseRoute], prefix: str, inventory: Inventory) -> list[
             if router.routes:
                 kept.append(_IncludedRouter(original_router=router, include_context=route.include_context))
         elif inventory.lists(route, path := prefix + getattr(route, "path", "")):
-            methods = frozenset(getattr(route, "methods", None) or ())
-            if isinstance(route, Mount) or (path, methods) not in seen:
-                seen.add((path, methods))
+            methods = set(getattr(route, "methods", None) or ()) - {"HEAD"}
+            if isinstance(route, Mount) or not methods & seen.get(path, set()):
+                seen.setdefault(path, set()).update(methods)
                 kept.append(route)
     return kept

@@ -25,6 +25,8 @@ from fake_upstream import FakeUpstream  # noqa: E402
 from haystack.dataclasses import ImageContent  # noqa: E402
 from PIL import Image  # noqa: E402
 
+pytest_plugins = ["browser"]  # the headless-browser fixtures (tests/browser.py)
+
 HAYHOOKS = Path(sys.executable).with_name("hayhooks")
 SERVER = Path(sys.executable).with_name("image-generation-server")  # what serve.sh and the container run
 TEST_TOKEN = "test-token-that-must-never-leak-0123456789"

@@ -6,11 +6,15 @@ The upstream's own metadata (spoofed text, XMP, EXIF, C2PA) never survives, and 
 """
 
 import base64
+import contextlib
 import io
 import json
 import shutil
+import socket
 import struct
 import subprocess
+import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -18,7 +22,8 @@ from pathlib import Path
 import c2pa
 import pytest
 from c2pa_ca import make_credentials
-from conftest import TEST_TOKEN, post, server_env, start_server, stop_server
+from conftest import ROOT, TEST_TOKEN, post, server_env, start_server, stop_server
+from fake_upstream import Fault
 from image_parts import coded_pixels
 from PIL import Image, PngImagePlugin
 
@@ -260,6 +265,26 @@ def test_bad_credentials_fail_at_warm_up_with_a_clear_message(
     assert "PRIVATE KEY" not in str(raised.value)
 
 
+def test_a_timestamp_authority_that_fails_stops_the_start(generator, signing, monkeypatch):
+    with socket.socket() as tsa:  # answers every request with a 500
+        tsa.bind(("127.0.0.1", 0))
+        tsa.listen()
+        threading.Thread(target=answer_500, args=(tsa,), daemon=True).start()
+        monkeypatch.setenv("IMAGE_GENERATION_C2PA_TSA_URL", f"http://127.0.0.1:{tsa.getsockname()[1]}/tsa")
+
+        with pytest.raises(ValueError, match="IMAGE_GENERATION_C2PA_TSA_URL"):
+            generator.warm_up()
+
+
+def answer_500(listener: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while True:
+            client, _ = listener.accept()
+            with client:
+                client.recv(65536)
+                client.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
 @pytest.fixture(scope="module")
 def signing_server(upstream, credentials, tmp_path_factory):
     """The server as the README starts it, signing with the test CA's certificate."""
@@ -285,3 +310,61 @@ def test_native_route_serves_signed_marked_bytes_and_its_cache_the_same(signing_
     again_status, again_headers, again = post(signing_server, body)  # a cache hit: the same signed bytes
     assert (again_status, again, again_headers["etag"]) == (200, data, headers["etag"])
     assert len(fresh_upstream.requests) == 1
+
+
+def signed_elsewhere(fmt: str, tmp_path: Path) -> bytes:
+    """A spoofed image that also carries valid Content Credentials of another signer, claiming a camera took it."""
+    chain, key = make_credentials(tmp_path / "other-ca")
+    signer = c2pa.Signer.from_info(
+        c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, chain.read_bytes(), key.read_bytes(), None)
+    )
+    camera = "http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture"
+    manifest = {
+        "claim_generator_info": [{"name": SPOOF}],
+        "assertions": [
+            {
+                "label": "c2pa.actions.v2",
+                "data": {"actions": [{"action": "c2pa.created", "digitalSourceType": camera}]},
+            }
+        ],
+    }
+    out = io.BytesIO()
+    with c2pa.Builder(manifest) as builder:
+        builder.sign(signer, f"image/{fmt}", io.BytesIO(spoofed(fmt, (128, 128))), out)
+    assert c2pa_report(out.getvalue(), fmt)[0] == ["signingCredential.untrusted"]  # a valid upstream credential
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_native_route_replaces_an_upstreams_own_credentials_with_ours(signing_server, fresh_upstream, fmt, tmp_path):
+    upstream_image = signed_elsewhere(fmt, tmp_path)
+    fresh_upstream.fail_next(Fault(body=upstream_image, headers={"Content-Type": f"image/{fmt}"}))
+
+    status, _, data = post(
+        signing_server, {"prompt": "spoofed upstream", "width": 128, "height": 128, "output_format": fmt}
+    )
+
+    assert status == 200, data
+    assert SPOOF.encode() not in data
+    codes, manifest = c2pa_report(data, fmt)
+    assert codes == ["signingCredential.untrusted"]
+    assert manifest["claim_generator_info"][0]["name"] == "hayhooks-image-generation"
+    assert created_action(manifest)["digitalSourceType"] == AI_MADE
+    assert not manifest.get("ingredients")  # nothing of the upstream's manifest is carried over
+    assert coded_pixels(data, fmt) == coded_pixels(upstream_image, fmt)
+
+
+def test_signing_without_the_c2pa_extra_says_how_to_install_it(credentials, tmp_path):
+    chain, key = credentials
+    code = (
+        "import sys; sys.modules['c2pa'] = None\n"  # as if the c2pa extra were not installed
+        "from components.provenance import Provenance\n"
+        "Provenance.from_env()\n"  # what warm_up() builds
+    )
+    env = server_env(IMAGE_GENERATION_C2PA_CERT=str(chain), IMAGE_GENERATION_C2PA_KEY=str(key))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert done.returncode != 0
+    assert 'pip install ".[c2pa]"' in done.stderr

@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 from fastapi.testclient import TestClient
 from hayhooks import create_app as create_hayhooks_app
+from hayhooks.server.pipelines.registry import registry
 from hayhooks.settings import settings
 
 from server.app import create_app
@@ -23,22 +24,34 @@ def hayhooks_settings(monkeypatch, upstream):
     monkeypatch.setattr(settings, "durable_store", "memory")
     for name in ("cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "cors_expose_headers"):
         monkeypatch.setattr(settings, name, getattr(settings, name))  # create_app sets our defaults; undo after
-    return settings
+    registry.clear()  # live mode deploys into Hayhooks' process-wide registry
+    yield settings
+    registry.clear()
 
 
-def inventory_of(durable: bool) -> set[tuple[str, str]]:
-    return {(row.method, row.path) for row in Inventory(durable=durable).routes}
+def inventory_of(durable: bool, optional: bool = True) -> set[tuple[str, str]]:
+    return {(row.method, row.path) for row in Inventory(durable=durable).routes if optional or not row.optional}
 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
 def test_the_app_answers_exactly_the_inventory(hayhooks_settings, monkeypatch, durable):
     """A Hayhooks upgrade that adds a route, or a door that adds one without its row, fails here."""
     monkeypatch.setattr(settings, "durable_mode", durable)
+    monkeypatch.setenv("IMAGE_GENERATION_METRICS_KEY", "scrape-key")  # turns on the optional rows' routes
     app = create_app()
     assert listed_routes(app) <= inventory_of(durable)
     with TestClient(app, base_url="http://localhost"):  # runs the startup deploy (live mode adds routes then)
         assert listed_routes(app) == inventory_of(durable)
         assert "/deploy_files" not in json.dumps(app.openapi())
+
+
+def test_optional_routes_are_absent_when_turned_off(hayhooks_settings, monkeypatch):
+    monkeypatch.setattr(settings, "durable_mode", False)
+    monkeypatch.setenv("IMAGE_GENERATION_UI", "false")
+    monkeypatch.delenv("IMAGE_GENERATION_METRICS_KEY", raising=False)
+    app = create_app()
+    with TestClient(app, base_url="http://localhost"):
+        assert listed_routes(app) == inventory_of(durable=False, optional=False)
 
 
 def test_hayhooks_serves_routes_the_inventory_leaves_out(hayhooks_settings):
@@ -82,6 +95,10 @@ def test_a_running_server_refuses_every_route_hayhooks_would_add(server, hayhook
     assert fresh_upstream.requests == []
 
 
-@pytest.mark.parametrize("row", [row for row in ROUTES if row.durable is not True], ids=lambda row: row.path)
+SERVED_BY_DEFAULT = [row for row in ROUTES if row.durable is not True and row.path != "/metrics"]  # metrics: off
+
+
+@pytest.mark.parametrize("row", SERVED_BY_DEFAULT, ids=lambda row: row.path)
 def test_a_running_server_answers_every_row(server, fresh_upstream, row):
-    assert request(server, row.method, concrete(row.path)) not in {404, 405}
+    path = concrete(row.path).replace("/static/x", "/static/page.js")
+    assert request(server, row.method, path) not in {404, 405}

@@ -1,0 +1,57 @@
+"""
+Progress of the generation running in this context: whoever runs it may set a callback that receives its events.
+
+Events are small JSON-safe dicts: `{"phase": "queued"}`, `{"phase": "sent"}` (API backend: the request went
+upstream), `{"phase": "generating"}` (local backend: the device is ours), `{"phase": "step", "step": k, "steps": n}`
+(local backend, once per denoising step), `{"phase": "received"}` (the image bytes are here). The callback runs in the
+thread that reports (the event loop, or a worker thread: context variables follow `asyncio.to_thread`); an exception
+it raises, such as a cancellation, stops the generation.
+
+Observers (`observe`) receive every event of every generation in the process, for counting (the server's metrics).
+Some events are only of use to them; a callback ignores phases it does not know. Every event is small and names no
+prompt, token or URL:
+- `queued`, `sent`/`generating` with `waited` (seconds in the queue), `received` with `seconds` (upstream or local
+  generation), `released` (the slot is free again, whatever happened);
+- `upstream`: one HTTP call to the upstream, with `status` (its status code, or `timeout` / `error`) and `seconds`;
+- `cache` with `hit` (a pinned-seed lookup) and `bytes` (what the cache holds); `coalesced` (a request joined an
+  identical one in flight);
+- `finished`: an image is ready, with `model` (a served model id, else `other`), `width`, `height`, `format` and
+  `seconds` (post-processing);
+- `denoised` (local backend): `steps` in `seconds`; then, on CUDA, `device_memory` with `device_memory_bytes` and
+  `device_memory_peak_bytes` (`torch.cuda.memory_allocated()` and its peak).
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+_callback: ContextVar[ProgressCallback | None] = ContextVar("image_generation_progress", default=None)
+_observers: list[ProgressCallback] = []
+
+
+def observe(observer: ProgressCallback) -> None:
+    """Send every event of this process to `observer` from now on (once, however often it is passed here)."""
+    if observer not in _observers:
+        _observers.append(observer)
+
+
+def report(event: dict[str, Any]) -> None:
+    """Pass `event` to every observer, then to the callback set in this context, if any."""
+    for observer in _observers:
+        observer(event)
+    callback = _callback.get()
+    if callback is not None:
+        callback(event)
+
+
+@contextmanager
+def reporting_to(callback: ProgressCallback) -> Iterator[None]:
+    """Send the progress of generations run inside this block to `callback`."""
+    token = _callback.set(callback)
+    try:
+        yield
+    finally:
+        _callback.reset(token)

@@ -1,0 +1,140 @@
+// The server's public API, used as a script would use it: OpenAI's image route, the model list, and the native
+// route (which answers the image itself) for "copy as curl". Paths are relative, so a root path prefix just works.
+
+const KEY = "image-generation-api-key";
+
+/** The API key for this tab (sessionStorage only), or "". */
+export function apiKey() {
+  return sessionStorage.getItem(KEY) || "";
+}
+
+export function setApiKey(key) {
+  if (key) sessionStorage.setItem(KEY, key);
+  else sessionStorage.removeItem(KEY);
+}
+
+/** A refused request: the server's own message, the parameter it names (if any) and Retry-After in seconds. */
+export class ApiError extends Error {
+  constructor(status, message, param, retryAfter) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.param = param;
+    this.retryAfter = retryAfter;
+  }
+}
+
+function headers(extra = {}) {
+  const key = apiKey();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+function retryAfterSeconds(value) {
+  if (!value) return null;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return Math.max(0, Math.ceil(seconds));
+  const date = Date.parse(value);
+  return Number.isNaN(date) ? null : Math.max(0, Math.ceil((date - Date.now()) / 1000));
+}
+
+/** Reads either error shape: OpenAI's {"error": {message, param}} or FastAPI's {"detail": str | [{loc, msg}]}. */
+async function failure(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    // not JSON: the status line says it
+  }
+  let message = `${response.status} ${response.statusText}`.trim();
+  let param = null;
+  if (typeof body?.error?.message === "string") {
+    message = body.error.message;
+    param = body.error.param ?? null;
+  } else if (typeof body?.detail === "string") {
+    message = body.detail;
+  } else if (Array.isArray(body?.detail) && body.detail.length) {
+    message = body.detail.map((d) => d.msg).join("; ");
+    param = body.detail[0].loc?.at(-1) ?? null;
+  }
+  return new ApiError(response.status, message, param, retryAfterSeconds(response.headers.get("Retry-After")));
+}
+
+/** The model ids `GET /v1/models` lists. */
+export async function listModels() {
+  const response = await fetch("v1/models", { headers: headers() });
+  if (!response.ok) throw await failure(response);
+  const body = await response.json();
+  return (body.data || []).map((model) => model.id).filter((id) => typeof id === "string");
+}
+
+/** The request's optional fields, without the empty ones (the server then uses the model's defaults). */
+function optional(params) {
+  const out = {};
+  for (const name of ["negative_prompt", "num_inference_steps", "guidance_scale", "seed", "model"]) {
+    if (params[name] !== null && params[name] !== "") out[name] = params[name];
+  }
+  return out;
+}
+
+function blobFromBase64(b64, type) {
+  const binary = atob(b64);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return new Blob([bytes], { type });
+}
+
+/**
+ * `POST /v1/images/generations` with `b64_json`: `n` images of `params`. Aborting `signal` drops the connection, and
+ * the server then cancels the generation. Returns [{blob, seed}], the size and the format.
+ */
+export async function generateImages(params, n, signal) {
+  const body = {
+    prompt: params.prompt,
+    n,
+    size: `${params.width}x${params.height}`,
+    response_format: "b64_json",
+    output_format: params.output_format,
+    ...optional(params),
+  };
+  const response = await fetch("v1/images/generations", {
+    method: "POST",
+    headers: headers({ "Content-Type": "application/json" }),
+    body: JSON.stringify(body),
+    signal,
+  });
+  if (!response.ok) throw await failure(response);
+  const result = await response.json();
+  const format = result.output_format || params.output_format;
+  const [width, height] = (result.size || `${params.width}x${params.height}`).split("x").map(Number);
+  return {
+    format,
+    width,
+    height,
+    images: result.data.map((image) => ({
+      blob: blobFromBase64(image.b64_json, `image/${format}`),
+      seed: image.seed ?? null,
+    })),
+  };
+}
+
+function shellQuote(text) {
+  return `'${text.replaceAll("'", "'\\''")}'`;
+}
+
+/** A curl command that asks the native route for the same image: same parameters, same seed, same bytes. */
+export function curlCommand(params) {
+  const body = {
+    prompt: params.prompt,
+    width: params.width,
+    height: params.height,
+    output_format: params.output_format,
+    ...optional(params),
+  };
+  const lines = [
+    `curl -X POST ${shellQuote(new URL("image_generation/run", document.baseURI).href)}`,
+    "-H 'Content-Type: application/json'",
+  ];
+  if (apiKey()) lines.push('-H "Authorization: Bearer $IMAGE_GENERATION_API_KEY"');
+  lines.push(`-d ${shellQuote(JSON.stringify(body))}`, `--output image-${params.seed}.${params.output_format}`);
+  return lines.join(" \\\n  ");
+}

@@ -1,0 +1,324 @@
+// The page: the form, the generation in progress (Generate becomes Cancel), the results and the history.
+
+import { ApiError, apiKey, curlCommand, generateImages, listModels, setApiKey } from "./api.js";
+import * as history from "./history.js";
+
+const $ = (id) => document.getElementById(id);
+const form = $("form");
+const button = $("generate");
+const status = $("status");
+const FIELDS = ["prompt", "negative_prompt", "size", "steps", "guidance", "seed", "model", "output_format", "n"];
+// The server's parameter names, as OpenAI's `param` or FastAPI's `loc` give them, to the field that shows the error.
+const FIELD_OF = {
+  size: "size",
+  width: "size",
+  height: "size",
+  num_inference_steps: "steps",
+  guidance_scale: "guidance",
+};
+const THUMB_PX = 192;
+
+let running = null; // {controller, timer} while a request is out
+let cooldown = null; // the Retry-After countdown's timer
+let afterKey = null; // what to do once an API key is given
+let resultUrls = [];
+let thumbUrls = [];
+
+function number(input) {
+  const text = input.value.trim();
+  return text === "" ? null : Number(text);
+}
+
+/** The form as the API's parameters (native names); empty fields are null. */
+function readParams() {
+  return {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value.trim() === "" ? null : $("negative_prompt").value,
+    width: number($("width")),
+    height: number($("height")),
+    num_inference_steps: number($("steps")),
+    guidance_scale: number($("guidance")),
+    seed: $("seed-mode").value === "keep" ? number($("seed")) : null,
+    output_format: $("output_format").value,
+    model: $("model").value || null,
+  };
+}
+
+/** Puts `params` back into the form; a seed is kept. */
+function writeParams(params) {
+  $("prompt").value = params.prompt;
+  $("negative_prompt").value = params.negative_prompt ?? "";
+  $("width").value = params.width;
+  $("height").value = params.height;
+  $("steps").value = params.num_inference_steps ?? "";
+  $("guidance").value = params.guidance_scale ?? "";
+  $("output_format").value = params.output_format;
+  if (params.model && ![...$("model").options].some((o) => o.value === params.model)) {
+    $("model").add(new Option(params.model, params.model));
+  }
+  $("model").value = params.model ?? "";
+  if (params.seed !== null && params.seed !== undefined) setSeed(params.seed, "keep");
+  syncPreset();
+  clearErrors();
+  $("prompt").focus();
+}
+
+function setSeed(seed, mode) {
+  $("seed").value = seed;
+  if (mode) $("seed-mode").value = mode;
+  $("seed").disabled = $("seed-mode").value === "random";
+}
+
+function syncPreset() {
+  const size = `${$("width").value}x${$("height").value}`;
+  const preset = [...$("preset").options].find((o) => o.value === size);
+  $("preset").value = preset ? size : "custom";
+}
+
+function clearErrors() {
+  $("error").hidden = true;
+  for (const name of FIELDS) {
+    const message = $(`${name}-error`);
+    if (message) message.hidden = true;
+  }
+  for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+}
+
+function showError(text, param) {
+  const field = FIELD_OF[param] ?? param;
+  const message = field && $(`${field}-error`);
+  if (message) {
+    message.textContent = text;
+    message.hidden = false;
+    const inputs = field === "size" ? [$("width"), $("height")] : [$(field)];
+    for (const input of inputs) input?.setAttribute("aria-invalid", "true");
+    inputs[0]?.focus();
+  }
+  $("error").textContent = text;
+  $("error").hidden = false;
+}
+
+function setRunning(on) {
+  button.textContent = on ? "Cancel" : "Generate";
+  button.classList.toggle("cancel", on);
+  $("progress").hidden = true;
+}
+
+function elapsed(started) {
+  return `${((performance.now() - started) / 1000).toFixed(1)} s`;
+}
+
+async function generate() {
+  clearErrors();
+  const params = readParams();
+  const n = Number($("n").value);
+  const controller = new AbortController();
+  const started = performance.now();
+  const timer = setInterval(() => {
+    status.textContent = `Generating… ${elapsed(started)}`;
+  }, 100);
+  running = { controller, timer };
+  setRunning(true);
+  status.textContent = "Generating…";
+  try {
+    const result = await generateImages(params, n, controller.signal);
+    clearInterval(timer);
+    const ms = Math.round(performance.now() - started);
+    const entries = [];
+    for (const image of result.images) {
+      const entry = {
+        created: Date.now(),
+        params: { ...params, width: result.width, height: result.height, seed: image.seed },
+        format: result.format,
+        ms,
+        image: image.blob,
+        thumb: await thumbnail(image.blob),
+      };
+      entry.id = await history.add(entry);
+      entries.push(entry);
+    }
+    if (entries.length) setSeed(entries[0].params.seed);
+    showResults(entries);
+    status.textContent = `Done in ${(ms / 1000).toFixed(1)} s`;
+    await renderHistory();
+  } catch (error) {
+    failed(error);
+  } finally {
+    clearInterval(timer);
+    running = null;
+    setRunning(false);
+  }
+}
+
+function failed(error) {
+  if (error.name === "AbortError") {
+    status.textContent = "Cancelled";
+    return;
+  }
+  status.textContent = "";
+  if (!(error instanceof ApiError)) {
+    showError(error instanceof TypeError ? "The server could not be reached." : String(error.message || error));
+    return;
+  }
+  if (error.status === 401) {
+    askForKey(() => form.requestSubmit());
+    return;
+  }
+  showError(error.message, error.param);
+  if (error.retryAfter !== null && [429, 503].includes(error.status)) countdown(error.retryAfter);
+}
+
+/** Generate stays off until Retry-After has passed, with the seconds left shown on it. */
+function countdown(seconds) {
+  clearInterval(cooldown);
+  let left = seconds;
+  const tick = () => {
+    if (left <= 0) {
+      clearInterval(cooldown);
+      button.disabled = false;
+      button.textContent = "Generate";
+      return;
+    }
+    button.disabled = true;
+    button.textContent = `Retry in ${left} s`;
+    left -= 1;
+  };
+  tick();
+  cooldown = setInterval(tick, 1000);
+}
+
+function askForKey(then) {
+  afterKey = then;
+  $("api-key").value = apiKey();
+  $("key-dialog").showModal();
+}
+
+async function thumbnail(blob) {
+  const bitmap = await createImageBitmap(blob);
+  const scale = Math.min(1, THUMB_PX / Math.max(bitmap.width, bitmap.height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+  canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  bitmap.close();
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/webp", 0.8));
+}
+
+function element(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+function showResults(entries) {
+  for (const url of resultUrls) URL.revokeObjectURL(url);
+  resultUrls = [];
+  $("results").replaceChildren(...entries.map(resultFigure));
+}
+
+function resultFigure(entry) {
+  const { params } = entry;
+  const url = URL.createObjectURL(entry.image);
+  resultUrls.push(url);
+  const name = `image-${params.seed}.${entry.format}`;
+  const image = element("img", { src: url, alt: params.prompt, width: params.width, height: params.height });
+  const caption = element(
+    "figcaption",
+    {},
+    "seed ",
+    element("span", { className: "seed", textContent: String(params.seed) }),
+    ` · ${params.width}×${params.height} · ${params.model || "server default model"} · ${(entry.ms / 1000).toFixed(1)} s`,
+  );
+  const curl = element("pre", { className: "curl", hidden: true, tabIndex: 0 });
+  const download = element("a", { href: url, download: name, textContent: "Download", className: "download" });
+  const reuse = element("button", { type: "button", textContent: "Use these settings", className: "reuse" });
+  reuse.addEventListener("click", () => writeParams(params));
+  const copy = element("button", { type: "button", textContent: "Copy as curl", className: "copy-curl" });
+  copy.addEventListener("click", async () => {
+    curl.textContent = curlCommand(params);
+    curl.hidden = false;
+    try {
+      await navigator.clipboard.writeText(curl.textContent);
+      copy.textContent = "Copied";
+    } catch {
+      copy.textContent = "Select and copy below";
+    }
+  });
+  return element("figure", { className: "result" }, image, caption, element("div", { className: "actions" }, download, reuse, copy), curl);
+}
+
+async function renderHistory() {
+  const entries = await history.all();
+  for (const url of thumbUrls) URL.revokeObjectURL(url);
+  thumbUrls = [];
+  $("clear-history").disabled = entries.length === 0;
+  $("history").replaceChildren(
+    ...entries.map((entry) => {
+      const url = URL.createObjectURL(entry.thumb || entry.image);
+      thumbUrls.push(url);
+      const label = `${entry.params.prompt.slice(0, 60)} (seed ${entry.params.seed})`;
+      const restore = element("button", { type: "button", className: "restore", title: label }, element("img", { src: url, alt: label }));
+      restore.setAttribute("aria-label", `Restore: ${label}`);
+      restore.addEventListener("click", () => {
+        writeParams(entry.params);
+        showResults([entry]);
+      });
+      const remove = element("button", { type: "button", className: "delete", textContent: "×" });
+      remove.setAttribute("aria-label", `Delete: ${label}`);
+      remove.addEventListener("click", async () => {
+        await history.remove(entry.id);
+        await renderHistory();
+      });
+      return element("li", {}, restore, remove);
+    }),
+  );
+}
+
+async function loadModels() {
+  try {
+    const models = await listModels();
+    if (!models.length) return;
+    const current = $("model").value;
+    $("model").replaceChildren(...models.map((id) => new Option(id, id)));
+    if (models.includes(current)) $("model").value = current;
+  } catch {
+    // No model list (or no key yet): the server's default model is used.
+  }
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (running) running.controller.abort();
+  else generate();
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !running && !button.disabled) {
+    event.preventDefault();
+    form.requestSubmit();
+  }
+});
+$("preset").addEventListener("change", () => {
+  if ($("preset").value === "custom") return;
+  [$("width").value, $("height").value] = $("preset").value.split("x");
+});
+$("width").addEventListener("input", syncPreset);
+$("height").addEventListener("input", syncPreset);
+$("seed-mode").addEventListener("change", () => setSeed($("seed").value));
+$("clear-history").addEventListener("click", async () => {
+  if (!confirm("Delete every image in this browser's history?")) return;
+  await history.clear();
+  await renderHistory();
+});
+$("key-form").addEventListener("submit", () => {
+  setApiKey($("api-key").value.trim());
+  loadModels();
+  const then = afterKey;
+  afterKey = null;
+  then?.();
+});
+$("key-cancel").addEventListener("click", () => $("key-dialog").close());
+
+setSeed("");
+syncPreset();
+loadModels();
+renderHistory().catch((error) => showError(`History is unavailable: ${error.message}`));

@@ -1,0 +1,118 @@
+"""`GET /metrics` through a real server: a scripted mix of requests, read back with prometheus_client's own parser."""
+
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import post, server_env, start_server, stop_server, wait_for
+from fake_upstream import Fault
+from prometheus_client.parser import text_string_to_metric_families
+
+METRICS_KEY = "scrape-key-for-tests"
+RUN = "/image_generation/run"
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+PROMPT = "a lighthouse that must never show up in the metrics"
+
+
+@pytest.fixture
+def metrics_server(fresh_upstream, tmp_path):
+    srv = start_server(tmp_path, server_env(IMAGE_GENERATION_ENDPOINT=fresh_upstream.url, **{
+        "IMAGE_GENERATION_METRICS_KEY": METRICS_KEY,
+    }))  # fmt: skip
+    yield srv
+    stop_server(srv)
+
+
+def scrape(server, key: str | None = METRICS_KEY) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(f"{server.url}/metrics", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the exposition, by name and label set, as the Prometheus parser reads it."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(parsed: dict, name: str, **labels: str) -> float:
+    return parsed.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
+    body = {"prompt": PROMPT, "width": 512, "height": 512}
+    # 7 successes: 3 plain, 1 with a model outside the served set, 2 with the same pinned seed (a miss, then a hit),
+    # 1 JPEG at 1024x768; then 2 identical pinned requests at once, one of which joins the other's upstream call.
+    for _ in range(3):
+        assert post(metrics_server, body)[0] == 200
+    assert post(metrics_server, {**body, "model": "someone/unlisted-model"})[0] == 200
+    for _ in range(2):
+        assert post(metrics_server, {**body, "seed": 7})[0] == 200
+    assert post(metrics_server, {**body, "width": 1024, "height": 768, "output_format": "jpeg"})[0] == 200
+    fresh_upstream.latency = 2.0
+    statuses: list[int] = []
+
+    def pinned_post() -> None:
+        statuses.append(post(metrics_server, {**body, "seed": 8})[0])
+
+    pair = [threading.Thread(target=pinned_post) for _ in range(2)]
+    pair[0].start()
+    assert wait_for(lambda: len(fresh_upstream.requests) == 7, timeout=30)
+    pair[1].start()  # while the first one's upstream call is still running
+    for thread in pair:
+        thread.join(60)
+    assert statuses == [200, 200]
+    fresh_upstream.latency = 0.0
+    # 2 refusals before the pipeline (a size out of range, an unknown field) and 1 upstream 429.
+    assert post(metrics_server, {**body, "width": 100})[0] == 422
+    assert post(metrics_server, {**body, "colour": "blue"})[0] == 422
+    fresh_upstream.fail_next(Fault(status=429, headers={"Retry-After": "3"}))
+    assert post(metrics_server, body)[0] == 429
+    assert scrape(metrics_server, key="wrong-key")[0] == 401
+
+    status, text = scrape(metrics_server)
+    assert status == 200
+    parsed = samples(text)
+    requests = "image_generation_http_requests_total"
+    assert value(parsed, requests, route=RUN, door="native", status="200") == 9
+    assert value(parsed, requests, route=RUN, door="native", status="422") == 2
+    assert value(parsed, requests, route=RUN, door="native", status="429") == 1
+    assert value(parsed, requests, route="/metrics", door="other", status="401") == 1
+    assert value(parsed, "image_generation_http_request_duration_seconds_count", door="native") == 12
+
+    upstream_calls = len(fresh_upstream.requests)  # 3 + 1 + 1 + 1 + 1 (the pair) + 1 (the 429)
+    assert upstream_calls == 8
+    assert value(parsed, "image_generation_upstream_requests_total", status="200") == 7
+    assert value(parsed, "image_generation_upstream_requests_total", status="429") == 1
+    assert value(parsed, "image_generation_upstream_request_duration_seconds_count", status="429") == 1
+    assert value(parsed, "image_generation_queue_wait_seconds_count") == upstream_calls
+    assert value(parsed, "image_generation_generation_seconds_count") == 7
+    assert value(parsed, "image_generation_postprocess_seconds_count") == 7
+    assert value(parsed, "image_generation_in_flight") == 0
+    assert value(parsed, "image_generation_queue_depth") == 0
+
+    assert value(parsed, "image_generation_cache_lookups_total", result="miss") == 3  # seed 7 once, seed 8 twice
+    assert value(parsed, "image_generation_cache_lookups_total", result="hit") == 1
+    assert value(parsed, "image_generation_cache_bytes") > 0
+    assert value(parsed, "image_generation_coalesced_requests_total") == 1
+
+    images = "image_generation_images_total"
+    assert value(parsed, images, model=DEFAULT_MODEL, size="512x512", format="png") == 5
+    assert value(parsed, images, model="other", size="512x512", format="png") == 1
+    assert value(parsed, images, model=DEFAULT_MODEL, size="1024x1024", format="jpeg") == 1
+    assert sum(v for (name, _), v in parsed.items() if name == images) == 7
+    # Nothing a client sent is a label: no prompt, no unserved model id.
+    assert "lighthouse" not in text
+    assert "unlisted" not in text
+
+
+def test_metrics_are_off_without_their_key(server):
+    assert scrape(server)[0] == 404

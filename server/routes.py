@@ -73,6 +73,8 @@ ROUTES: tuple[Route, ...] = (
     # the pipelines' run routes: the wrapper, and the JSON variant (served/image_generation_json.yml)
     Route("POST", "/image_generation/run", "api_key", RUN_BODY),
     Route("POST", "/image_generation_json/run", "api_key", RUN_BODY),
+    # the OpenAI-compatible door's model list (Hayhooks' until server/openai_images.py replaces it)
+    Route("GET", "/v1/models", "api_key", errors="openai"),
     # the web page (server/page.py), unless IMAGE_GENERATION_UI=false
     Route("GET", "/", "public", optional=True),
     Route("GET", "/static/{name}", "public", optional=True),

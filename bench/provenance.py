@@ -48,7 +48,7 @@ def results(provenance: Provenance) -> ImageResults:
         allowed_models=None, timeout=None, max_image_bytes=None, max_concurrency=None, max_queue=None,
         cache_max_bytes=0,
     )  # fmt: skip
-    image_results = ImageResults(settings, {"backend": "bench"})
+    image_results = ImageResults(settings, {"backend": "bench"}, "black-forest-labs/FLUX.1-schnell")
     image_results.provenance = provenance
     return image_results
 

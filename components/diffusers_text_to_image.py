@@ -302,7 +302,12 @@ class DiffusersTextToImage(TextToImageBase):
 
 
 class _StepWatch:
-    """The `callback_on_step_end` of one generation: logs progress, and interrupts on cancel or past the deadline."""
+    """
+    The `callback_on_step_end` of one generation: reports each step, and interrupts on cancel or past the deadline.
+
+    Each step goes to the progress callback set for this generation, if any (an exception it raises stops the
+    generation there); every 10% of the steps also goes to the log.
+    """
 
     def __init__(self, request: GenerationRequest, cancel: threading.Event, deadline: float) -> None:
         self.seed = request.seed
@@ -316,6 +321,7 @@ class _StepWatch:
         total = getattr(pipeline, "num_timesteps", None) or self.steps_done
         if self.steps_done == total or self.steps_done % max(1, total // 10) == 0:
             logger.info("Seed {seed}: step {step}/{total}", seed=self.seed, step=self.steps_done, total=total)
+        progress.report({"phase": "step", "step": self.steps_done, "steps": total})
         if self.cancel.is_set():
             self.reason = "cancelled"
         elif time.monotonic() > self.deadline:

@@ -7,6 +7,7 @@ metadata (XMP, the PNG parameters text) is spliced in at chunk or segment level,
 
 import struct
 import zlib
+from collections.abc import Iterator
 from io import BytesIO
 
 from PIL import Image, UnidentifiedImageError
@@ -23,6 +24,9 @@ _JPEG_DROPPED = frozenset({0xE1, 0xEB, 0xED, 0xFE})  # APP1 (EXIF, XMP), APP11 (
 _JPEG_MAX_SEGMENT = 0xFFFF
 _WEBP_DROPPED = frozenset({b"EXIF", b"XMP ", b"C2PA"})
 _VP8X_ALPHA, _VP8X_EXIF, _VP8X_XMP = 0x10, 0x08, 0x04
+# Far above any encoder's (a 32 MB PNG in libpng's 8 KB IDATs has 4,096), far below what 32 MB of empty chunks would
+# cost to walk (2.8 million, seconds of CPU).
+MAX_CHUNKS = 100_000
 XMP_PNG_KEYWORD = b"XML:com.adobe.xmp"
 XMP_JPEG_NAMESPACE = b"http://ns.adobe.com/xap/1.0/\0"
 # Encoder settings chosen in bench/: fast PNG deflate, visually lossless JPEG/WebP.
@@ -109,7 +113,9 @@ def _png_replace(png: bytes, xmp: bytes, png_text: tuple[str, str] | None) -> by
         ours.append(_png_text_chunk(*png_text))
     kept: list[bytes | memoryview] = [png[:_IHDR_END], *ours]
     view, position = memoryview(png), _IHDR_END
-    while position < len(png):
+    for _ in _chunk_budget("PNG"):
+        if position == len(png):
+            break
         if position + 12 > len(png):
             raise InvalidImageError("the upstream PNG has a broken chunk")
         (length,) = struct.unpack_from(">I", png, position)
@@ -130,7 +136,7 @@ def _jpeg_replace(jpeg: bytes, xmp: bytes) -> bytes:
     view, position = memoryview(jpeg), 2  # after SOI
     kept: list[bytes | memoryview] = [jpeg[:2]]
     placed = False
-    while True:
+    for _ in _chunk_budget("JPEG"):
         while jpeg[position : position + 2] == b"\xff\xff":
             position += 1  # fill bytes before a marker
         if position + 4 > len(jpeg) or jpeg[position] != 0xFF:
@@ -139,9 +145,8 @@ def _jpeg_replace(jpeg: bytes, xmp: bytes) -> bytes:
         if not placed and marker != _JPEG_APP0:  # after JFIF/JFXX, which must come first
             kept.append(ours)
             placed = True
-        if marker == _JPEG_SOS:  # entropy-coded data from here on: kept byte for byte
-            kept.append(view[position:])
-            return b"".join(kept)
+        if marker == _JPEG_SOS:
+            break
         (length,) = struct.unpack_from(">H", jpeg, position + 2)
         end = position + 2 + length
         if length < 2 or end > len(jpeg):
@@ -149,6 +154,8 @@ def _jpeg_replace(jpeg: bytes, xmp: bytes) -> bytes:
         if marker not in _JPEG_DROPPED:
             kept.append(view[position:end])
         position = end
+    kept.append(view[position:])  # the scans: entropy-coded data, kept byte for byte
+    return b"".join(kept)
 
 
 def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
@@ -158,7 +165,9 @@ def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
 def _webp_replace(webp: bytes, size: tuple[int, int], xmp: bytes) -> bytes:
     view, position = memoryview(webp), 12  # after "RIFF", size, "WEBP"
     chunks: list[bytes | memoryview] = []
-    while position < len(webp):
+    for _ in _chunk_budget("WebP"):
+        if position == len(webp):
+            break
         if position + 8 > len(webp):
             raise InvalidImageError("the upstream WebP has a broken chunk")
         (length,) = struct.unpack_from("<I", webp, position + 4)
@@ -185,3 +194,9 @@ def _webp_replace(webp: bytes, size: tuple[int, int], xmp: bytes) -> bytes:
     chunks.append(_riff_chunk(b"XMP ", xmp))
     body = b"".join([b"WEBP", *chunks])
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _chunk_budget(image_format: str) -> Iterator[int]:
+    """Up to MAX_CHUNKS loop turns; `InvalidImageError` if the loop has not stopped by then."""
+    yield from range(MAX_CHUNKS)
+    raise InvalidImageError(f"the upstream {image_format} has more than {MAX_CHUNKS} chunks")

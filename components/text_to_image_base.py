@@ -48,6 +48,10 @@ class TextToImageBase:
         self._check(request)
         return request, self._results, pinned
 
+    def validate_request(self, **params: Any) -> None:
+        """Raise `InvalidRequestError` for the `run` parameters that `run` would refuse; nothing is generated."""
+        self._request(**params)
+
     @component.output_types(images=list[ImageContent])
     def run(  # noqa: PLR0913
         self,

@@ -1,15 +1,23 @@
-"""Hayhooks wrapper: `POST /image_generation/run` answers with the image itself."""
+"""
+Hayhooks wrapper: `POST /image_generation/run` answers with the image itself.
+
+In Hayhooks' durable mode the wrapper also runs jobs (`POST /image_generation/run-durable`, see `server/jobs.py`). A
+wrapper with a durable run cannot be loaded by a live server, so the durable class is chosen here, at import, from
+Hayhooks' settings: one folder serves both modes.
+"""
 
 import os
 from pathlib import Path
 
 from fastapi import Response
 from hayhooks import BasePipelineWrapper
+from hayhooks.settings import settings as hayhooks_settings
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from starlette.datastructures import Headers
 
 from components.request import OutputFormat
+from server.jobs import jobs_mixin
 from server.log import configure_server_log
 from server.params import Guidance, ModelId, Seed, Size, Steps, Text
 from server.responses import http_error, image_response
@@ -21,7 +29,7 @@ PIPELINE_FILES = {
 }
 
 
-class PipelineWrapper(BasePipelineWrapper):
+class LivePipelineWrapper(BasePipelineWrapper):
     """Serves the configured backend's pipeline; the image bytes go out as the response body, never through a file."""
 
     def setup(self) -> None:
@@ -80,3 +88,10 @@ class PipelineWrapper(BasePipelineWrapper):
         except Exception as e:
             raise http_error(e) from None
         return image_response(result["text_to_image"]["images"][0], headers)
+
+
+class DurablePipelineWrapper(jobs_mixin(), LivePipelineWrapper):
+    """The same routes, plus jobs: `/run-durable`, `executions/{id}` (with `/stream` and `/cancel`)."""
+
+
+PipelineWrapper = DurablePipelineWrapper if hayhooks_settings.durable_mode else LivePipelineWrapper

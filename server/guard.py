@@ -86,7 +86,7 @@ class HTTPGuard:
         headers = Headers(scope=scope)
         row = self.inventory.match(scope["method"], scope["path"].removeprefix(scope.get("root_path", "")))
         keyed = isinstance(row, Route) and row.auth == "api_key" and bool(self.api_keys)
-        key = self._key(headers.get("authorization", "")) if keyed else None
+        key = matching_key(headers.get("authorization", ""), self.api_keys) if keyed else None
         refusal = self._refusal_unread(scope, headers, row, key)
         if refusal is None and isinstance(row, Route):
             if key is not None:
@@ -130,14 +130,6 @@ class HTTPGuard:
             return None
         return error_response(row.errors if isinstance(row, Route) else "native", status, message, extra)
 
-    def _key(self, authorization: str) -> bytes | None:
-        """The configured key this `Authorization` header presents, or None."""
-        scheme, _, supplied = authorization.partition(" ")
-        supplied_bytes = supplied.strip().encode()
-        # Compare against every key so that the time taken does not depend on which one matched.
-        matched = [key for key in self.api_keys if hmac.compare_digest(supplied_bytes, key)]
-        return matched[0] if matched and scheme.lower() == "bearer" else None
-
     async def _run_with_body(self, scope: Scope, receive: Receive, send: Send, headers: Headers, row: Route) -> None:
         assert row.body is not None
         try:
@@ -170,6 +162,15 @@ class HTTPGuard:
                 for (method, path), model in json_bodies(schema).items()
             }
         return self._fields.get(f"{row.method.lower()} {row.path}")
+
+
+def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | None:
+    """The API key an `Authorization: Bearer <key>` header carries, if it is one of `api_keys`; else None."""
+    scheme, _, supplied = authorization.partition(" ")
+    supplied_bytes = supplied.strip().encode()
+    # Compare against every key so that the time taken does not depend on which one matched.
+    matched = [key for key in api_keys if hmac.compare_digest(supplied_bytes, key)]
+    return matched[0] if matched and scheme.lower() == "bearer" else None
 
 
 def json_bodies(schema: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -73,6 +73,15 @@ ROUTES: tuple[Route, ...] = (
     # the pipelines' run routes: the wrapper, and the JSON variant (served/image_generation_json.yml)
     Route("POST", "/image_generation/run", "api_key", RUN_BODY),
     Route("POST", "/image_generation_json/run", "api_key", RUN_BODY),
+    # jobs (server/jobs.py): Hayhooks' durable routes of the image pipeline; with API keys on, a job is its key's own.
+    # Hayhooks' `POST .../executions/{execution_id}/resume` is left out: an image job never waits for input.
+    Route("POST", "/image_generation/run-durable", "api_key", RUN_BODY, durable=True),
+    Route("GET", "/image_generation/executions", "api_key", durable=True),
+    Route("GET", "/image_generation/executions/{execution_id}", "api_key", durable=True),
+    Route("GET", "/image_generation/executions/{execution_id}/stream", "api_key", durable=True),
+    Route("POST", "/image_generation/executions/{execution_id}/cancel", "api_key", durable=True),
+    # stored images (server/image_store.py): the unguessable name is the credential, so that an <img> can load it
+    Route("GET", "/images/{name}", "capability"),
     # the OpenAI-compatible door's model list (Hayhooks' until server/openai_images.py replaces it)
     Route("GET", "/v1/models", "api_key", errors="openai"),
     # the web page (server/page.py), unless IMAGE_GENERATION_UI=false

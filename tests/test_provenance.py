@@ -28,6 +28,7 @@ from image_parts import coded_pixels
 from PIL import Image, PngImagePlugin
 
 from components import HuggingFaceAPITextToImage
+from components.errors import InvalidImageError
 from components.image_results import ImageResults
 from components.request import GenerationRequest
 from components.settings import serving_settings
@@ -142,7 +143,7 @@ def finish(fmt: str, raw: bytes, size: tuple[int, int]) -> bytes:
         allowed_models=None, timeout=None, max_image_bytes=None, max_concurrency=None, max_queue=None,
         cache_max_bytes=None,
     )  # fmt: skip
-    image = ImageResults(settings, {"backend": "test"}).finish(request(fmt, size), raw, time.monotonic())
+    image = ImageResults(settings, {"backend": "test"}, MODEL).finish(request(fmt, size), raw, time.monotonic())
     return base64.b64decode(image.base64_image)
 
 
@@ -172,6 +173,14 @@ def test_upstream_metadata_is_dropped_and_the_pixels_kept(fmt, tmp_path):
     assert not {"ImageDescription", "Parameters", "Comment", "JUMDLabel"} & tags.keys()
     assert coded_pixels(data, fmt) == coded_pixels(raw, fmt)  # spliced, never re-encoded
     assert exiftool(data, tmp_path, "-validate")["Validate"] == "OK"
+
+
+def test_an_upstream_png_of_countless_empty_chunks_is_refused_not_walked():
+    raw = spoofed("png", (64, 64))
+    flood = raw[:-12] + png_chunk(b"quIt", b"") * 200_000 + raw[-12:]  # 2.4 MB: IEND stays last
+
+    with pytest.raises(InvalidImageError, match="chunks"):
+        finish("png", flood, (64, 64))
 
 
 def test_embedding_parameters_puts_ours_in_not_the_upstreams(monkeypatch, tmp_path):

@@ -49,7 +49,7 @@ def test_readme_curl_downloads_a_png(server, fresh_upstream, tmp_path):
 def test_seed_reproduces_the_image(server, fresh_upstream, tmp_path):
     body = {"prompt": "reproducible", "width": 64, "height": 64, "seed": 1234}
     first = curl(server, body, tmp_path / "a.png")
-    again = curl(server, {**body, "negative_prompt": "fog"}, tmp_path / "b.png")
+    again = curl(server, {**body, "prompt": "reproducible, in fog"}, tmp_path / "b.png")  # same seed, other image
     third = curl(server, body, tmp_path / "c.png")
 
     assert first["x-seed"] == again["x-seed"] == "1234"

@@ -1,0 +1,281 @@
+"""
+Jobs: Hayhooks' durable execution of the image pipeline (`POST /{name}/run-durable`, then `executions/{id}`).
+
+A job takes the body of `/run` plus `n`, is queued in Hayhooks' execution store (in memory, or Redis shared by
+replicas), reports its progress (phases, and every denoising step of a local model) live on the SSE stream and durably
+at checkpoints, stops at its next step when cancelled, and puts its images in the image store: its result is their
+URLs, never their bytes. The pipeline wrapper mixes `Jobs` (or `OwnedJobs`, when API keys are on) into its class when
+Hayhooks runs in durable mode, and only then: a durable wrapper cannot be loaded by a live server.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import time
+from typing import Annotated, Any, ClassVar
+
+import pybase64
+from fastapi import HTTPException, Request
+from hayhooks import log
+from hayhooks.durable import DurableContext, DurableExecutionCancelledError
+from hayhooks.settings import settings as hayhooks_settings
+from haystack import Pipeline
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from components import errors, progress
+from components.request import MAX_SEED, OutputFormat
+from server.guard import api_keys_from_env, matching_key
+from server.image_store import ImageStore
+from server.params import Guidance, ModelId, Seed, Size, Steps, Text
+
+# Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
+REVISION = "1"
+MAX_IMAGES = 4
+DEFAULT_MAX_PENDING_JOBS = 100
+CANCEL_POLL_SECONDS = 0.5  # how often a job checks for a cancel while no step reports (an upstream call, a queue)
+CHECKPOINT_INTERVAL_SECONDS = 0.5  # step progress is committed at most this often (and at the last step)
+COMPONENT = "text_to_image"
+# The progress events a job shows (components/progress.py has more, for the metrics), and their fields.
+JOB_EVENTS = {
+    "queued": (), "sent": (), "generating": (), "step": ("step", "steps"), "received": (), "stored": ("image", "images")
+}  # fmt: skip
+
+
+class JobRequest(BaseModel):
+    """The body of `POST /{name}/run-durable`: the fields of `/run`, with the same limits, plus `n`."""
+
+    model_config = ConfigDict(extra="forbid")
+    check: ClassVar[Any] = None  # the component's own validation, bound when the wrapper is set up
+
+    prompt: Text = Field(description="What to draw, 1 to 2000 characters.")
+    width: Size = Field(512, description="Width in pixels, a multiple of 8 from 64 to 2048.")
+    height: Size = Field(512, description="Height in pixels, a multiple of 8 from 64 to 2048.")
+    negative_prompt: Text | None = Field(None, description="What to keep out of the image, up to 2000 characters.")
+    num_inference_steps: Steps | None = Field(None, description="Denoising steps, 1 to 150; the model's default.")
+    guidance_scale: Guidance | None = Field(None, description="Guidance scale, 0 to 50; the model's default.")
+    seed: Seed | None = Field(None, description="Seed of the first image (the next ones use seed+1, ...).")
+    model: ModelId | None = Field(None, description="Hugging Face Hub model id (`namespace/name`).")
+    output_format: OutputFormat = Field("png", description="`png` (default), `jpeg` or `webp`.")
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)] = Field(1, description="How many images, 1 to 4.")
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> "JobRequest":
+        """Refuse at submission (422) what `/run` refuses, so that a job never fails on its input."""
+        if JobRequest.check is not None:
+            try:
+                JobRequest.check(**self.pipeline_inputs(0))
+            except errors.InvalidRequestError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    def pipeline_inputs(self, index: int) -> dict[str, Any]:
+        """The component inputs of image `index`: its seed is `seed + index` when a seed was given."""
+        inputs = self.model_dump(exclude={"n"})
+        if self.seed is not None:
+            inputs["seed"] = (self.seed + index) % (MAX_SEED + 1)
+        return inputs
+
+
+class JobImage(BaseModel):
+    """One image of a finished job: where to download it (no API key needed), and what it is."""
+
+    url: str
+    seed: int
+    width: int
+    height: int
+    format: str
+    etag: str
+
+
+class JobResult(BaseModel):
+    """The result of a finished job."""
+
+    images: list[JobImage]
+
+
+class Jobs:
+    """Mixed into the pipeline wrapper in durable mode: the durable run of the same pipeline as `/run`."""
+
+    durable_revision = REVISION
+    pipeline: Pipeline
+
+    def setup(self) -> None:
+        """Set up the wrapper, then bind the component's validation to job requests and open the image store."""
+        super().setup()  # type: ignore[misc]
+        JobRequest.check = self.pipeline.get_component(COMPONENT).validate_request
+        self.image_store = ImageStore.from_env()
+
+    async def run_durable_async(self, context: DurableContext, request: JobRequest) -> JobResult:
+        """
+        Generate `n` images with live progress, store them, and return their URLs.
+
+        Cancelling the job stops a local generation at its next step and drops an upstream call.
+        """
+        return await run_job(self.pipeline, self.image_store, context, request)
+
+
+class OwnedJobs(Jobs):
+    """`Jobs` whose executions belong to the API key that submitted them: other keys get 404 and their own list."""
+
+    def durable_owner_id(self, request: Request) -> str:
+        """An id derived from the caller's API key (a hash, never the key); 401 without a valid key."""
+        key = matching_key(request.headers.get("authorization", ""), api_keys_from_env())
+        if key is None:
+            raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+        return "key-" + hashlib.sha256(key).hexdigest()[:32]
+
+
+def jobs_mixin() -> type[Jobs]:
+    """`OwnedJobs` when API keys are configured, else `Jobs` (job ids are then the only capability)."""
+    return OwnedJobs if api_keys_from_env() else Jobs
+
+
+def configure_durable_mode() -> None:
+    """
+    Our defaults for Hayhooks' durable mode, applied before the app is built.
+
+    The execution store is Hayhooks' in-memory store unless Redis is configured (`HAYHOOKS_DURABLE_STORE=redis` or
+    `HAYHOOKS_DURABLE_REDIS_URL`), and a process with the memory store refuses to be one of several workers: each would
+    hold its own jobs. At most `DEFAULT_MAX_PENDING_JOBS` jobs wait or run unless configured otherwise.
+    """
+    if not hayhooks_settings.durable_mode:
+        return
+    configured = {name.upper() for name in os.environ}
+    if not {"HAYHOOKS_DURABLE_STORE", "HAYHOOKS_DURABLE_REDIS_URL"} & configured:
+        hayhooks_settings.durable_store = "memory"
+    if "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS" not in configured:
+        hayhooks_settings.durable_max_nonterminal_executions = DEFAULT_MAX_PENDING_JOBS
+    if hayhooks_settings.durable_store == "memory" and multiprocessing.parent_process() is not None:
+        raise RuntimeError(
+            "the in-memory job store serves one process: run one worker, or set HAYHOOKS_DURABLE_STORE=redis and "
+            "HAYHOOKS_DURABLE_REDIS_URL to share jobs between processes"
+        )
+
+
+async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext, request: JobRequest) -> JobResult:
+    """Run the job's generations, cancelled when the job is; progress goes to the job as it happens."""
+    publisher = _ProgressPublisher(context)
+    with progress.reporting_to(publisher.report):  # the tasks created below inherit it
+        work = asyncio.ensure_future(_generate(pipeline, store, request))
+    watch = asyncio.ensure_future(_wait_for_cancel(context))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+        if watch.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            watch.result()  # raises the cancellation
+        return await _unwrapped(work)
+    finally:
+        work.cancel()
+        watch.cancel()
+        await publisher.flush()
+
+
+async def _generate(pipeline: Pipeline, store: ImageStore, request: JobRequest) -> JobResult:
+    images = []
+    for index in range(request.n):
+        result = await pipeline.run_async({COMPONENT: request.pipeline_inputs(index)})
+        image = result[COMPONENT]["images"][0]
+        data = pybase64.b64decode(image.base64_image, validate=True)
+        stored = await asyncio.to_thread(store.put, data, image.meta["format"])
+        meta = image.meta
+        images.append(
+            JobImage(url=stored.url, seed=meta["seed"], width=meta["width"], height=meta["height"],
+                     format=meta["format"], etag=stored.etag)
+        )  # fmt: skip
+        progress.report({"phase": "stored", "image": index + 1, "images": request.n})
+    return JobResult(images=images)
+
+
+async def _unwrapped(work: "asyncio.Future[JobResult]") -> JobResult:
+    """The job's result; a failure is re-raised as our own error (its class names the failure in the job's error)."""
+    try:
+        return await work
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(
+            cause, (errors.ImageGenerationError, DurableExecutionCancelledError)
+        ):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        log.warning("Job failed: {}", type(cause).__name__)
+        raise cause from None
+
+
+async def _wait_for_cancel(context: DurableContext) -> None:
+    """Return by raising `DurableExecutionCancelledError` once the job is cancelled; store hiccups are ignored."""
+    while True:
+        await asyncio.sleep(CANCEL_POLL_SECONDS)
+        try:
+            await context.check_cancelled()
+        except DurableExecutionCancelledError:
+            raise
+        except Exception as e:  # the store is down: the runtime's lease handling decides what happens to the job
+            log.debug("Job cancel check failed: {}", type(e).__name__)
+
+
+class _ProgressPublisher:
+    """
+    The progress callback of one job: each event goes live to the SSE stream and into the job's progress.
+
+    Progress is committed at checkpoints: every phase, and steps at most every `CHECKPOINT_INTERVAL_SECONDS` (and the
+    last one). A step reported from the generating thread also checks for a cancel, which stops the generation there.
+    """
+
+    def __init__(self, context: DurableContext) -> None:
+        self.context = context
+        self.loop = asyncio.get_running_loop()
+        self.last_checkpoint = 0.0
+        self.pending: set[asyncio.Task] = set()
+
+    def report(self, event: dict[str, Any]) -> None:
+        """Publish a job event: from a worker thread, wait for it (raising a cancellation); on the loop, schedule it."""
+        fields = JOB_EVENTS.get(event["phase"])
+        if fields is None:
+            return
+        event = {"phase": event["phase"], **{name: event[name] for name in fields}}
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            task = self.loop.create_task(self.publish(event))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+        else:
+            asyncio.run_coroutine_threadsafe(self.publish(event), self.loop).result()
+
+    async def publish(self, event: dict[str, Any]) -> None:
+        """Stream, record and (when due) checkpoint `event`; for a step, raise if the job was cancelled."""
+        try:
+            self.context.stream_chunk_sync(event)
+            await self.context.report_progress(_message(event), kind=event["phase"], metadata=event)
+            now = time.monotonic()
+            last_step = event["phase"] == "step" and event["step"] == event["steps"]
+            if event["phase"] != "step" or last_step or now - self.last_checkpoint >= CHECKPOINT_INTERVAL_SECONDS:
+                self.last_checkpoint = now
+                await self.context.checkpoint()
+            if event["phase"] == "step":
+                await self.context.check_cancelled()
+        except DurableExecutionCancelledError:
+            raise
+        except Exception as e:  # progress is best effort: a store hiccup must not fail the generation
+            log.debug("Job progress not recorded: {}", type(e).__name__)
+
+    async def flush(self) -> None:
+        """Wait for the progress still being published from the event loop."""
+        if self.pending:
+            await asyncio.wait(tuple(self.pending))
+
+
+def _message(event: dict[str, Any]) -> str:
+    phase = event["phase"]
+    if phase == "step":
+        return f"step {event['step']} of {event['steps']}"
+    if phase == "stored":
+        return f"stored image {event['image']} of {event['images']}"
+    return {"sent": "sent upstream"}.get(phase, phase)

@@ -1,0 +1,250 @@
+"""
+Jobs on the embedded (in-memory) store: an `image-generation-server` in durable mode, the tiny local model, API keys on.
+
+The stream is read with `curl -N`, as the README does; the image URL is fetched without a key, as an `<img>` would.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import HAYHOOKS, ROOT, server_env, start_server, stop_server, wait_for
+from jobs_client import JOBS, SSE, call, durable_env, submit, wait_status
+
+from server.image_store import ImageStore
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from tiny_diffusers import build
+
+KEY_A, KEY_B = "job-key-a-0123456789", "job-key-b-0123456789"
+A = {"Authorization": f"Bearer {KEY_A}"}
+B = {"Authorization": f"Bearer {KEY_B}"}
+MAX_PENDING = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def jobs_server(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("jobs-server")
+    env = server_env(
+        **durable_env(HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS=str(MAX_PENDING)),
+        IMAGE_GENERATION_BACKEND="local",
+        IMAGE_GENERATION_LOCAL_MODEL=str(tiny_model),
+        IMAGE_GENERATION_CACHE_BYTES="0",
+        IMAGE_GENERATION_API_KEYS=f"{KEY_A},{KEY_B}",
+        IMAGE_GENERATION_IMAGE_DIR=str(tmp / "images"),
+    )
+    server = start_server(tmp, env, timeout=120)
+    server.image_dir = tmp / "images"
+    yield server
+    stop_server(server)
+
+
+def body(**overrides):
+    return {"prompt": "a job", "width": 64, "height": 64, "num_inference_steps": 4, **overrides}
+
+
+def test_submit_stream_steps_and_download_the_same_png_as_run(jobs_server):
+    base = jobs_server.url
+    accepted = submit(base, body(seed=77), A)
+    assert accepted["status"] == "queued"
+
+    stream = SSE(f"{base}{accepted['links']['stream']}", A)
+    events = list(stream)
+    stream.close()
+    payloads = [event.data["payload"] for event in events if event.event == "chunk"]
+    steps = [p["step"] for p in payloads if p["phase"] == "step"]
+    assert steps == [1, 2, 3, 4]
+    assert all(p["steps"] == 4 for p in payloads if p["phase"] == "step")
+    assert [p["phase"] for p in payloads if p["phase"] != "step"] == ["queued", "generating", "received", "stored"]
+    assert events[-1].event == "completed"
+    finished = events[-1].data
+    assert finished["status"] == "completed"
+    assert [p["message"] for p in finished["progress"] if p["kind"] == "step"] == [
+        f"step {k} of 4" for k in range(1, 5)
+    ]
+
+    (image,) = finished["result"]["images"]
+    assert (image["seed"], image["width"], image["height"], image["format"]) == (77, 64, 64, "png")
+    status, headers, png = call(f"{base}{image['url']}")  # no API key: the URL is the capability
+    assert status == 200
+    assert headers["content-type"] == "image/png"
+    assert headers["etag"] == image["etag"]
+    assert headers["cache-control"].startswith("private") and "immutable" in headers["cache-control"]
+    assert len(image["url"].rsplit("/", 1)[1].split(".")[0]) == 32  # 128 random bits, in hex
+
+    status, _, direct = call(f"{base}{JOBS}/run", "POST", body(seed=77), A)
+    assert status == 200
+    assert png == direct
+
+    assert call(f"{base}{image['url']}", headers={"If-None-Match": image["etag"]})[0] == 304
+
+
+def test_n_images_with_consecutive_seeds(jobs_server):
+    accepted = submit(jobs_server.url, body(seed=10, n=2, num_inference_steps=1), A)
+    done = wait_status(jobs_server.url, accepted["execution_id"], {"completed", "failed"}, headers=A)
+    assert [image["seed"] for image in done["result"]["images"]] == [10, 11]
+    assert len({image["url"] for image in done["result"]["images"]}) == 2
+
+
+def test_cancel_stops_the_generation_and_frees_the_device(jobs_server):
+    base = jobs_server.url
+    accepted = submit(base, body(num_inference_steps=150), A)
+    stream = SSE(f"{base}{accepted['links']['stream']}", A)
+    seen = 0
+    for event in stream:
+        if event.event == "chunk" and event.data["payload"]["phase"] == "step":
+            seen = event.data["payload"]["step"]
+            if seen >= 2:
+                break
+    status, _, _ = call(f"{base}{accepted['links']['cancel']}", "POST", headers=A)
+    assert status in (200, 202)
+    finished = wait_status(base, accepted["execution_id"], {"canceled", "completed", "failed"}, headers=A)
+    stream.close()
+    assert finished["status"] == "canceled"
+    assert finished["result"] is None
+    steps = [p["metadata"]["step"] for p in finished["progress"] if p["kind"] == "step"]
+    assert max(steps) < 150  # stopped long before the end
+
+    after = submit(base, body(seed=3, num_inference_steps=2), A)  # the device is free for the next job
+    assert wait_status(base, after["execution_id"], {"completed", "failed"}, headers=A)["status"] == "completed"
+
+
+def test_another_key_cannot_see_or_cancel_a_job(jobs_server):
+    base = jobs_server.url
+    accepted = submit(base, body(num_inference_steps=1), A)
+    execution = f"{base}{accepted['links']['self']}"
+    assert call(execution, headers=B)[0] == 404
+    assert call(f"{execution}/cancel", "POST", headers=B)[0] == 404
+    assert call(f"{execution}/stream", headers=B)[0] == 404
+    assert call(execution)[0] == 401  # no key at all
+    assert call(f"{base}{JOBS}/run-durable", "POST", body())[0] == 401
+
+    mine = json.loads(call(f"{base}{JOBS}/executions", headers=A)[2])["executions"]
+    theirs = json.loads(call(f"{base}{JOBS}/executions", headers=B)[2])["executions"]
+    assert accepted["execution_id"] in {e["execution_id"] for e in mine}
+    assert accepted["execution_id"] not in {e["execution_id"] for e in theirs}
+    assert wait_status(base, accepted["execution_id"], {"completed"}, headers=A)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt": ""},
+        {"prompt": "x" * 2001},
+        {"prompt": "x\x00y"},
+        {"width": 60},
+        {"width": 100000},
+        {"seed": -1},
+        {"model": "https://attacker.example/collect"},
+        {"model": "someone/else"},  # not the served model
+        {"output_format": "gif"},
+        {"n": 0},
+        {"n": 5},
+        {"sed": 3},
+    ],
+)
+def test_bad_input_is_422_at_submission(jobs_server, bad):
+    status, _, data = call(f"{jobs_server.url}{JOBS}/run-durable", "POST", {**body(), **bad}, A)
+    assert status == 422, data
+    run_status, _, _ = call(f"{jobs_server.url}{JOBS}/run", "POST", {**body(), **bad}, A)
+    if "n" not in bad:
+        assert run_status == 422  # the same limits as /run
+
+
+def test_idempotency_key_replays_the_same_job(jobs_server):
+    base = jobs_server.url
+    key = {**A, "Idempotency-Key": "order-42"}
+    first = submit(base, body(seed=5, num_inference_steps=1), key)
+    status, headers, data = call(f"{base}{JOBS}/run-durable", "POST", body(seed=5, num_inference_steps=1), key)
+    assert status in (200, 202)
+    assert headers["idempotent-replay"] == "true"
+    assert json.loads(data)["execution_id"] == first["execution_id"]
+    assert call(f"{base}{JOBS}/run-durable", "POST", body(seed=6), key)[0] == 409  # same key, other body
+    wait_status(base, first["execution_id"], {"completed"}, headers=A)
+
+
+def test_pending_jobs_are_bounded(jobs_server):
+    base = jobs_server.url
+    accepted = [submit(base, body(num_inference_steps=150), A) for _ in range(MAX_PENDING)]
+    status, headers, _ = call(f"{base}{JOBS}/run-durable", "POST", body(), A)
+    assert status == 503
+    assert headers["retry-after"]
+    for pending in accepted:
+        call(f"{base}{pending['links']['cancel']}", "POST", headers=A)
+    for pending in accepted:
+        assert wait_status(base, pending["execution_id"], {"canceled"}, headers=A)
+
+
+def test_evicted_image_is_404(jobs_server):
+    base = jobs_server.url
+    accepted = submit(base, body(seed=8, num_inference_steps=1), A)
+    url = wait_status(base, accepted["execution_id"], {"completed"}, headers=A)["result"]["images"][0]["url"]
+    assert call(f"{base}{url}")[0] == 200
+    ImageStore(jobs_server.image_dir, max_bytes=1, max_age_seconds=3600).sweep()  # what the server's sweeper runs
+    status, _, data = call(f"{base}{url}")
+    assert status == 404
+    assert json.loads(data) == {"detail": "no such image (it may have expired)"}
+
+
+def test_store_sweeper_enforces_budget_and_age(tmp_path):
+    store = ImageStore(tmp_path, max_bytes=2500, max_age_seconds=3600)
+    stored = [store.put(bytes([i]) * 1000, "png") for i in range(3)]
+    for age, image in zip((300, 200, 100), stored, strict=True):  # the first is the oldest
+        path = tmp_path / f"{image.id}.png"
+        os.utime(path, (path.stat().st_mtime - age,) * 2)
+    assert store.sweep() == 1  # 3000 bytes > 2500: the oldest goes
+    assert store.read(f"{stored[0].id}.png") is None
+    assert store.read(f"{stored[1].id}.png") == bytes([1]) * 1000
+
+    path = tmp_path / f"{stored[1].id}.png"
+    os.utime(path, (path.stat().st_mtime - 7200,) * 2)  # past the age limit
+    assert store.sweep() == 1
+    assert store.read(f"{stored[1].id}.png") is None
+    assert store.read(f"{stored[2].id}.png") is not None
+    assert store.read("../../etc/passwd") is None
+
+
+def test_memory_store_refuses_several_workers(tmp_path):
+    env = server_env(**durable_env(), HAYHOOKS_PIPELINES_DIR=str(ROOT / "served"))
+    log = tmp_path / "uvicorn.log"
+    argv = [str(HAYHOOKS.with_name("uvicorn")), "--factory", "server.app:create_app", "--workers", "2", "--port", "0"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:  # uvicorn's supervisor restarts the workers that refuse; each says why
+        assert wait_for(lambda: "the in-memory job store serves one process" in log.read_text(), timeout=120)
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_plain_hayhooks_run_still_deploys_yaml(upstream, tmp_path):
+    """Live mode (no durable setting): the same folder loads, and `deploy-yaml` works, as before."""
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url)
+    server = start_server(tmp_path, env, command=[str(HAYHOOKS), "run"])
+    try:
+        assert call(f"{server.url}{JOBS}/run-durable", "POST", body())[0] == 404
+        deploy = subprocess.run(
+            [str(HAYHOOKS), "pipeline", "deploy-yaml", "-n", "image_generation_json", "--no-save-file",
+             "pipelines/image_generation.yml"],
+            cwd=ROOT, env={**os.environ, "HAYHOOKS_HOST": "127.0.0.1", "HAYHOOKS_PORT": server.url.rsplit(":", 1)[1]},
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        status, _, data = call(
+            f"{server.url}/image_generation_json/run", "POST", {"prompt": "x", "width": 64, "height": 64}
+        )
+        assert status == 200, data
+        assert json.loads(data)["result"]["text_to_image"]["images"][0]["mime_type"] == "image/png"
+    finally:
+        stop_server(server)

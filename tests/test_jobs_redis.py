@@ -1,0 +1,118 @@
+"""
+Jobs shared by replicas on a real redis-server: two `image-generation-server` processes, one Redis, one image volume.
+
+The replicas use the API backend against the fake upstream (its latency makes jobs as long as a test needs) and short
+leases and polls, so that a crashed replica's job is recovered in seconds.
+"""
+
+import json
+import os
+import signal
+
+import pytest
+from conftest import server_env, start_server, stop_server, wait_for
+from jobs_client import JOBS, SSE, RedisServer, call, durable_env, submit, wait_status
+
+OPERATOR_TOKEN = "operator-token-for-tests-0123456789abcdef"
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(redis, upstream, tmp_path):
+    """Start replicas on demand (they share Redis and the image directory); all are stopped at the end."""
+    started = []
+
+    def start(count: int = 1):
+        env = server_env(
+            **durable_env(HAYHOOKS_DURABLE_STORE="redis", HAYHOOKS_DURABLE_REDIS_URL=redis.url),
+            IMAGE_GENERATION_ENDPOINT=upstream.url,
+            IMAGE_GENERATION_IMAGE_DIR=str(tmp_path / "images"),
+            HAYHOOKS_TRACING_TOKEN=OPERATOR_TOKEN,
+        )
+        new = [start_server(tmp_path, env) for _ in range(count)]
+        started.extend(new)
+        return new
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            stop_server(server)
+
+
+def body(**overrides):
+    return {"prompt": "a shared job", "width": 64, "height": 64, **overrides}
+
+
+def test_two_replicas_drain_one_queue(replicas, fresh_upstream):
+    a, b = replicas(2)
+    fresh_upstream.latency = 1.0
+    jobs = [submit(a.url, body(seed=i)) for i in range(6)]
+    for job in jobs:
+        done = wait_status(a.url, job["execution_id"], {"completed", "failed"})
+        assert done["status"] == "completed", done
+    assert a.log().count("Generated 64x64 png") >= 1
+    assert b.log().count("Generated 64x64 png") >= 1  # b took work that was submitted to a
+
+    url = done["result"]["images"][0]["url"]
+    assert call(f"{b.url}{url}")[0] == 200  # any replica serves any image (one shared directory)
+    assert call(f"{b.url}{jobs[0]['links']['self']}")[0] == 200  # and any job
+
+    # Keys off: ids are capabilities, and the list of every job is for the operator only.
+    assert call(f"{a.url}{JOBS}/executions")[0] in (401, 403)
+    status, _, data = call(f"{a.url}{JOBS}/executions", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+    assert status == 200
+    assert {job["execution_id"] for job in jobs} <= {e["execution_id"] for e in json.loads(data)["executions"]}
+
+
+def test_kill_9_of_the_running_replica_hands_the_job_to_the_other(replicas, fresh_upstream):
+    a, b = replicas(2)
+    fresh_upstream.latency = 30.0  # the first attempt never finishes: its replica dies first
+    job = submit(a.url, body(seed=9))  # the submitting replica, idle, claims it at once
+    assert wait_for(lambda: len(fresh_upstream.requests) == 1, timeout=30)
+    stream = SSE(f"{a.url}{job['links']['stream']}")
+    last_id = None
+    for event in stream:
+        last_id = event.id
+        if event.data["payload"]["phase"] == "sent":
+            break
+    fresh_upstream.latency = 0.2
+    os.kill(a.process.pid, signal.SIGKILL)
+    a.process.wait()
+    stream.close()
+
+    resumed = SSE(f"{b.url}{job['links']['stream']}", {"Last-Event-ID": last_id})
+    events = list(resumed)
+    resumed.close()
+    assert events[-1].event == "completed", events
+    finished = events[-1].data
+    assert finished["status"] == "completed"
+    assert finished["attempt"] == 2
+    assert all(event.id != last_id for event in events)  # resumed after the last event seen, not from the start
+    assert {e.data["attempt"] for e in events if e.event == "chunk"} == {2}
+    assert call(f"{b.url}{finished['result']['images'][0]['url']}")[0] == 200
+
+
+def test_redis_outage_is_503_then_recovers_without_restart(replicas, redis, fresh_upstream):
+    (a,) = replicas(1)
+    fresh_upstream.latency = 2.0
+    job = submit(a.url, body(seed=21))
+    assert wait_for(lambda: len(fresh_upstream.requests) == 1, timeout=30)
+    redis.stop()
+
+    status, _, data = call(f"{a.url}{job['links']['self']}")
+    assert status == 503, data
+    assert json.loads(data) == {"detail": "Durable execution store is unavailable"}
+    status, _, data = call(f"{a.url}{JOBS}/run-durable", "POST", body())
+    assert status == 503, data
+
+    redis.start()
+    done = wait_status(a.url, job["execution_id"], {"completed", "failed"}, timeout=120)
+    assert done["status"] == "completed", done
+    again = submit(a.url, body(seed=22))
+    assert wait_status(a.url, again["execution_id"], {"completed", "failed"})["status"] == "completed"

@@ -74,12 +74,15 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/image_generation/run", "api_key", RUN_BODY),
     Route("POST", "/image_generation_json/run", "api_key", RUN_BODY),
     # jobs (server/jobs.py): Hayhooks' durable routes of the image pipeline; with API keys on, a job is its key's own.
-    # Hayhooks' `POST .../executions/{execution_id}/resume` is left out: an image job never waits for input.
+    # `resume` stays because Hayhooks links to it in every job; an image job never waits for input (409).
     Route("POST", "/image_generation/run-durable", "api_key", RUN_BODY, durable=True),
     Route("GET", "/image_generation/executions", "api_key", durable=True),
     Route("GET", "/image_generation/executions/{execution_id}", "api_key", durable=True),
     Route("GET", "/image_generation/executions/{execution_id}/stream", "api_key", durable=True),
     Route("POST", "/image_generation/executions/{execution_id}/cancel", "api_key", durable=True),
+    Route(
+        "POST", "/image_generation/executions/{execution_id}/resume", "api_key", Body(1024, closed=False), durable=True
+    ),
     # stored images (server/image_store.py): the unguessable name is the credential, so that an <img> can load it
     Route("GET", "/images/{name}", "capability"),
     # the OpenAI-compatible door's model list (Hayhooks' until server/openai_images.py replaces it)

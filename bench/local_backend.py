@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoPipelineForText2Image
+from haystack.utils import ComponentDevice
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
@@ -48,7 +49,9 @@ def overhead(model: Path, size: int, steps: int, rounds: int) -> tuple[float, fl
     ratios; the two run back to back in each round, first one then the other, so that drift cancels out."""
     pipeline = AutoPipelineForText2Image.from_pretrained(str(model), dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
-    component = DiffusersTextToImage(model=str(model), device="cpu", num_inference_steps=steps, cache_max_bytes=0)
+    component = DiffusersTextToImage(
+        model=str(model), device=ComponentDevice.from_str("cpu"), num_inference_steps=steps, cache_max_bytes=0
+    )
     component.warm_up()
 
     def direct(seed: int) -> None:
@@ -75,7 +78,8 @@ def overhead(model: Path, size: int, steps: int, rounds: int) -> tuple[float, fl
 
 def memory(model: Path, requests: int) -> tuple[float, float, int]:
     """RSS (MB) after 20 warm-up requests and after `requests` more, and the number of weight copies held."""
-    components = [DiffusersTextToImage(model=str(model), device="cpu", num_inference_steps=2, cache_max_bytes=0)
+    cpu = ComponentDevice.from_str("cpu")
+    components = [DiffusersTextToImage(model=str(model), device=cpu, num_inference_steps=2, cache_max_bytes=0)
                   for _ in range(2)]  # fmt: skip
     for component in components:
         component.warm_up()

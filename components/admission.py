@@ -1,36 +1,129 @@
-"""A cap on concurrent upstream calls with a bounded wait queue: when both are full, refuse at once."""
+"""
+What may be in flight at once: a cap on concurrent calls with a bounded wait queue, and a cap on bytes being read.
+
+Both are thread-safe, so one instance bounds `run` (any thread) and `run_async` (any event loop) together.
+"""
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from components.errors import ServerBusyError
 
 
 class AdmissionGate:
-    """Lets `max_concurrency` callers in at a time and `max_queue` more wait; refuses the rest."""
+    """Lets `max_concurrency` callers in at a time and `max_queue` more wait, in order of arrival; refuses more."""
 
     def __init__(self, max_concurrency: int, max_queue: int, retry_after: int = 1) -> None:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.retry_after = retry_after
-        self.in_flight = 0
-        self.waiting = 0
-        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._lock = threading.Lock()
+        self._free = max_concurrency
+        self._waiters: deque[threading.Event | tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the duration of the block, or raise `ServerBusyError`."""
-        if self._semaphore.locked() and self.waiting >= self.max_queue:
-            raise ServerBusyError("too many image requests in flight", retry_after=self.retry_after)
-        self.waiting += 1
-        try:
-            await self._semaphore.acquire()
-        finally:
-            self.waiting -= 1
-        self.in_flight += 1
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one slot for the duration of the block (this thread waits while queued), or raise `ServerBusyError`."""
+        event = threading.Event()
+        if self._enter(event):
+            event.wait()
         try:
             yield
         finally:
-            self.in_flight -= 1
-            self._semaphore.release()
+            self._release()
+
+    @asynccontextmanager
+    async def slot_async(self) -> AsyncIterator[None]:
+        """Hold one slot for the duration of the block (awaiting while queued), or raise `ServerBusyError`."""
+        loop = asyncio.get_running_loop()
+        waiter = (loop, loop.create_future())
+        if self._enter(waiter):
+            try:
+                await waiter[1]
+            except asyncio.CancelledError:
+                with self._lock:
+                    queued = waiter in self._waiters
+                    if queued:
+                        self._waiters.remove(waiter)
+                if not queued and waiter[1].done() and not waiter[1].cancelled():
+                    self._release()  # the slot was handed over just as we were cancelled: pass it on
+                raise  # else a hand-over still in transit finds the future cancelled and passes the slot on
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _enter(self, waiter: threading.Event | tuple[asyncio.AbstractEventLoop, asyncio.Future]) -> bool:
+        """Take a free slot (False), or queue `waiter` (True); refuse when the queue is full."""
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return False
+            if len(self._waiters) >= self.max_queue:
+                raise ServerBusyError("too many image requests in flight", retry_after=self.retry_after)
+            self._waiters.append(waiter)
+            return True
+
+    def _release(self) -> None:
+        """Hand the slot to the first waiter, or free it."""
+        with self._lock:
+            if not self._waiters:
+                self._free += 1
+                return
+            waiter = self._waiters.popleft()
+        if isinstance(waiter, threading.Event):
+            waiter.set()
+        else:
+            loop, future = waiter
+            try:
+                loop.call_soon_threadsafe(self._hand_over, future)
+            except RuntimeError:  # its loop is closed: nobody is waiting there any more
+                self._release()
+
+    def _hand_over(self, future: asyncio.Future) -> None:
+        if future.done():  # cancelled while the slot was on its way
+            self._release()
+        else:
+            future.set_result(None)
+
+
+class ByteBudget:
+    """A cap on the bytes all calls hold while reading replies; `lease()` tracks one request's share."""
+
+    def __init__(self, max_bytes: int, retry_after: int = 1) -> None:
+        self.max_bytes = max_bytes
+        self.retry_after = retry_after
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lease(self) -> Iterator["ByteLease"]:
+        """A lease returned in full when the block ends."""
+        lease = ByteLease(self)
+        try:
+            yield lease
+        finally:
+            with self._lock:
+                self.in_use -= lease.held
+
+    def _take(self, n: int) -> None:
+        with self._lock:
+            if self.in_use + n > self.max_bytes:
+                raise ServerBusyError("too many bytes in flight", retry_after=self.retry_after)
+            self.in_use += n
+
+
+class ByteLease:
+    """One request's bytes in flight."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        """Count `n` more bytes, or raise `ServerBusyError` when the budget has no room for them."""
+        self.budget._take(n)
+        self.held += n

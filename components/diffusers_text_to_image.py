@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 
 from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.lazy_imports import LazyImport
+from haystack.utils import ComponentDevice
 
 from components import progress
 from components.errors import GenerationTimeoutError, ImageGenerationError, InvalidRequestError
@@ -27,7 +28,6 @@ with LazyImport(message="Run 'pip install \".[local]\"' to use the local diffuse
 logger = logging.getLogger(__name__)
 
 DEFAULT_LOCAL_MODEL = "stabilityai/sd-turbo"
-Device = Literal["auto", "cuda", "mps", "cpu"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -46,7 +46,7 @@ _LOADED: dict[tuple[str, str, str, bool], LoadedModel] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def load(model: str, device: Device, dtype: Dtype, cpu_offload: bool) -> LoadedModel:
+def load(model: str, device: str, dtype: Dtype, cpu_offload: bool) -> LoadedModel:
     """The pipeline for these settings, loaded on first use: one copy of the weights per process."""
     key = (model, device, dtype, cpu_offload)
     with _LOAD_LOCK:
@@ -55,11 +55,10 @@ def load(model: str, device: Device, dtype: Dtype, cpu_offload: bool) -> LoadedM
         return _LOADED[key]
 
 
-def _load(model: str, device: Device, dtype: Dtype, cpu_offload: bool) -> LoadedModel:
+def _load(model: str, device: str, dtype: Dtype, cpu_offload: bool) -> LoadedModel:
     folder = Path(model).expanduser()
     if not folder.is_dir() and model.startswith(("/", ".", "~")):
         raise ValueError(f"the diffusers model folder {model} does not exist")
-    device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     logger.info("Loading diffusers model {model} on {device} ({dtype})", model=model, device=device, dtype=torch_dtype)
     started = time.monotonic()
@@ -85,22 +84,13 @@ def _load(model: str, device: Device, dtype: Dtype, cpu_offload: bool) -> Loaded
     return LoadedModel(pipeline, device, threading.Lock(), size_multiple(pipeline), interruptible)
 
 
-def pick_device(device: Device) -> str:
-    """`auto`: cuda, then mps, then cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def pick_dtype(dtype: Dtype, device: str) -> "torch.dtype":
     """`auto`: bfloat16 (else float16) on a GPU, float32 on the CPU."""
     if dtype != "auto":
         return getattr(torch, dtype)
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device == "mps" else torch.float32
+    return torch.float32 if device == "cpu" else torch.float16
 
 
 def size_multiple(pipeline: Any) -> int:
@@ -124,6 +114,9 @@ class DiffusersTextToImage(TextToImageBase):
 
     It has the same inputs, output and meta as `HuggingFaceAPITextToImage`.
 
+    A batch of `n` images is `n` single-image generations, one after another (a batched call with one generator
+    per image does not give the same pixels as the images made alone).
+
     Any text-to-image pipeline that `AutoPipelineForText2Image` loads works, from a Hub id or a local folder. The
     weights are loaded once per process in `warm_up()`; generations on one device run one at a time, off the event
     loop, and stop at the next denoising step when their deadline passes or their caller goes away.
@@ -136,10 +129,12 @@ class DiffusersTextToImage(TextToImageBase):
     ```
     """
 
+    concurrent_batches = False  # one device: a batch's images are made one after another
+
     def __init__(  # noqa: PLR0913
         self,
         model: str | None = None,
-        device: Device = "auto",
+        device: ComponentDevice | None = None,
         dtype: Dtype = "auto",
         cpu_offload: bool = False,
         width: int = 512,
@@ -157,7 +152,8 @@ class DiffusersTextToImage(TextToImageBase):
         Create the component; nothing is imported from the Hub or loaded until `warm_up()`.
 
         :param model: Hub model id or local folder; else `IMAGE_GENERATION_LOCAL_MODEL`, else stabilityai/sd-turbo.
-        :param device: `auto` (cuda, then mps, then cpu), `cuda`, `mps` or `cpu`.
+        :param device: The device, e.g. `ComponentDevice.from_str("cuda:1")`; `None` takes Haystack's default
+            (a GPU, then XPU, then MPS, then the CPU).
         :param dtype: `auto` (bfloat16 or float16 on a GPU, float32 on the CPU), `float32`, `float16` or `bfloat16`.
         :param cpu_offload: Keep each model part on the CPU until it runs: less GPU memory, slower.
         :param width: Default width in pixels.
@@ -173,8 +169,8 @@ class DiffusersTextToImage(TextToImageBase):
             `IMAGE_GENERATION_CACHE_BYTES`.
         """
         torch_import.check()
-        if device not in get_args(Device):
-            raise ValueError(f"device={device!r} must be one of {', '.join(get_args(Device))}")
+        if device is not None and not isinstance(device, ComponentDevice):
+            raise ValueError(f"device={device!r} must be a ComponentDevice or None")
         if dtype not in get_args(Dtype):
             raise ValueError(f"dtype={dtype!r} must be one of {', '.join(get_args(Dtype))}")
         if size_multiple is not None and size_multiple < 1:
@@ -202,7 +198,8 @@ class DiffusersTextToImage(TextToImageBase):
         if self._results is not None:
             return
         model = resolve(self.model, "IMAGE_GENERATION_LOCAL_MODEL", DEFAULT_LOCAL_MODEL, str)
-        loaded = load(model, self.device, self.dtype, self.cpu_offload)
+        device = ComponentDevice.resolve_device(self.device).to_torch_str()
+        loaded = load(model, device, self.dtype, self.cpu_offload)
         name = served_name(model)
         settings = serving_settings(
             allowed_models=[name], timeout=self.timeout, max_image_bytes=None, max_concurrency=1,
@@ -225,7 +222,7 @@ class DiffusersTextToImage(TextToImageBase):
         return default_to_dict(
             self,
             model=self.model,
-            device=self.device,
+            device=self.device.to_dict() if self.device is not None else None,
             dtype=self.dtype,
             cpu_offload=self.cpu_offload,
             width=d.width,
@@ -243,6 +240,9 @@ class DiffusersTextToImage(TextToImageBase):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DiffusersTextToImage":
         """Deserialize the component."""
+        init = data["init_parameters"]
+        if init.get("device") is not None:
+            init["device"] = ComponentDevice.from_dict(init["device"])
         return default_from_dict(cls, data)
 
     def _check(self, request: GenerationRequest) -> None:

@@ -54,6 +54,14 @@ class UpstreamRejectedError(UpstreamError):
         self.reason = reason
 
 
+class UpstreamNotFoundError(UpstreamError):
+    """The upstream answered 404 (or the Hub said the repository does not exist)."""
+
+
+class UnknownModelError(InvalidRequestError):
+    """The Hub does not know the model, or no supported provider serves it for text-to-image."""
+
+
 class UpstreamTimeoutError(UpstreamError):
     """The upstream did not answer within the deadline."""
 
@@ -64,6 +72,10 @@ class InvalidImageError(UpstreamError):
 
 class GenerationTimeoutError(ImageGenerationError):
     """A local model did not finish within the deadline; it was stopped at the next denoising step."""
+
+
+class PipelineNotServedError(ImageGenerationError):
+    """The server has no image pipeline deployed (yet, or any more) to run a request on."""
 
 
 class SigningError(ImageGenerationError):

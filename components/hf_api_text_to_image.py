@@ -1,14 +1,25 @@
 """`HuggingFaceAPITextToImage`: text-to-image through Hugging Face Inference Providers or an inference endpoint."""
 
-import asyncio
+import ipaddress
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx2
 from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.utils import Secret, deserialize_secrets_inplace
 
-from components.hf_transport import UpstreamTarget, build_request, post, post_async
+from components.admission import ByteBudget
+from components.hf_providers import (
+    HF_ROUTER_URL,
+    ProviderMappings,
+    UpstreamTarget,
+    check_provider,
+    generation_calls,
+    quiet_hub_library,
+)
+from components.hf_transport import Bounds, Network, run_calls, run_calls_async
 from components.image_results import ImageResults
 from components.request import GenerationRequest, OutputFormat
 from components.settings import resolve, serving_settings
@@ -17,6 +28,7 @@ from components.text_to_image_base import TextToImageBase
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
+DEFAULT_MAX_INFLIGHT_BYTES = 512 * 1024 * 1024
 
 
 @component
@@ -27,7 +39,9 @@ class HuggingFaceAPITextToImage(TextToImageBase):
     Requests are built by `huggingface_hub` (Inference Providers, `provider="auto"` by default). When an endpoint
     URL is set (here or in `IMAGE_GENERATION_ENDPOINT`), every request goes to that URL instead: a dedicated
     Inference Endpoint or any server speaking the HF text-to-image protocol. The token is only ever sent there or to
-    Hugging Face, never to a URL chosen by a caller: `model` must be a Hub model id.
+    Hugging Face, never to a URL chosen by a caller: `model` must be a Hub model id. The token comes only from the
+    `token` secret (`HF_API_TOKEN`, then `HF_TOKEN`) or the file named by `HF_TOKEN_FILE`, never from
+    huggingface_hub's stored login.
 
     Usage:
     ```python
@@ -43,7 +57,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         model: str = DEFAULT_MODEL,
         provider: str = "auto",
         endpoint_url: str | None = None,
-        token: Secret = Secret.from_env_var(["HF_TOKEN", "HF_API_TOKEN"], strict=False),  # noqa: B008
+        token: Secret = Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False),  # noqa: B008
         width: int = 512,
         height: int = 512,
         num_inference_steps: int | None = None,
@@ -60,10 +74,12 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         Create the component; nothing is resolved or connected until `warm_up()`.
 
         :param model: Default Hub model id, used when a run passes none.
-        :param provider: Inference Provider name, or `auto` for the account's preferred one.
+        :param provider: Inference Provider name (`hf-inference`, `fal-ai`, `replicate`, `together`, `nscale`), or
+            `auto` for the first of those the Hub lists for the model, in the account's order of preference.
         :param endpoint_url: URL of an HF-protocol inference server; else `IMAGE_GENERATION_ENDPOINT`, else the
             HF router.
-        :param token: The Hugging Face token, from `HF_TOKEN` or `HF_API_TOKEN` by default.
+        :param token: The Hugging Face token, from `HF_API_TOKEN` or `HF_TOKEN` by default; when it resolves to
+            nothing, the file named by `HF_TOKEN_FILE` (a Docker secret, say) is read.
         :param width: Default width in pixels.
         :param height: Default height in pixels.
         :param num_inference_steps: Default number of denoising steps; `None` lets the model decide.
@@ -79,6 +95,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         """
         if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint_url={endpoint_url!r} must be an http(s) URL")
+        check_provider(provider)
         self.model = model
         self.provider = provider
         self.endpoint_url = endpoint_url
@@ -95,6 +112,9 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         self.max_queue = max_queue
         self.cache_max_bytes = cache_max_bytes
         self._target: UpstreamTarget | None = None
+        self._mappings = ProviderMappings()
+        self._bytes: ByteBudget | None = None
+        self._allowed_networks: tuple[Network, ...] = ()
         self._client: httpx2.Client | None = None
         self._async_client: httpx2.AsyncClient | None = None
 
@@ -104,11 +124,24 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         endpoint_url = resolve(self.endpoint_url, "IMAGE_GENERATION_ENDPOINT", None, str)
         if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
             raise ValueError("IMAGE_GENERATION_ENDPOINT must be an http(s) URL")
-        self._target = UpstreamTarget(self.provider, endpoint_url, self.token.resolve_value())
+        quiet_hub_library()
+        token = self.token.resolve_value() or _token_file()
+        router_url = resolve(None, "IMAGE_GENERATION_ROUTER_URL", HF_ROUTER_URL, _http_url)
+        self._target = UpstreamTarget(self.provider, endpoint_url, token, router_url)
+        inflight = resolve(None, "IMAGE_GENERATION_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES, int)
+        self._bytes = ByteBudget(inflight)
+        self._allowed_networks = resolve(None, "IMAGE_GENERATION_RESULT_URL_ALLOW", (), _networks)
+        if token is None and endpoint_url is None:
+            logger.warning(
+                "No Hugging Face token (HF_API_TOKEN, HF_TOKEN or HF_TOKEN_FILE) and no IMAGE_GENERATION_ENDPOINT: "
+                "Hugging Face will refuse the requests"
+            )
         settings = serving_settings(
             allowed_models=self.allowed_models, timeout=self.timeout, max_image_bytes=self.max_image_bytes,
             max_concurrency=self.max_concurrency, max_queue=self.max_queue, cache_max_bytes=self.cache_max_bytes,
         )  # fmt: skip
+        if inflight < settings.max_image_bytes:
+            raise ValueError("IMAGE_GENERATION_MAX_INFLIGHT_BYTES must be at least IMAGE_GENERATION_MAX_IMAGE_BYTES")
         backend = "endpoint" if endpoint_url else self.provider
         self._results = ImageResults(settings, {"backend": "huggingface_api", "provider": backend}, self.model)
         logger.info("Text-to-image upstream: {backend}", backend=backend)
@@ -170,19 +203,48 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         deserialize_secrets_inplace(data["init_parameters"], keys=["token"])
         return default_from_dict(cls, data)
 
-    def _deadline(self) -> float:
-        assert self._results is not None
-        return time.monotonic() + self._results.settings.timeout
+    def _bounds(self) -> tuple[float, ByteBudget]:
+        assert self._results is not None and self._bytes is not None
+        return time.monotonic() + self._results.settings.timeout, self._bytes
+
+    def _calls(self, request: GenerationRequest) -> Any:
+        assert self._target is not None and self._results is not None
+        return generation_calls(self._target, self._mappings, request, self._results.settings.max_image_bytes)
 
     def _produce(self, request: GenerationRequest) -> bytes:
-        assert self._target is not None and self._client is not None and self._results is not None
-        params, helper = build_request(self._target, request)
-        raw = post(self._client, params, self._deadline(), self._results.settings.max_image_bytes)
-        return helper.get_response(raw, params)
+        assert self._client is not None
+        deadline, budget = self._bounds()
+        with budget.lease() as lease:
+            return run_calls(self._client, self._calls(request), Bounds(deadline, lease, self._allowed_networks))
 
     async def _produce_async(self, request: GenerationRequest) -> bytes:
-        assert self._target is not None and self._async_client is not None and self._results is not None
-        deadline = self._deadline()
-        params, helper = await asyncio.to_thread(build_request, self._target, request)
-        raw = await post_async(self._async_client, params, deadline, self._results.settings.max_image_bytes)
-        return await asyncio.to_thread(helper.get_response, raw, params)
+        assert self._async_client is not None
+        deadline, budget = self._bounds()
+        with budget.lease() as lease:
+            bounds = Bounds(deadline, lease, self._allowed_networks)
+            return await run_calls_async(self._async_client, self._calls(request), bounds)
+
+
+def _token_file() -> str | None:
+    """The token in the file `HF_TOKEN_FILE` names, if set; a set but unreadable or empty file is an error."""
+    path = os.environ.get("HF_TOKEN_FILE", "").strip()
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"HF_TOKEN_FILE={path!r} cannot be read") from e
+    if not token:
+        raise ValueError(f"HF_TOKEN_FILE={path!r} is empty")
+    return token
+
+
+def _http_url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError("not an http(s) URL")
+    return raw.rstrip("/")
+
+
+def _networks(raw: str) -> tuple[Network, ...]:
+    """A comma-separated list of networks (`127.0.0.2/32`, `10.1.0.0/16`)."""
+    return tuple(ipaddress.ip_network(item.strip()) for item in raw.split(",") if item.strip())

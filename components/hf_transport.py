@@ -1,117 +1,250 @@
 """
-Calls to a Hugging Face text-to-image upstream: requests built by huggingface_hub, sent over pooled connections.
+Sends the `Call`s of one generation over pooled connections, each bounded the same way.
 
-huggingface_hub's provider helpers decide URL, headers and payload (Inference Providers, the HF router, dedicated
-endpoints), exactly as `InferenceClient.text_to_image` does. We send them ourselves so that every call has one
-deadline, a byte cap read as a stream, and errors typed by what the client should be told.
+Every call shares the request's deadline, reads its reply as a raw stream under a byte cap (per call, and the
+component's total in flight), asks for `Accept-Encoding: identity` and refuses any compressed reply instead of
+decoding it, follows no redirect, and turns every failure into a typed error. A URL taken from a reply is sent no
+credentials, and is refused when it resolves to a loopback, private, link-local or otherwise non-public address;
+the connection then goes to the address that was checked, so a second DNS answer cannot redirect it.
 """
 
 import asyncio
+import email.utils
+import ipaddress
 import json
 import math
 import re
+import socket
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
-from huggingface_hub.inference._common import RequestParameters
-from huggingface_hub.inference._providers import get_provider_helper
 
 from components import progress
+from components.admission import ByteLease
 from components.errors import (
+    ImageGenerationError,
     InvalidImageError,
     UpstreamAuthError,
     UpstreamError,
+    UpstreamNotFoundError,
     UpstreamRateLimitedError,
     UpstreamRejectedError,
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from components.request import GenerationRequest
+from components.hf_providers import Call
 
 _DEFAULT_RETRY_AFTER = 5
+_MAX_RETRY_AFTER = 3600
 _MAX_LOADING_WAIT = 20.0
-_SAFE_REASON_RE = re.compile(r"^[\w .,:;'()=<>+-]{1,200}$")
-_UNSAFE_REASON_RE = re.compile(r"https?:|hf_|bearer|token|traceback|/", re.IGNORECASE)
+_ERROR_BODY_BYTES = 4096
+_SAFE_REASON_RE = re.compile(r"[A-Za-z0-9 _.,:;'()+-]{1,200}")
+_UNSAFE_REASON_RE = re.compile(r"https?:|hf_|bearer|token|traceback|javascript", re.IGNORECASE)
+_DIGITS_RE = re.compile(r"[0-9]{1,20}")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
-class UpstreamTarget:
-    """Where requests go: an Inference Provider (or `auto`), or a fixed endpoint URL that overrides it."""
+class Bounds:
+    """What one generation may spend: a deadline (`time.monotonic()`), its byte lease, and the result-URL rule."""
 
-    provider: str
-    endpoint_url: str | None
-    token: str | None
-
-
-def build_request(target: UpstreamTarget, request: GenerationRequest) -> tuple[RequestParameters, object]:
-    """The HTTP request huggingface_hub would send for `request`, and the provider helper that reads its reply."""
-    model = target.endpoint_url or request.model
-    helper = get_provider_helper(target.provider, task="text-to-image", model=model)
-    parameters = {
-        "negative_prompt": request.negative_prompt,
-        "height": request.height,
-        "width": request.width,
-        "num_inference_steps": request.num_inference_steps,
-        "guidance_scale": request.guidance_scale,
-        "seed": request.seed,
-    }
-    params = helper.prepare_request(
-        inputs=request.prompt,
-        parameters=parameters,
-        headers={"Accept": f"image/{request.output_format}"},
-        model=model,
-        api_key=target.token,
-    )
-    return params, helper
+    deadline: float
+    lease: ByteLease
+    allowed_networks: tuple[Network, ...] = ()
 
 
-async def post_async(client: httpx2.AsyncClient, params: RequestParameters, deadline: float, max_bytes: int) -> bytes:
-    """POST with retries on 'model loading' 503s until `deadline` (a `time.monotonic()` value)."""
+def run_calls(client: httpx2.Client, calls: Generator[Call, bytes, bytes], bounds: Bounds) -> bytes:
+    """Drive `calls` to the end over the blocking `client`; an error of a call is raised inside the generator."""
+    reply: bytes | None = None
+    error: ImageGenerationError | None = None
+    while True:
+        try:
+            call = calls.send(reply) if error is None else calls.throw(error)  # type: ignore[arg-type]
+        except StopIteration as done:
+            return done.value
+        try:
+            reply, error = fetch(client, call, bounds), None
+        except ImageGenerationError as e:
+            reply, error = None, e
+
+
+async def run_calls_async(client: httpx2.AsyncClient, calls: Generator[Call, bytes, bytes], bounds: Bounds) -> bytes:
+    """The async twin of `run_calls`."""
+    reply: bytes | None = None
+    error: ImageGenerationError | None = None
+    while True:
+        try:
+            call = calls.send(reply) if error is None else calls.throw(error)  # type: ignore[arg-type]
+        except StopIteration as done:
+            return done.value
+        try:
+            reply, error = await fetch_async(client, call, bounds), None
+        except ImageGenerationError as e:
+            reply, error = None, e
+
+
+def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:
+    """Send `call` and return its reply body; a provider's 'model loading' 503 is retried until the deadline."""
     while True:
         started, status = time.monotonic(), "error"
         try:
-            async with asyncio.timeout(_remaining(deadline)):
-                async with client.stream("POST", params.url, json=params.json, headers=params.headers) as response:
-                    status = response.status_code
-                    _raise_for_status(response.status_code, response.headers, await _read_error_body(response))
-                    _check_declared_size(response.headers, max_bytes)
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        _append_capped(body, chunk, max_bytes)
-                    return bytes(body)
+            url, headers, extensions = _target(call, bounds, _resolve(call, bounds))
+            with client.stream(
+                call.method, url, json=call.json, headers=headers, extensions=extensions,
+                timeout=_remaining(bounds.deadline),
+            ) as response:  # fmt: skip
+                status = response.status_code
+                reader = _Reader(call, bounds, response)
+                _raise_for_status(response, _error_body(response) if reader.error else b"")
+                for chunk in response.iter_raw():
+                    reader.take(chunk)
+                    _remaining(bounds.deadline)
+                return reader.body()
         except UpstreamUnavailableError as e:
-            wait = _loading_wait(e, deadline)
-        except (TimeoutError, httpx2.TimeoutException) as e:
+            wait = _loading_wait(e, call, bounds.deadline)
+        except httpx2.TimeoutException as e:
             status = "timeout"
             raise UpstreamTimeoutError("the upstream did not answer in time") from e
-        except httpx2.TransportError as e:
+        except (httpx2.TransportError, OSError) as e:
             raise UpstreamError("the upstream could not be reached") from e
         finally:
             progress.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
-        await asyncio.sleep(wait)  # the upstream is loading the model: try again
+        time.sleep(wait)  # the provider is loading the model: try again
 
 
-def post(client: httpx2.Client, params: RequestParameters, deadline: float, max_bytes: int) -> bytes:
-    """The blocking twin of `post_async`, with the deadline checked between chunks."""
+async def fetch_async(client: httpx2.AsyncClient, call: Call, bounds: Bounds) -> bytes:
+    """The async twin of `fetch`."""
     while True:
+        started, status = time.monotonic(), "error"
         try:
-            with client.stream(
-                "POST", params.url, json=params.json, headers=params.headers, timeout=_remaining(deadline)
-            ) as response:
-                _raise_for_status(response.status_code, response.headers, _read_error_body_sync(response))
-                _check_declared_size(response.headers, max_bytes)
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    _append_capped(body, chunk, max_bytes)
-                    _remaining(deadline)
-                return bytes(body)
+            async with asyncio.timeout(_remaining(bounds.deadline)):
+                url, headers, extensions = _target(call, bounds, await _resolve_async(call, bounds))
+                async with client.stream(
+                    call.method, url, json=call.json, headers=headers, extensions=extensions
+                ) as response:
+                    status = response.status_code
+                    reader = _Reader(call, bounds, response)
+                    _raise_for_status(response, await _error_body_async(response) if reader.error else b"")
+                    async for chunk in response.aiter_raw():
+                        reader.take(chunk)
+                    return reader.body()
         except UpstreamUnavailableError as e:
-            time.sleep(_loading_wait(e, deadline))
-        except httpx2.TimeoutException as e:
+            wait = _loading_wait(e, call, bounds.deadline)
+        except (TimeoutError, httpx2.TimeoutException) as e:
+            status = "timeout"
             raise UpstreamTimeoutError("the upstream did not answer in time") from e
-        except httpx2.TransportError as e:
+        except (httpx2.TransportError, OSError) as e:
             raise UpstreamError("the upstream could not be reached") from e
+        finally:
+            progress.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
+        await asyncio.sleep(wait)  # the provider is loading the model: try again
+
+
+class _Reader:
+    """Collects a 2xx body under the call's cap and the request's byte lease."""
+
+    def __init__(self, call: Call, bounds: Bounds, response: httpx2.Response) -> None:
+        self.error = not 200 <= response.status_code < 300
+        self.max_bytes = call.max_bytes
+        self.lease = bounds.lease
+        self._body = bytearray()
+        if self.error:
+            return
+        if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
+            raise InvalidImageError("the upstream sent a compressed reply, which is refused")
+        declared = response.headers.get("content-length", "")
+        if _DIGITS_RE.fullmatch(declared) and int(declared) > call.max_bytes:
+            raise InvalidImageError("the upstream reply is larger than the size cap")
+
+    def take(self, chunk: bytes) -> None:
+        if len(self._body) + len(chunk) > self.max_bytes:
+            raise InvalidImageError("the upstream reply is larger than the size cap")
+        self.lease.take(len(chunk))
+        self._body += chunk
+
+    def body(self) -> bytes:
+        return bytes(self._body)
+
+
+def _error_body(response: httpx2.Response) -> bytes:
+    """The first few KB of an error reply, enough for its JSON reason; the rest is never read."""
+    body = bytearray()
+    for chunk in response.iter_raw():
+        body += chunk
+        if len(body) >= _ERROR_BODY_BYTES:
+            break
+    return bytes(body[:_ERROR_BODY_BYTES])
+
+
+async def _error_body_async(response: httpx2.Response) -> bytes:
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) >= _ERROR_BODY_BYTES:
+            break
+    return bytes(body[:_ERROR_BODY_BYTES])
+
+
+def _target(call: Call, bounds: Bounds, address: Address | None) -> tuple[str, dict[str, str], dict]:
+    """URL, headers and extensions to send `call` with: to the checked address itself for a result URL."""
+    headers = {**call.headers, "accept-encoding": "identity"}
+    if address is None:
+        return call.url, headers, {}
+    parts = urlsplit(call.url)
+    host = f"[{address}]" if address.version == 6 else str(address)
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    headers["host"] = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=netloc)), headers, {"sni_hostname": parts.hostname}
+
+
+def _resolve(call: Call, bounds: Bounds) -> Address | None:
+    """For a result URL, the one public (or allowed) address it will be fetched from; None for other calls."""
+    if call.purpose != "result":
+        return None
+    host, port = _host_port(call.url)
+    _remaining(bounds.deadline)
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return check_address([info[4][0] for info in infos], bounds.allowed_networks)
+
+
+async def _resolve_async(call: Call, bounds: Bounds) -> Address | None:
+    if call.purpose != "result":
+        return None
+    host, port = _host_port(call.url)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return check_address([info[4][0] for info in infos], bounds.allowed_networks)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidImageError("the upstream named a result URL that is not http(s)")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise InvalidImageError("the upstream named a result URL with a bad port") from e
+    return parts.hostname, port
+
+
+def check_address(addresses: list[str], allowed_networks: tuple[Network, ...] = ()) -> Address:
+    """
+    The first of `addresses` (one host's DNS answers) when every one is public or inside `allowed_networks`.
+
+    :raises InvalidImageError: Some address is loopback, private, link-local, multicast, reserved or unspecified.
+    """
+    checked = [ipaddress.ip_address(address.split("%", 1)[0]) for address in addresses]
+    if not checked:
+        raise InvalidImageError("the upstream named a result URL that does not resolve")
+    for address in checked:
+        mapped = getattr(address, "ipv4_mapped", None) or address
+        if not mapped.is_global and not any(mapped in network for network in allowed_networks):
+            raise InvalidImageError("the upstream named a result URL inside a private network, which is refused")
+    return checked[0]
 
 
 def _remaining(deadline: float) -> float:
@@ -121,70 +254,66 @@ def _remaining(deadline: float) -> float:
     return remaining
 
 
-def _loading_wait(error: UpstreamUnavailableError, deadline: float) -> float:
-    """How long to wait before retrying a 503, or re-raise it when the deadline would pass first."""
+def _loading_wait(error: UpstreamUnavailableError, call: Call, deadline: float) -> float:
+    """How long to wait before retrying a provider's 503, or re-raise it when that is not done or too late."""
     wait = min(max(error.retry_after, 0.5), _MAX_LOADING_WAIT)
-    if time.monotonic() + wait >= deadline:
+    if call.purpose != "generate" or time.monotonic() + wait >= deadline:
         raise error
     return wait
 
 
-async def _read_error_body(response: httpx2.Response) -> bytes:
-    return await response.aread() if response.status_code >= 400 else b""
-
-
-def _read_error_body_sync(response: httpx2.Response) -> bytes:
-    return response.read() if response.status_code >= 400 else b""
-
-
-def _check_declared_size(headers: httpx2.Headers, max_bytes: int) -> None:
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise InvalidImageError("the upstream image is larger than the size cap")
-
-
-def _append_capped(body: bytearray, chunk: bytes, max_bytes: int) -> None:
-    body += chunk
-    if len(body) > max_bytes:
-        raise InvalidImageError("the upstream image is larger than the size cap")
-
-
-def _raise_for_status(status: int, headers: httpx2.Headers, body: bytes) -> None:
-    if status < 400:
+def _raise_for_status(response: httpx2.Response, body: bytes) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
         return
     error_json = _json_object(body)
+    headers = response.headers
     if status == 429:
-        raise UpstreamRateLimitedError("the upstream is rate limiting", _retry_after(headers, error_json))
+        raise UpstreamRateLimitedError("the upstream is rate limiting", retry_after(headers, error_json))
     if status == 503:
-        raise UpstreamUnavailableError("the upstream is unavailable", _retry_after(headers, error_json))
+        raise UpstreamUnavailableError("the upstream is unavailable", retry_after(headers, error_json))
+    if status == 404 or headers.get("x-error-code") == "RepoNotFound":
+        raise UpstreamNotFoundError(f"the upstream answered {status}")
     if status in (401, 403):
         raise UpstreamAuthError("upstream rejected the credentials")
     if status in (400, 422):
-        raise UpstreamRejectedError("the upstream rejected the parameters", _safe_reason(error_json))
-    raise UpstreamError(f"the upstream answered {status}")
+        raise UpstreamRejectedError("the upstream rejected the parameters", safe_reason(error_json))
+    raise UpstreamError(f"the upstream answered {status}")  # 3xx included: redirects are never followed
 
 
 def _json_object(body: bytes) -> dict:
     try:
-        value = json.loads(body[:4096])
+        value = json.loads(body)
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
 
 
-def _retry_after(headers: httpx2.Headers, error_json: dict) -> int:
-    """Seconds from `Retry-After`, else from HF's `estimated_time`, else a default; always at least 1."""
-    header = headers.get("retry-after", "")
-    if header.isdigit():
-        return max(1, int(header))
+def retry_after(headers: httpx2.Headers, error_json: dict) -> int:
+    """
+    Seconds to wait, from `Retry-After` (seconds or an HTTP date), else HF's `estimated_time`, else a default.
+
+    Always within 1..3600, whatever the upstream sent.
+    """
+    header = headers.get("retry-after", "").strip()
+    seconds: float | None = None
+    if _DIGITS_RE.fullmatch(header):  # ASCII digits only: "²".isdigit() is True
+        seconds = int(header)
+    elif header:
+        try:
+            seconds = email.utils.parsedate_to_datetime(header).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            seconds = None
     estimated = error_json.get("estimated_time")
-    if isinstance(estimated, (int, float)) and 0 < estimated < 3600:
-        return max(1, math.ceil(estimated))
-    return _DEFAULT_RETRY_AFTER
+    if seconds is None and isinstance(estimated, (int, float)) and math.isfinite(estimated):
+        seconds = estimated
+    if seconds is None:
+        return _DEFAULT_RETRY_AFTER
+    return int(min(max(math.ceil(seconds), 1), _MAX_RETRY_AFTER))
 
 
-def _safe_reason(error_json: dict) -> str | None:
-    """The upstream's error text when it is short, plain and names no URL, path or credential."""
+def safe_reason(error_json: dict) -> str | None:
+    """The upstream's error text when it is short, plain ASCII words, and names no URL, markup or credential."""
     reason = error_json.get("error")
     if isinstance(reason, list):
         reason = "; ".join(str(item) for item in reason)

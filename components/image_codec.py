@@ -43,6 +43,8 @@ def sniff(data: bytes) -> tuple[str, int, int]:
         with Image.open(BytesIO(data)) as image:
             fmt = _PIL_FORMATS.get(image.format or "")
             size = image.size
+    except Image.DecompressionBombError as e:
+        raise InvalidImageError("the upstream image declares too many pixels") from e
     except (UnidentifiedImageError, OSError, ValueError, struct.error) as e:
         raise InvalidImageError("the upstream reply is not an image") from e
     if fmt is None:
@@ -58,7 +60,7 @@ def convert(data: bytes, output_format: str) -> bytes:
         with Image.open(BytesIO(data)) as image:
             image.load()
             return encode(image, output_format)
-    except (OSError, ValueError, struct.error) as e:
+    except (Image.DecompressionBombError, OSError, ValueError, struct.error) as e:
         raise InvalidImageError("the upstream image could not be decoded") from e
 
 
@@ -68,6 +70,18 @@ def encode(image: Image.Image, output_format: str) -> bytes:
         image = image.convert("RGB")
     out = BytesIO()
     image.save(out, format=output_format.upper(), **_ENCODE_OPTIONS[output_format])
+    return out.getvalue()
+
+
+def recompress(data: bytes, output_format: str, quality: int) -> bytes:
+    """Decode a JPEG or WebP and encode it again at `quality` (0..100), keeping its XMP packet."""
+    with Image.open(BytesIO(data)) as image:
+        image.load()
+        options = {**_ENCODE_OPTIONS[output_format], "quality": quality}
+        if xmp := image.info.get("xmp"):
+            options["xmp"] = xmp
+        out = BytesIO()
+        image.save(out, format=output_format.upper(), **options)
     return out.getvalue()
 
 

@@ -49,8 +49,10 @@ class ImageResults:
         cached = self._cached(key) if pinned else None
         if cached is not None:
             return _from_cache(cached)
-        started = time.monotonic()
-        image = self.finish(request, produce(request), started)
+        with self.gate.slot():
+            started = time.monotonic()
+            raw = produce(request)
+        image = self.finish(request, raw, started)
         self._remember(key, image, pinned)
         return image
 
@@ -71,7 +73,7 @@ class ImageResults:
         admitted = False
         progress.report({"phase": "queued"})
         try:
-            async with self.gate.slot():
+            async with self.gate.slot_async():
                 admitted = True
                 started = time.monotonic()
                 phase = "generating" if self.backend_meta.get("provider") == "local" else "sent"

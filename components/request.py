@@ -18,6 +18,7 @@ MAX_SEED = 2**32 - 1
 MAX_STEPS = 150
 MAX_GUIDANCE = 50.0
 MAX_MODEL_ID_CHARS = 96
+MAX_IMAGES = 10
 
 # A Hub model id: "name" or "namespace/name"; never a URL, a path or a traversal.
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
@@ -27,9 +28,9 @@ _MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 _PROMPT_RE = re.compile(PROMPT_PATTERN)
 
 
-def random_seed() -> int:
-    """A fresh seed in [0, MAX_SEED], so that every image can be reproduced."""
-    return secrets.randbelow(MAX_SEED + 1)
+def random_seed(highest: int = MAX_SEED) -> int:
+    """A fresh seed in [0, highest], so that every image can be reproduced."""
+    return secrets.randbelow(highest + 1)
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,20 @@
 
 A backend subclasses it (and is decorated with `@component`), sets `defaults` in `__init__`, creates `_results` in
 `warm_up()`, and supplies `_produce` / `_produce_async`, which turn a validated request into encoded image bytes.
+A run for `n` images makes `n` single-image requests with seeds `seed, seed+1, ...`, so image *i* of a batch is the
+image that seed `seed+i` gives alone, byte for byte (and shares its cache entry).
 """
 
+import asyncio
+from dataclasses import replace
 from typing import Any
 
 from haystack import component
 from haystack.dataclasses import ImageContent
 
+from components.errors import InvalidRequestError
 from components.image_results import ImageResults
-from components.request import GenerationRequest, OutputFormat, random_seed
+from components.request import MAX_IMAGES, MAX_SEED, GenerationRequest, OutputFormat, random_seed
 
 
 class TextToImageBase:
@@ -19,6 +24,8 @@ class TextToImageBase:
 
     defaults: GenerationRequest
     _results: ImageResults | None = None
+    # Whether `run_async` asks for a batch's images at once (each through the admission gate), or one after another.
+    concurrent_batches: bool = True
 
     def warm_up(self) -> None:
         """Prepare the backend for `run`. Idempotent."""
@@ -27,6 +34,12 @@ class TextToImageBase:
     async def warm_up_async(self) -> None:
         """Prepare the backend for `run_async`. Idempotent."""
         raise NotImplementedError
+
+    def served_models(self) -> list[str]:
+        """The model ids a run may ask for (after `warm_up`): the allow-list when one is set, else the default."""
+        assert self._results is not None
+        allowed = self._results.settings.allowed_models
+        return sorted(allowed) if allowed else [self.defaults.model]
 
     def _produce(self, request: GenerationRequest) -> bytes:
         raise NotImplementedError
@@ -37,16 +50,20 @@ class TextToImageBase:
     def _check(self, request: GenerationRequest) -> None:
         """Backend-specific limits, checked after the common ones; raise `InvalidRequestError`."""
 
-    def _request(self, **overrides: Any) -> tuple[GenerationRequest, ImageResults, bool]:
-        """Apply defaults and validate; returns the request, the results, and whether the caller pinned the seed."""
+    def _requests(self, n: int, **overrides: Any) -> tuple[list[GenerationRequest], ImageResults, bool]:
+        """Apply defaults and validate; returns one request per image, the results, and whether the seed was pinned."""
         assert self._results is not None
+        if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_IMAGES):
+            raise InvalidRequestError(f"n={n!r} must be in 1..{MAX_IMAGES}")
         values = {name: value for name, value in overrides.items() if value is not None}
         pinned = "seed" in values
-        values.setdefault("seed", random_seed())
+        values.setdefault("seed", random_seed(MAX_SEED - n + 1))
         request = GenerationRequest(**{**self.defaults.__dict__, **values})
         request.validate(self._results.settings.allowed_models)
+        if request.seed + n - 1 > MAX_SEED:
+            raise InvalidRequestError(f"seed={request.seed} must be at most {MAX_SEED - n + 1} for n={n}")
         self._check(request)
-        return request, self._results, pinned
+        return [replace(request, seed=request.seed + i) for i in range(n)], self._results, pinned
 
     def validate_request(self, **params: Any) -> None:
         """Raise `InvalidRequestError` for the `run` parameters that `run` would refuse; nothing is generated."""
@@ -64,9 +81,10 @@ class TextToImageBase:
         seed: int | None = None,
         model: str | None = None,
         output_format: OutputFormat | None = None,
+        n: int = 1,
     ) -> dict[str, list[ImageContent]]:
         """
-        Generate one image.
+        Generate `n` images, with seeds `seed`, `seed+1`, ...
 
         :param prompt: What to draw.
         :param negative_prompt: What to keep out of the image.
@@ -77,18 +95,19 @@ class TextToImageBase:
         :param seed: Seed in 0..2^32-1; a random one is chosen (and returned in the meta) when omitted.
         :param model: Hub model id; overrides the default.
         :param output_format: `png`, `jpeg` or `webp`; overrides the default.
-        :returns: `images`: one `ImageContent` (base64 data, MIME type, and meta with backend, model, provider,
-            size, seed, upstream format and ETag).
+        :param n: How many images, 1..10; image *i* is the image that seed `seed+i` gives alone.
+        :returns: `images`: `n` `ImageContent`s (base64 data, MIME type, and meta with backend, model, provider,
+            size, seed, upstream format and ETag), in seed order.
         :raises InvalidRequestError: A parameter is out of range; nothing was sent or computed.
         :raises ImageGenerationError: Generation failed; subclasses say how.
         """
         self.warm_up()
-        request, results, pinned = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+        requests, results, pinned = self._requests(
+            n, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, model=model,
             output_format=output_format,
         )  # fmt: skip
-        return {"images": [results.get(request, self._produce, pinned=pinned)]}
+        return {"images": [results.get(request, self._produce, pinned=pinned) for request in requests]}
 
     @component.output_types(images=list[ImageContent])
     async def run_async(  # noqa: PLR0913
@@ -102,16 +121,25 @@ class TextToImageBase:
         seed: int | None = None,
         model: str | None = None,
         output_format: OutputFormat | None = None,
+        n: int = 1,
     ) -> dict[str, list[ImageContent]]:
         """
-        Generate one image without blocking the event loop; identical seeded requests in flight share one call.
+        Generate `n` images without blocking the event loop; identical seeded requests in flight share one call.
 
-        Parameters, returns and errors are those of `run`.
+        With `concurrent_batches`, a batch's images are made at once, each through the admission gate; when one
+        fails, the others are cancelled. Parameters, returns and errors are those of `run`.
         """
         await self.warm_up_async()
-        request, results, pinned = self._request(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+        requests, results, pinned = self._requests(
+            n, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, model=model,
             output_format=output_format,
         )  # fmt: skip
-        return {"images": [await results.get_async(request, self._produce_async, pinned=pinned)]}
+        if not self.concurrent_batches or len(requests) == 1:
+            return {"images": [await results.get_async(r, self._produce_async, pinned=pinned) for r in requests]}
+        tasks = [asyncio.ensure_future(results.get_async(r, self._produce_async, pinned=pinned)) for r in requests]
+        try:
+            return {"images": list(await asyncio.gather(*tasks))}
+        finally:
+            for task in tasks:  # after a failure (or cancellation), nobody waits for the others
+                task.cancel()

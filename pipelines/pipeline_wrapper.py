@@ -17,6 +17,7 @@ from haystack.core.serialization import allow_deserialization_module
 from starlette.datastructures import Headers
 
 from components.request import OutputFormat
+from server.generation import run_pipeline
 from server.jobs import jobs_mixin
 from server.log import configure_server_log
 from server.params import Guidance, ModelId, Seed, Size, Steps, Text
@@ -31,6 +32,9 @@ PIPELINE_FILES = {
 
 class LivePipelineWrapper(BasePipelineWrapper):
     """Serves the configured backend's pipeline; the image bytes go out as the response body, never through a file."""
+
+    # Hayhooks' own MCP tool would answer `str(Response)`: the image is served to MCP clients by server/mcp.py.
+    skip_mcp = True
 
     def setup(self) -> None:
         """Load and warm up the backend's pipeline, allowing Haystack to deserialize our `components` only."""
@@ -58,6 +62,8 @@ class LivePipelineWrapper(BasePipelineWrapper):
         """
         Generate an image from a text prompt and return it as the response body.
 
+        One image per call: for several at once (`n`), use `POST /v1/images/generations` or the MCP tool.
+
         The response carries `X-Seed` (the seed used; pass it back to reproduce the image) and `ETag` (answered with
         304 on a matching `If-None-Match`). The image is marked as AI-generated (IPTC digital source type in XMP; C2PA
         Content Credentials when the server signs).
@@ -84,10 +90,10 @@ class LivePipelineWrapper(BasePipelineWrapper):
             "model": model, "output_format": output_format,
         }  # fmt: skip
         try:
-            result = await self.pipeline.run_async({"text_to_image": inputs})
+            [image] = await run_pipeline(self.pipeline, **inputs)
         except Exception as e:
             raise http_error(e) from None
-        return image_response(result["text_to_image"]["images"][0], headers)
+        return image_response(image, headers)
 
 
 class DurablePipelineWrapper(jobs_mixin(), LivePipelineWrapper):

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 # System tools the tests need, installed only when missing.
 command -v exiftool >/dev/null || { apt-get update -qq && apt-get install -y -qq libimage-exiftool-perl; }  # reads our XMP
 command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }  # tests/browser.py
-command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }  # tests/jobs_client.py
+command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }  # tests/redis_server.py
 python3 -m venv --clear .venv-test
 .venv-test/bin/python -m pip install --quiet --disable-pip-version-check --editable ".[local,test]"
 exec .venv-test/bin/python -m pytest "$@"

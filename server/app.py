@@ -14,15 +14,16 @@ from hayhooks.settings import settings
 from haystack.core.serialization import allow_deserialization_module
 from starlette.middleware import Middleware
 
-from server import image_store, metrics, page
+from server import image_store, mcp, metrics, openai_images, page
 from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from server.jobs import configure_durable_mode
 from server.origins import HostAllowList, OriginPolicy, configure_cors
+from server.quota import Quota
 from server.responses import validation_error_handler
 from server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = (metrics, page, image_store)
+DOORS: tuple = (metrics, page, image_store, openai_images, mcp)
 # Largest request line plus headers accepted (h11's incomplete-event cap); larger is a 400 before any route runs.
 MAX_HEADER_BYTES = 16 * 1024
 # Seconds an idle keep-alive connection stays open.
@@ -52,6 +53,7 @@ def create_app() -> FastAPI:
         hosts=HostAllowList(settings.host),
         origins=OriginPolicy(settings),
         body_timeout=body_timeout_from_env(),
+        quota=Quota.from_env(),
     )
     app.user_middleware.append(guard)
     build_openapi = app.openapi

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components.result_cache import CACHE_SCOPE
 from server.origins import HostAllowList, OriginPolicy
+from server.quota import Quota, limited_send
 from server.responses import clip, error_response
 from server.routes import Inventory, Route
 
@@ -52,7 +53,9 @@ class HTTPGuard:
     body timeout, 422 for JSON that is nested too deeply, holds a non-finite number, or names a field the route does
     not take. While a route with a body runs, a client that disconnects cancels it, and with it the upstream call or
     the local generation. With API keys on, the request's cache scope is its key's hash, so that callers with
-    different keys never share cached or coalesced results.
+    different keys never share cached or coalesced results. With a quota (`IMAGE_GENERATION_RATE_LIMIT`), each keyed
+    route that takes a body takes one request from the caller's quota (429 past it), and every answer carries the
+    limit headers.
     """
 
     def __init__(  # noqa: PLR0913
@@ -64,6 +67,7 @@ class HTTPGuard:
         hosts: HostAllowList,
         origins: OriginPolicy,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        quota: Quota | None = None,
     ) -> None:
         self.app = app
         self.api = api
@@ -72,6 +76,7 @@ class HTTPGuard:
         self.hosts = hosts
         self.origins = origins
         self.body_timeout = body_timeout
+        self.quota = quota
         self._fields: dict[str, frozenset[str]] = {}
         self._schema: dict | None = None
 
@@ -88,6 +93,11 @@ class HTTPGuard:
         keyed = isinstance(row, Route) and row.auth == "api_key" and bool(self.api_keys)
         key = matching_key(headers.get("authorization", ""), self.api_keys) if keyed else None
         refusal = self._refusal_unread(scope, headers, row, key)
+        if refusal is None and isinstance(row, Route) and self.quota is not None and _metered(row, key, self.api_keys):
+            send, retry_after = await limited_send(self.quota, key, scope.get("client"), send)
+            if retry_after is not None:
+                retry = {"Retry-After": str(retry_after)}
+                refusal = error_response(row.errors, 429, "the rate limit is spent, retry later", retry)
         if refusal is None and isinstance(row, Route):
             if key is not None:
                 CACHE_SCOPE.set(hashlib.sha256(key).hexdigest()[:32])
@@ -162,6 +172,11 @@ class HTTPGuard:
                 for (method, path), model in json_bodies(schema).items()
             }
         return self._fields.get(f"{row.method.lower()} {row.path}")
+
+
+def _metered(row: Route, key: bytes | None, api_keys: tuple[bytes, ...]) -> bool:
+    """Whether a request takes from a quota: the keyed routes that do work (take a body), by key or client address."""
+    return row.auth == "api_key" and row.body is not None and (key is not None or not api_keys)
 
 
 def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | None:

@@ -42,8 +42,8 @@ MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SIZE_BUCKETS = (256, 512, 768, 1024, 2048)  # an image counts in the first square bucket with as many pixels
 UPSTREAM_STATUSES = frozenset((200, 400, 401, 403, 404, 408, 413, 422, 429, 500, 502, 503, 504))
 DISCONNECTED = "499"  # the client left before an answer (nginx's code for it)
-# Route template prefix -> door; the run routes of the pipelines are the native door.
-DOORS = (("/v1/", "openai"), ("/mcp", "mcp"), ("/executions", "job"), ("/jobs", "job"), ("/images", "job"))
+# Route template prefix -> door; then jobs (durable runs, their executions) and the pipelines' own run routes.
+DOOR_PREFIXES = (("/v1/", "openai"), ("/mcp", "mcp"), ("/images/", "job"))
 
 REQUESTS = Counter(
     "image_generation_http_requests",
@@ -157,9 +157,11 @@ def route_template(app: FastAPI, scope: Scope) -> str:
 
 def door_of(route: str) -> str:
     """Which door a route template belongs to: native, openai, mcp, job, or other (status, docs, metrics...)."""
-    for prefix, door in DOORS:
+    for prefix, door in DOOR_PREFIXES:
         if route.startswith(prefix):
             return door
+    if route.endswith("/run-durable") or "/executions" in route:
+        return "job"
     return "native" if route.endswith("/run") else "other"
 
 

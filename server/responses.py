@@ -5,6 +5,8 @@ Errors become short fixed messages with the right status (and `Retry-After` wher
 generated image becomes a `Response` whose body is the image itself, with its seed and ETag in headers.
 """
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pybase64
@@ -27,28 +29,58 @@ HTTP_ERRORS: dict[type[Exception], tuple[int, str]] = {
     errors.UpstreamRejectedError: (422, "the upstream rejected the parameters"),
     errors.UpstreamTimeoutError: (504, "the upstream did not answer in time"),
     errors.GenerationTimeoutError: (504, "image generation ran past its deadline"),
+    errors.PipelineNotServedError: (503, "the image pipeline is not deployed, retry later"),
     errors.InvalidImageError: (502, "the upstream returned an invalid image"),
     errors.UpstreamError: (502, "the upstream failed"),
     errors.ImageGenerationError: (503, "image generation was interrupted, retry later"),
 }
 
 
-def http_error(error: Exception) -> HTTPException:
-    """Map a pipeline failure to a short fixed message; unknown failures are logged and become a bare 500."""
+@dataclass(frozen=True)
+class Failure:
+    """What a client is told about a failed generation, whatever the door's error envelope."""
+
+    status: int
+    message: str
+    retry_after: int | None = None
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """`Retry-After` where the upstream or the admission queue asked to wait."""
+        return {"Retry-After": str(self.retry_after)} if self.retry_after else None
+
+
+def classify(error: Exception) -> Failure:
+    """Map a pipeline failure to a status and a short fixed message; unknown failures are logged and become a 500."""
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, errors.ImageGenerationError):
         cause = cause.__cause__
     if cause is None:
         log.opt(exception=error).error("Image generation failed unexpectedly ({})", type(error).__name__)
-        return HTTPException(500, "image generation failed")
+        return Failure(500, "image generation failed")
     status, message = next(HTTP_ERRORS[cls] for cls in type(cause).__mro__ if cls in HTTP_ERRORS)
     if isinstance(cause, errors.InvalidRequestError):
         message = str(cause)
     elif isinstance(cause, errors.UpstreamRejectedError) and cause.reason:
         message = f"{message}: {cause.reason}"
     log.warning("Image generation failed: {} -> {}", type(cause).__name__, status)
-    retry_after = getattr(cause, "retry_after", None)
-    return HTTPException(status, message, headers={"Retry-After": str(retry_after)} if retry_after else None)
+    return Failure(status, message, getattr(cause, "retry_after", None))
+
+
+def http_error(error: Exception) -> HTTPException:
+    """The native routes' form of `classify`: an `HTTPException` with `{"detail": message}`."""
+    failure = classify(error)
+    return HTTPException(failure.status, failure.message, headers=failure.headers)
+
+
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str | None, str]:
+    """The first of pydantic's errors as (field, short message); the input is never echoed."""
+    first = next(iter(errors), {"loc": (), "msg": "invalid request", "type": ""})
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = loc[0][:64] if loc else None
+    if first.get("type") == "extra_forbidden":
+        return field, f"unknown field {field!r}"
+    return field, f"{field}: {first['msg']}" if field else first["msg"]
 
 
 # OpenAI's error `type` by status; the SDK picks its exception class by status alone.
@@ -83,15 +115,14 @@ def error_response(
     A refusal in a route's error shape.
 
     `native` is FastAPI's `{"detail": ...}` (a message, or a list of field errors); `openai` is OpenAI's envelope,
-    with the first field error as its message and `param`.
+    with the first field error as its message and `param` (`validation_message`).
     """
     if shape != "openai":
         return JSONResponse({"detail": detail}, status, headers)
     if isinstance(detail, str):
         return openai_error(status, detail, headers=headers)
-    first = detail[0] if detail else {"msg": "invalid request", "loc": ()}
-    param = ".".join(str(part) for part in first["loc"][1:]) or None
-    return openai_error(status, first["msg"], param=param, headers=headers)
+    param, message = validation_message(detail)
+    return openai_error(status, message, param=param, headers=headers)
 
 
 def clip(text: object, limit: int) -> str:

@@ -60,7 +60,8 @@ class Route:
     optional: bool = False
 
 
-RUN_BODY = Body(max_bytes=64 * 1024)
+MAX_BODY_BYTES = 64 * 1024
+RUN_BODY = Body(MAX_BODY_BYTES)
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", "public"),
@@ -85,8 +86,11 @@ ROUTES: tuple[Route, ...] = (
     ),
     # stored images (server/image_store.py): the unguessable name is the credential, so that an <img> can load it
     Route("GET", "/images/{name}", "capability"),
-    # the OpenAI-compatible door's model list (Hayhooks' until server/openai_images.py replaces it)
+    # the OpenAI-compatible door (server/openai_images.py); its model list replaces Hayhooks' (chat models)
+    Route("POST", "/v1/images/generations", "api_key", RUN_BODY, errors="openai"),
     Route("GET", "/v1/models", "api_key", errors="openai"),
+    # the MCP door (server/mcp.py): stateless JSON-RPC over POST; its SDK checks the body's shape
+    Route("POST", "/mcp", "api_key", Body(MAX_BODY_BYTES, closed=False)),
     # the web page (server/page.py), unless IMAGE_GENERATION_UI=false
     Route("GET", "/", "public", optional=True),
     Route("GET", "/static/{name}", "public", optional=True),
@@ -116,8 +120,8 @@ class Inventory:
         """Whether a row names this route (one of its methods at `path`, its full path), or a path under this mount."""
         if isinstance(route, Mount):
             return any(row.path.startswith(path.rstrip("/") + "/") for row in self.routes)
-        methods = getattr(route, "methods", None) or set()
-        return any(row.path == path and row.method in methods for row in self.routes)
+        methods = getattr(route, "methods", None)  # None: an ASGI app that takes any method (the guard picks)
+        return any(row.path == path and (methods is None or row.method in methods) for row in self.routes)
 
 
 def prune(app: FastAPI, inventory: Inventory) -> None:
@@ -127,18 +131,25 @@ def prune(app: FastAPI, inventory: Inventory) -> None:
     Included routers are copied before their routes are filtered: Hayhooks' routers are module globals that another
     app in the same process may still include whole.
     """
-    app.router.routes[:] = _pruned(app.router.routes, "", inventory)
+    app.router.routes[:] = _pruned(app.router.routes, "", inventory, {})
     app.openapi_schema = None
 
 
 def listed_routes(app: FastAPI) -> set[tuple[str, str]]:
-    """Every (method, path) the app's router answers, HEAD left out; a mount is `("*", "<path>/{path:path}")`."""
+    """
+    Every (method, path) the app's router answers, HEAD left out.
+
+    A route that takes any method is `("*", path)`, and a mount `("*", "<path>/{path:path}")`.
+    """
     found = set()
     for route, path in _walk(app.router.routes, ""):
+        methods = getattr(route, "methods", None)
         if isinstance(route, Mount):
             found.add(("*", f"{path.rstrip('/')}/{{path:path}}"))
+        elif methods is None:
+            found.add(("*", path))
         else:
-            found |= {(method, path) for method in getattr(route, "methods", None) or () if method != "HEAD"}
+            found |= {(method, path) for method in methods if method != "HEAD"}
     return found
 
 
@@ -151,18 +162,22 @@ def _walk(routes: list[BaseRoute], prefix: str) -> Iterator[tuple[BaseRoute, str
             yield route, prefix + getattr(route, "path", "")
 
 
-def _pruned(routes: list[BaseRoute], prefix: str, inventory: Inventory) -> list[BaseRoute]:
+def _pruned(routes: list[BaseRoute], prefix: str, inventory: Inventory, seen: dict[str, set[str]]) -> list[BaseRoute]:
+    """
+    The routes the inventory lists, without those an earlier route shadows (`seen`: the methods served by path).
+
+    Shadowed routes arise when FastAPI adds its doc routes again at each deploy, and when a door replaces one of
+    Hayhooks' routes by adding its own ahead of it.
+    """
     kept: list[BaseRoute] = []
-    # A route shadowed by an earlier one goes too: FastAPI adds its doc routes again each time a pipeline deploys.
-    seen: dict[str, set[str]] = {}
     for route in routes:
         if isinstance(route, _IncludedRouter):
             router = copy.copy(route.original_router)
-            router.routes = _pruned(router.routes, prefix + route.include_context.prefix, inventory)
+            router.routes = _pruned(router.routes, prefix + route.include_context.prefix, inventory, seen)
             if router.routes:
                 kept.append(_IncludedRouter(original_router=router, include_context=route.include_context))
         elif inventory.lists(route, path := prefix + getattr(route, "path", "")):
-            methods = set(getattr(route, "methods", None) or ()) - {"HEAD"}
+            methods = set(getattr(route, "methods", None) or {"*"}) - {"HEAD"}
             if isinstance(route, Mount) or not methods & seen.get(path, set()):
                 seen.setdefault(path, set()).update(methods)
                 kept.append(route)

@@ -35,7 +35,7 @@ TEST_TOKEN = "test-token-that-must-never-leak-0123456789"
 @pytest.fixture(autouse=True)
 def _no_real_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see a real token or a real endpoint from the developer's shell."""
-    for name in ("HF_TOKEN", "HF_API_TOKEN", "IMAGE_GENERATION_ENDPOINT", "IMAGE_GENERATION_MODELS"):
+    for name in ("HF_TOKEN", "HF_API_TOKEN", "HF_TOKEN_FILE", "IMAGE_GENERATION_ENDPOINT", "IMAGE_GENERATION_MODELS"):
         monkeypatch.delenv(name, raising=False)
 
 

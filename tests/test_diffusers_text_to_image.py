@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, decode, hang_up_during, post, server_env, start_server, stop_server
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
+from haystack.utils import ComponentDevice
 from PIL import Image
 
 from components.diffusers_text_to_image import DiffusersTextToImage
@@ -45,7 +46,7 @@ def generator(tiny_model):
 def test_init_default():
     component = DiffusersTextToImage()
     assert component.model is None  # resolved from IMAGE_GENERATION_LOCAL_MODEL in warm_up
-    assert (component.device, component.dtype, component.cpu_offload) == ("auto", "auto", False)
+    assert (component.device, component.dtype, component.cpu_offload) == (None, "auto", False)
     assert (component.defaults.width, component.defaults.height, component.defaults.output_format) == (512, 512, "png")
     assert component._loaded is None  # nothing is loaded before warm_up
 
@@ -66,12 +67,14 @@ def test_init_rejects_bad_settings(kwargs, named):
 
 
 def test_to_dict():
-    component = DiffusersTextToImage(model="stabilityai/sd-turbo", device="cpu", num_inference_steps=2, timeout=30)
+    component = DiffusersTextToImage(
+        model="stabilityai/sd-turbo", device=ComponentDevice.from_str("cpu"), num_inference_steps=2, timeout=30
+    )
     assert component.to_dict() == {
         "type": "components.diffusers_text_to_image.DiffusersTextToImage",
         "init_parameters": {
             "model": "stabilityai/sd-turbo",
-            "device": "cpu",
+            "device": {"type": "single", "device": "cpu"},
             "dtype": "auto",
             "cpu_offload": False,
             "width": 512,
@@ -89,9 +92,14 @@ def test_to_dict():
 
 
 def test_from_dict():
-    component = DiffusersTextToImage(model="some/model", dtype="bfloat16", guidance_scale=0.0, output_format="webp")
+    component = DiffusersTextToImage(
+        model="some/model", device=ComponentDevice.from_str("cuda:1"), dtype="bfloat16", guidance_scale=0.0,
+        output_format="webp",
+    )  # fmt: skip
     component = DiffusersTextToImage.from_dict(component.to_dict())
-    assert (component.model, component.dtype) == ("some/model", "bfloat16")
+    assert (component.model, component.device, component.dtype) == (
+        "some/model", ComponentDevice.from_str("cuda:1"), "bfloat16",
+    )  # fmt: skip
     assert (component.defaults.guidance_scale, component.defaults.output_format) == (0.0, "webp")
 
 
@@ -118,6 +126,17 @@ def test_seed_decides_the_pixels(generator):
 
     assert pixels(11) == pixels(11)  # the cache is off: both are generated
     assert pixels(11) != pixels(12)
+
+
+async def test_n_images_equal_their_seeds_alone(generator):
+    def pixels(images) -> list[bytes]:
+        return [base64.b64decode(image.base64_image) for image in images]
+
+    batch = generator.run(prompt="a red fox", seed=11, n=2)["images"]
+    assert [image.meta["seed"] for image in batch] == [11, 12]
+    alone = [generator.run(prompt="a red fox", seed=seed)["images"][0] for seed in (11, 12)]
+    assert pixels(batch) == pixels(alone)
+    assert pixels((await generator.run_async(prompt="a red fox", seed=11, n=2))["images"]) == pixels(alone)
 
 
 @pytest.mark.parametrize(
@@ -264,10 +283,12 @@ def test_missing_model_folder_is_a_clear_startup_error(tmp_path):
         stop_server(server)
 
 
-def test_worker_threads_are_not_leaked(generator):
+async def test_worker_threads_are_not_leaked(generator):
+    """`run_async` generates on a worker thread (`run` starts none): each call's thread is reused, none piles up."""
+    await generator.run_async(prompt="threads", seed=0)  # the loop's executor starts its worker
     before = threading.active_count()
-    for seed in range(5):
-        generator.run(prompt="threads", seed=seed)
+    for seed in range(1, 6):
+        await generator.run_async(prompt="threads", seed=seed)
     assert threading.active_count() <= before
 
 

@@ -1,17 +1,20 @@
 """HuggingFaceAPITextToImage against the fake upstream: Haystack's per-component list plus the request contract."""
 
+import asyncio
 import subprocess
 import sys
+from ipaddress import ip_network
 
 import pytest
-from conftest import ROOT, TEST_TOKEN, decode
+from conftest import ROOT, TEST_TOKEN, decode, wait_for
 from fake_upstream import Fault
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from haystack.utils import Secret
 
 from components import HuggingFaceAPITextToImage
-from components.errors import InvalidRequestError, UpstreamRejectedError
+from components.errors import InvalidImageError, InvalidRequestError, UpstreamError, UpstreamRejectedError
+from components.hf_transport import check_address
 
 TYPE = "components.hf_api_text_to_image.HuggingFaceAPITextToImage"
 
@@ -29,7 +32,7 @@ def test_init_default():
     assert component.model == "black-forest-labs/FLUX.1-schnell"
     assert component.provider == "auto"
     assert component.endpoint_url is None
-    assert component.token == Secret.from_env_var(["HF_TOKEN", "HF_API_TOKEN"], strict=False)
+    assert component.token == Secret.from_env_var(["HF_API_TOKEN", "HF_TOKEN"], strict=False)
     assert (component.defaults.width, component.defaults.height, component.defaults.output_format) == (512, 512, "png")
 
 
@@ -50,7 +53,7 @@ def test_to_dict():
             "model": "stabilityai/sdxl-turbo",
             "provider": "fal-ai",
             "endpoint_url": None,
-            "token": {"type": "env_var", "env_vars": ["HF_TOKEN", "HF_API_TOKEN"], "strict": False},
+            "token": {"type": "env_var", "env_vars": ["HF_API_TOKEN", "HF_TOKEN"], "strict": False},
             "width": 1024,
             "height": 512,
             "num_inference_steps": None,
@@ -137,12 +140,47 @@ def test_converts_when_upstream_format_differs(generator, fresh_upstream):
         {"prompt": "x", "output_format": "gif"},
         {"prompt": "x", "model": "https://attacker.example/steal"},
         {"prompt": "x", "model": "../../etc/passwd"},
+        {"prompt": "x", "n": 0},
+        {"prompt": "x", "n": 11},
+        {"prompt": "x", "n": True},
+        {"prompt": "x", "n": 2, "seed": 2**32 - 1},
     ],
 )
 def test_bad_input_costs_nothing_upstream(generator, fresh_upstream, kwargs):
     with pytest.raises(InvalidRequestError):
         generator.run(**kwargs)
     assert fresh_upstream.requests == []
+
+
+async def test_n_images_are_made_at_once_and_equal_their_seeds_alone(fresh_upstream, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    generator = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url, width=64, height=64, cache_max_bytes=0)
+    fresh_upstream.latency = 0.3  # long enough for the three calls to overlap
+    batch = (await generator.run_async(prompt="a batch", seed=40, n=3))["images"]
+    assert fresh_upstream.max_in_flight == 3
+    fresh_upstream.latency = 0
+    assert [image.meta["seed"] for image in batch] == [40, 41, 42]
+    for i, image in enumerate(batch):
+        alone = (await generator.run_async(prompt="a batch", seed=40 + i))["images"][0]
+        assert image.base64_image == alone.base64_image
+    assert len(fresh_upstream.requests) == 6  # the cache is off: every image was made
+    await generator.close_async()
+
+
+def test_n_images_sync_with_a_random_seed(generator, fresh_upstream):
+    images = generator.run(prompt="two", width=64, height=64, n=2)["images"]
+    first = images[0].meta["seed"]
+    assert [image.meta["seed"] for image in images] == [first, first + 1]
+    assert [r.payload["parameters"]["seed"] for r in fresh_upstream.requests] == [first, first + 1]
+
+
+async def test_a_failed_image_fails_the_batch_and_cancels_the_rest(generator, fresh_upstream):
+    fresh_upstream.fail_next(Fault(status=500), Fault(hang=5), Fault(hang=5))  # the first to arrive fails
+    with pytest.raises(UpstreamError):
+        await generator.run_async(prompt="doomed batch", width=64, height=64, n=3)
+    dropped = await asyncio.to_thread(wait_for, lambda: fresh_upstream.abandoned == 2, 3)
+    assert dropped, "the two other upstream calls outlived the failed batch"
+    await generator.close_async()
 
 
 def test_allowed_models_from_environment(fresh_upstream, monkeypatch):
@@ -187,3 +225,71 @@ def test_committed_yaml_is_what_the_code_dumps():
         [sys.executable, "scripts/build_pipelines.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"HF_API_TOKEN": "from-api-token", "HF_TOKEN": "from-token"}, "from-api-token"),
+        ({"HF_TOKEN": "from-token"}, "from-token"),
+        ({}, "from-file"),
+    ],
+)
+def test_token_sources_in_order(fresh_upstream, monkeypatch, tmp_path, env, expected):
+    (tmp_path / "secret").write_text("from-file\n")
+    monkeypatch.setenv("HF_TOKEN_FILE", str(tmp_path / "secret"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url).run(prompt="token", width=64, height=64, seed=1)
+    assert fresh_upstream.requests[0].headers["authorization"] == f"Bearer {expected}"
+
+
+@pytest.mark.parametrize("content", [None, ""], ids=["missing", "empty"])
+def test_unusable_token_file_fails_warm_up(monkeypatch, tmp_path, content):
+    if content is not None:
+        (tmp_path / "secret").write_text(content)
+    monkeypatch.setenv("HF_TOKEN_FILE", str(tmp_path / "secret"))
+    with pytest.raises(ValueError, match="HF_TOKEN_FILE"):
+        HuggingFaceAPITextToImage().warm_up()
+
+
+def test_no_token_and_no_endpoint_warns(caplog):
+    HuggingFaceAPITextToImage().warm_up()
+    assert "No Hugging Face token" in caplog.text
+
+
+def test_only_providers_that_answer_without_polling():
+    for provider in ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale"):
+        HuggingFaceAPITextToImage(provider=provider)
+    with pytest.raises(ValueError, match="provider"):
+        HuggingFaceAPITextToImage(provider="wavespeed")  # its replies are jobs to poll
+
+
+@pytest.mark.parametrize(
+    ("addresses", "allowed", "ok"),
+    [
+        (["93.184.216.34"], (), True),
+        (["2606:2800:220:1:248:1893:25c8:1946"], (), True),
+        (["127.0.0.1"], (), False),
+        (["::1"], (), False),
+        (["::ffff:127.0.0.1"], (), False),
+        (["10.1.2.3"], (), False),
+        (["172.16.0.1"], (), False),
+        (["192.168.1.1"], (), False),
+        (["169.254.169.254"], (), False),
+        (["fe80::1%eth0"], (), False),
+        (["fd00::1"], (), False),
+        (["100.64.0.1"], (), False),  # carrier-grade NAT
+        (["0.0.0.0"], (), False),
+        (["93.184.216.34", "127.0.0.1"], (), False),  # one inside answer is enough to refuse
+        (["127.0.0.2"], (ip_network("127.0.0.2/32"),), True),
+        (["127.0.0.1"], (ip_network("127.0.0.2/32"),), False),
+        ([], (), False),
+    ],
+)
+def test_result_addresses(addresses, allowed, ok):
+    if ok:
+        assert str(check_address(addresses, allowed)) == addresses[0]
+    else:
+        with pytest.raises(InvalidImageError):
+            check_address(addresses, allowed)

@@ -5,7 +5,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import post, server_env, start_server, stop_server, wait_for
+from conftest import HAYHOOKS, ROOT, free_port, launch, post, server_env, start_server, stop_server, wait_for
 from fake_upstream import Fault
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -116,3 +116,29 @@ def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
 
 def test_metrics_are_off_without_their_key(server):
     assert scrape(server)[0] == 404
+
+
+def test_several_workers_add_up_in_multiprocess_mode(upstream, fresh_upstream, tmp_path):
+    """`uvicorn --workers 2` as the README runs it: every scrape, whichever worker answers it, counts every request."""
+    (tmp_path / "prometheus").mkdir()
+    env = server_env(
+        IMAGE_GENERATION_ENDPOINT=upstream.url,
+        IMAGE_GENERATION_METRICS_KEY=METRICS_KEY,
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
+        HAYHOOKS_PIPELINES_DIR=str(ROOT / "served"),
+    )
+    port = free_port()
+    argv = [str(HAYHOOKS.with_name("uvicorn")), "--factory", "server.app:create_app", "--workers", "2",
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    server = launch(argv, ROOT, env, tmp_path / "uvicorn.log", port, timeout=120)
+    try:
+        for _ in range(8):
+            assert post(server, {"prompt": "counted once", "width": 64, "height": 64})[0] == 200
+        for _ in range(4):
+            parsed = samples(scrape(server)[1])
+            assert value(parsed, "image_generation_http_requests_total", route=RUN, door="native", status="200") == 8
+            assert (
+                value(parsed, "image_generation_images_total", model=DEFAULT_MODEL, size="256x256", format="png") == 8
+            )
+    finally:
+        stop_server(server)

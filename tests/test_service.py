@@ -55,6 +55,15 @@ def test_seed_reproduces_the_image(server, fresh_upstream, tmp_path):
     assert first["x-seed"] == again["x-seed"] == "1234"
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "c.png").read_bytes()
     assert first["etag"] == third["etag"] != again["etag"]
+    assert len(fresh_upstream.requests) == 2  # the third came from the cache
+
+
+def test_negative_prompt_reaches_the_upstream(server, fresh_upstream, tmp_path):
+    body = {"prompt": "negative", "width": 64, "height": 64, "seed": 77}
+    curl(server, body, tmp_path / "a.png")
+    curl(server, {**body, "negative_prompt": "fog"}, tmp_path / "b.png")  # another cache key: not from the cache
+    sent = [request.payload["parameters"] for request in fresh_upstream.requests]
+    assert [(p.get("negative_prompt"), p["seed"]) for p in sent] == [(None, 77), ("fog", 77)]
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])

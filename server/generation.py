@@ -1,0 +1,43 @@
+"""
+The one runner every door uses: the image pipeline that Hayhooks deployed, run on a request's parameters.
+
+The native route's wrapper calls `run_pipeline` on its own pipeline; the other doors (OpenAI images, MCP) reach the
+same wrapper, and so the same pipeline instance, cache, coalescing and admission queue, through Hayhooks' registry.
+Failures are raised as they come; each door maps them with `server.responses.classify`.
+"""
+
+from typing import Any
+
+from fastapi import FastAPI
+from haystack import Pipeline
+from haystack.dataclasses import ImageContent
+
+from components.errors import PipelineNotServedError
+
+PIPELINE_NAME = "image_generation"  # the folder the wrapper is deployed from, hence its route /image_generation/run
+COMPONENT = "text_to_image"
+
+
+async def run_pipeline(pipeline: Pipeline, **params: Any) -> list[ImageContent]:
+    """Run the image pipeline; returns its images (one per `n`, in seed order)."""
+    result = await pipeline.run_async({COMPONENT: params})
+    return result[COMPONENT]["images"]
+
+
+def served_pipeline(app: FastAPI) -> Pipeline:
+    """The pipeline of the deployed image wrapper; `PipelineNotServedError` when none is deployed."""
+    wrapper = app.state.pipeline_registry.get(PIPELINE_NAME)
+    pipeline = getattr(wrapper, "pipeline", None)
+    if not isinstance(pipeline, Pipeline):
+        raise PipelineNotServedError(f"no pipeline named {PIPELINE_NAME} is deployed")
+    return pipeline
+
+
+async def generate(app: FastAPI, **params: Any) -> list[ImageContent]:
+    """Run the served image pipeline: `params` are the component's run inputs (`prompt`, ..., `n`)."""
+    return await run_pipeline(served_pipeline(app), **params)
+
+
+def served_models(app: FastAPI) -> list[str]:
+    """The model ids a request may ask for: the allow-list when there is one, else the default model."""
+    return served_pipeline(app).get_component(COMPONENT).served_models()

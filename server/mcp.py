@@ -1,0 +1,141 @@
+"""
+MCP at `/mcp`: the tool `generate_image`, which answers with the images themselves (MCP `ImageContent`).
+
+The official `mcp` SDK's streamable HTTP transport, stateless (any replica answers any call; no sticky sessions) with
+plain JSON replies, runs inside the server's app: its session manager runs in the app's lifespan, the tool runs the
+one image pipeline through `server.generation`, its errors carry the same messages as HTTP, and `HTTPGuard` asks for
+the same API keys. Hayhooks' own MCP tool for the wrapper is turned off (`skip_mcp`): it could only return text.
+"""
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI
+from mcp import types
+from mcp.server.fastmcp.server import StreamableHTTPASGIApp
+from mcp.server.lowlevel import Server
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.routing import Route
+
+from components.request import MAX_IMAGES, OutputFormat
+from server.generation import generate
+from server.params import Guidance, ModelId, Seed, Size, Steps, Text
+from server.responses import classify, validation_message
+from server.routes import MAX_BODY_BYTES
+
+MCP_PATH = "/mcp"
+TOOL = "generate_image"
+ALLOWED_HOSTS_ENV = "IMAGE_GENERATION_ALLOWED_HOSTS"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+DESCRIPTION = """\
+Generate images from a text prompt and get them back as images (PNG by default).
+
+Write the prompt as a description of the picture: subject, setting, style, lighting. Each image is followed by a
+text line with its seed, size and model; call again with that seed (and the same other arguments) to get exactly the
+same image, or change the prompt and keep the seed for a variation. `n` images come with seeds seed, seed+1, ...
+Sizes are multiples of 8 from 64 to 2048 (512x512 by default); larger images take longer. On failure the result is an
+error whose text says what to change (a parameter out of range) or when to retry (the server or model is busy)."""
+
+
+class GenerateImageArguments(BaseModel):
+    """The tool's arguments: the native route's parameters plus `n`, with the same limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Text = Field(description="What to draw, 1 to 2000 characters.")
+    width: Size | None = Field(None, description="Width in pixels, a multiple of 8 from 64 to 2048; default 512.")
+    height: Size | None = Field(None, description="Height in pixels, a multiple of 8 from 64 to 2048; default 512.")
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)] = Field(1, description="How many images, 1 to 10.")
+    negative_prompt: Text | None = Field(None, description="What to keep out of the image.")
+    num_inference_steps: Steps | None = Field(None, description="Denoising steps, 1 to 150; the model's default.")
+    guidance_scale: Guidance | None = Field(None, description="Guidance scale, 0 to 50; the model's default.")
+    seed: Seed | None = Field(None, description="Seed of the first image, 0 to 4294967295; random when omitted.")
+    model: ModelId | None = Field(None, description="Model id (`namespace/name`); the server's default when omitted.")
+    output_format: OutputFormat | None = Field(None, description="`png` (default), `jpeg` or `webp`.")
+
+
+def create_mcp_server(app: FastAPI) -> Server:
+    """The MCP server with the one tool, running the image pipeline that `app` serves."""
+    server: Server = Server("image-generation", instructions="Use the generate_image tool to draw images.")
+    tool = types.Tool(
+        name=TOOL,
+        title="Generate image",
+        description=DESCRIPTION,
+        inputSchema=GenerateImageArguments.model_json_schema(),
+        annotations=types.ToolAnnotations(readOnlyHint=True, openWorldHint=True),
+    )
+
+    @server.list_tools()
+    async def list_tools() -> list[types.Tool]:
+        return [tool]
+
+    @server.call_tool(validate_input=False)  # validated below, with messages that never echo the input
+    async def call_tool(name: str, arguments: dict[str, Any]) -> types.CallToolResult:
+        if name != TOOL:
+            return _error(f"unknown tool {name[:64]!r}; the tool is {TOOL}")
+        try:
+            request = GenerateImageArguments.model_validate(arguments)
+        except ValidationError as e:
+            return _error(validation_message(e.errors())[1])
+        try:
+            images = await generate(app, **request.model_dump())
+        except Exception as e:
+            return _error(classify(e).message)
+        content: list[types.ContentBlock] = [
+            types.ImageContent(type="image", data=image.base64_image, mimeType=image.mime_type) for image in images
+        ]
+        meta = images[0].meta
+        seeds = ", ".join(str(image.meta["seed"]) for image in images)
+        summary = f"seed {seeds}; size {meta['width']}x{meta['height']}; model {meta['model']}"
+        content.append(types.TextContent(type="text", text=summary))
+        return types.CallToolResult(content=content, isError=False)
+
+    return server
+
+
+def install(app: FastAPI) -> None:
+    """Serve MCP at `/mcp`, its session manager running for as long as the app's lifespan."""
+    sessions = StreamableHTTPSessionManager(
+        app=create_mcp_server(app),
+        json_response=True,
+        stateless=True,
+        security_settings=transport_security(),
+        max_request_body_size=MAX_BODY_BYTES,
+    )
+    app.router.routes.append(Route(MCP_PATH, endpoint=StreamableHTTPASGIApp(sessions), include_in_schema=False))
+    serve = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(served: Any) -> AsyncIterator[Any]:
+        async with sessions.run(), serve(served) as state:
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+def transport_security() -> TransportSecuritySettings:
+    """
+    The SDK's DNS-rebinding check: the `Host` names in `IMAGE_GENERATION_ALLOWED_HOSTS`, else the loopback names.
+
+    A wildcard in that list (`*`, `*.example.com`) turns the SDK's own check off: the server's Host check applies.
+    """
+    names = [name.strip().lower() for name in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if name.strip()]
+    if any("*" in name for name in names):
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    hosts = [f"[{name}]" if ":" in name else name for name in names] or list(LOOPBACK_HOSTS)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[*hosts, *(f"{host}:*" for host in hosts)],
+        allowed_origins=[
+            f"{scheme}://{host}{port}" for scheme in ("http", "https") for host in hosts for port in ("", ":*")
+        ],
+    )
+
+
+def _error(message: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=message)], isError=True)

@@ -1,0 +1,237 @@
+"""
+OpenAI's Images API on the one image pipeline: `POST /v1/images/generations` and `GET /v1/models`.
+
+Requests take OpenAI's fields on OpenAI's terms, plus this server's `negative_prompt`, `seed`,
+`num_inference_steps` and `guidance_scale`; a setting that cannot be honoured is a 400 that says so, never silently
+ignored. Errors use OpenAI's envelope and the statuses its SDKs map to exception classes (400 where the native
+route says 422). `HTTPGuard` applies the same API keys, body cap and cancel-on-disconnect as on the native route.
+"""
+
+import asyncio
+import re
+import time
+from typing import Annotated, Any, Literal
+
+import pybase64
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from components.image_codec import recompress
+from components.request import MAX_IMAGES, OutputFormat
+from server.generation import generate, served_models
+from server.params import Guidance, ModelId, Seed, Steps, Text
+from server.responses import classify, openai_error
+
+PREFIX = "/v1/"
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,3}x[1-9][0-9]{1,3})$"
+MAX_USER_CHARS = 256
+# The parameters the component names in its messages, and the OpenAI field that carries them here.
+_PARAMS = {"width": "size", "height": "size"}
+_PARAM_RE = re.compile(r"^([a-z_]+)[= ]")
+
+ERROR_BODY = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ERRORS = {
+    "400": "invalid input: a bad value, an unknown field, or a setting this server cannot honour",
+    "401": "missing or wrong API key (when `IMAGE_GENERATION_API_KEYS` is set)",
+    "413": "request body over 64 KB",
+    "429": "the upstream is rate limiting; `Retry-After` says when to retry",
+    "502": "the upstream failed or sent something that is not the image",
+    "503": "the model is loading, or the server's queue is full; `Retry-After` says when to retry",
+    "504": "the upstream or the local model ran past the deadline",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": text, "content": {"application/json": {"schema": ERROR_BODY}}}
+    for status, text in _ERRORS.items()
+}
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's `images.generate` body, with this server's extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Text = Field(description="What to draw, 1 to 2000 characters.")
+    model: ModelId | None = Field(None, description="A model that `GET /v1/models` lists; the default when omitted.")
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)] = Field(
+        1, description="How many images, 1 to 10; image i has seed `seed + i`."
+    )
+    size: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = Field(
+        None, description="`WIDTHxHEIGHT`, each a multiple of 8 from 64 to 2048, or `auto` (the default size)."
+    )
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="`b64_json` (the default). `url` is not offered yet."
+    )
+    output_format: OutputFormat | None = Field(None, description="`png` (default), `jpeg` or `webp`.")
+    output_compression: Annotated[int, Field(strict=True, ge=0, le=100)] | None = Field(
+        None, description="JPEG/WebP quality, 0 to 100."
+    )
+    quality: Literal["auto", "standard", "low", "medium", "high", "hd"] | None = Field(
+        None, description="`auto` or `standard`; the others are refused (set `num_inference_steps` instead)."
+    )
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="`auto` or `opaque`; images are always opaque, so `transparent` is refused."
+    )
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="DALL-E 3's style presets are not offered: describe the style in the prompt."
+    )
+    user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = Field(
+        None, description="An end-user id; accepted and not stored."
+    )
+    negative_prompt: Text | None = Field(None, description="What to keep out of the image (extension).")
+    seed: Seed | None = Field(None, description="Seed of the first image, 0 to 4294967295 (extension).")
+    num_inference_steps: Steps | None = Field(None, description="Denoising steps, 1 to 150 (extension).")
+    guidance_scale: Guidance | None = Field(None, description="Guidance scale, 0 to 50 (extension).")
+
+
+class ImageData(BaseModel):
+    """One generated image."""
+
+    b64_json: str
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's images response; each item also carries its seed."""
+
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+    quality: str
+    background: str
+
+
+class Model(BaseModel):
+    """One entry of OpenAI's model list."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """OpenAI's model list."""
+
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class Refused(Exception):
+    """A request this door cannot honour: a 400 naming the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible images"])
+
+
+@router.post(
+    "/images/generations",
+    response_model=ImagesResponse,
+    responses=ERROR_RESPONSES,
+    summary="Generate images (OpenAI Images API)",
+)
+async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
+    """
+    Generate `n` images from a prompt, as OpenAI's `images.generate` does; each image comes back as base64.
+
+    Works with OpenAI's SDKs and OpenAI-compatible clients (set their base URL to this server's `/v1`).
+    """
+    try:
+        params = _pipeline_params(body)
+    except Refused as e:
+        return openai_error(400, str(e), param=e.param)
+    try:
+        images = await generate(request.app, **params)
+    except Exception as e:
+        failure = classify(e)
+        return openai_error(failure.status, failure.message, param=_param_of(failure), headers=failure.headers)
+    output_format = images[0].meta["format"]
+    data = [image.base64_image for image in images]
+    if body.output_compression is not None:
+        data = await asyncio.to_thread(_recompressed, data, output_format, body.output_compression)
+    return ImagesResponse(
+        created=int(time.time()),
+        data=[ImageData(b64_json=b64, seed=image.meta["seed"]) for b64, image in zip(data, images, strict=True)],
+        output_format=output_format,
+        size=f"{images[0].meta['width']}x{images[0].meta['height']}",
+        quality="standard",
+        background="opaque",
+    )
+
+
+@router.get("/models", response_model=ModelList, responses={503: ERROR_RESPONSES["503"]}, summary="List image models")
+async def list_models(request: Request) -> Any:
+    """The image models this server serves, in OpenAI's list shape: the `model` values a request may name."""
+    try:
+        models = served_models(request.app)
+    except Exception as e:
+        failure = classify(e)
+        return openai_error(failure.status, failure.message, headers=failure.headers)
+    created = request.app.state.started
+    return ModelList(data=[Model(id=model, created=created, owned_by="image-generation") for model in models])
+
+
+def install(app: FastAPI) -> None:
+    """
+    Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which `server.routes.prune` removes.
+
+    Validation errors here come in OpenAI's envelope through the app's handler (`server.responses`), by the route's
+    row in the inventory.
+    """
+    app.state.started = int(time.time())
+    app.include_router(router)
+    app.router.routes.insert(0, app.router.routes.pop())
+
+
+def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
+    """The component's run inputs for `body`, or `Refused` for a setting this server cannot honour."""
+    if body.response_format == "url":
+        raise Refused("response_format", "response_format='url' is not offered here yet; use b64_json")
+    if body.quality not in (None, "auto", "standard"):
+        raise Refused("quality", f"quality={body.quality!r} is not offered; set num_inference_steps instead")
+    if body.background == "transparent":
+        raise Refused("background", "background='transparent' is not offered: images are opaque")
+    if body.style is not None:
+        raise Refused("style", "style presets are not offered; describe the style in the prompt")
+    if body.output_compression is not None and body.output_format in (None, "png"):
+        raise Refused("output_compression", "output_compression applies to jpeg and webp only")
+    params: dict[str, Any] = {
+        "prompt": body.prompt, "negative_prompt": body.negative_prompt, "model": body.model, "n": body.n,
+        "seed": body.seed, "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
+        "output_format": body.output_format,
+    }  # fmt: skip
+    if body.size not in (None, "auto"):
+        width, height = body.size.split("x")
+        params.update(width=int(width), height=int(height))
+    return params
+
+
+def _param_of(failure: Any) -> str | None:
+    """The request field a validation message names, in this door's terms (width and height are `size`)."""
+    match = _PARAM_RE.match(failure.message) if failure.status == 422 else None
+    param = _PARAMS.get(match.group(1), match.group(1)) if match else None
+    return param if param in ImageGenerationRequest.model_fields else None
+
+
+def _recompressed(data: list[str], output_format: str, quality: int) -> list[str]:
+    return [
+        pybase64.b64encode_as_string(recompress(pybase64.b64decode(b64, validate=True), output_format, quality))
+        for b64 in data
+    ]

@@ -1,0 +1,130 @@
+"""The MCP door through a real server, driven by the official `mcp` SDK client over streamable HTTP."""
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+
+import httpx
+import pytest
+from conftest import post_raw, server_env, start_server, stop_server
+from fake_upstream import Fault
+from mcp import ClientSession, types
+from mcp.client.streamable_http import streamable_http_client
+from PIL import Image
+
+KEY = "mcp-door-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def mcp_server(upstream, tmp_path_factory):
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS=KEY)
+    server = start_server(tmp_path_factory.mktemp("mcp"), env)
+    yield server
+    stop_server(server)
+
+
+async def session_call(server, action, headers=AUTH):
+    """Open an MCP session on the server's `/mcp`, initialize it, and return `action(session)`'s result."""
+    async with (
+        httpx.AsyncClient(headers=headers, timeout=60) as http,
+        streamable_http_client(f"{server.url}/mcp", http_client=http) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        return await action(session)
+
+
+async def test_lists_generate_image_with_its_limits(mcp_server):
+    listed = await session_call(mcp_server, lambda session: session.list_tools())
+    [tool] = listed.tools
+    assert tool.name == "generate_image"
+    assert "seed" in tool.description
+    schema = tool.inputSchema
+    assert schema["required"] == ["prompt"]
+    assert schema["additionalProperties"] is False
+    assert (schema["properties"]["n"]["minimum"], schema["properties"]["n"]["maximum"]) == (1, 10)
+    width = schema["properties"]["width"]["anyOf"][0]
+    assert (width["minimum"], width["maximum"], width["multipleOf"]) == (64, 2048, 8)
+
+
+async def test_call_returns_the_images_themselves(mcp_server, fresh_upstream):
+    arguments = {"prompt": "a kite over the sea", "width": 128, "height": 64, "seed": 5, "n": 2}
+    result = await session_call(mcp_server, lambda session: session.call_tool("generate_image", arguments))
+
+    assert not result.isError
+    *images, text = result.content
+    assert [type(item) for item in images] == [types.ImageContent, types.ImageContent]
+    for image in images:
+        assert image.mimeType == "image/png"
+        picture = Image.open(io.BytesIO(base64.b64decode(image.data)))
+        assert (picture.format, picture.size) == ("PNG", (128, 64))
+    assert images[0].data != images[1].data
+    assert isinstance(text, types.TextContent)
+    assert text.text == "seed 5, 6; size 128x64; model black-forest-labs/FLUX.1-schnell"
+    # The same pipeline as the native route: seed 6 alone there is the second image.
+    body = json.dumps({"prompt": "a kite over the sea", "width": 128, "height": 64, "seed": 6}).encode()
+    status, _, png = post_raw(mcp_server, body, AUTH)
+    assert (status, png) == (200, base64.b64decode(images[1].data))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"prompt": "x", "width": 100}, "width: Input should be a multiple of 8"),
+        ({"prompt": "x", "n": 11}, "n: Input should be less than or equal to 10"),
+        ({"prompt": "x", "sed": 3}, "unknown field 'sed'"),
+        ({"prompt": "x", "model": "https://attacker.example/steal"}, "model must be a Hugging Face Hub model id"),
+        ({"width": 64}, "prompt: Field required"),
+        ({"prompt": "   "}, "prompt must be a non-empty string"),
+    ],
+)
+async def test_bad_arguments_are_tool_errors_that_cost_nothing(mcp_server, fresh_upstream, arguments, message):
+    result = await session_call(mcp_server, lambda session: session.call_tool("generate_image", arguments))
+    assert result.isError
+    [text] = result.content
+    assert message in text.text
+    assert fresh_upstream.requests == []
+
+
+async def test_upstream_failure_is_a_tool_error_with_the_http_message(mcp_server, fresh_upstream):
+    fresh_upstream.fail_next(Fault(status=429, headers={"Retry-After": "7"}))
+    arguments = {"prompt": "busy", "width": 64, "height": 64}
+    result = await session_call(mcp_server, lambda session: session.call_tool("generate_image", arguments))
+    assert result.isError
+    assert result.content[0].text == "the upstream is rate limiting, retry later"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}], ids=["no-key", "wrong-key"])
+def test_api_keys_apply(mcp_server, fresh_upstream, headers):
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    request = urllib.request.Request(
+        f"{mcp_server.url}/mcp", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+    assert refused.value.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_a_dns_rebound_host_is_refused(mcp_server):
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    request = urllib.request.Request(
+        f"{mcp_server.url}/mcp", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                 "Host": "attacker.example", **AUTH},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code in (400, 421)
+
+
+def test_hayhooks_own_mcp_tool_is_off(mcp_server):
+    with urllib.request.urlopen(f"{mcp_server.url}/status", timeout=10) as response:
+        status = json.load(response)
+    [deployment] = [d for d in status["deployments"] if d["name"] == "image_generation"]
+    assert "run_api" in deployment["capabilities"]
+    assert "mcp_eligible" not in deployment["capabilities"]  # `hayhooks mcp run` offers no tool that loses the image

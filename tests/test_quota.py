@@ -1,0 +1,99 @@
+"""Per-key quotas through real servers: limit headers on every answer, 429 past the limit, one quota over Redis."""
+
+import json
+import urllib.request
+
+import pytest
+from conftest import post, post_raw, server_env, start_server, stop_server
+from prometheus_client.parser import text_string_to_metric_families
+from redis_server import RedisServer
+
+LIMIT = 3  # per day: a window boundary during a test is as unlikely as it gets
+METRICS_KEY = "scrape-key-for-quota-tests"
+BODY = {"prompt": "a quota", "width": 64, "height": 64}
+LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+
+
+@pytest.fixture
+def start(upstream, tmp_path):
+    """Start servers with a quota of LIMIT a day (and extra settings); all are stopped at the end."""
+    started = []
+
+    def start_one(**env: str):
+        env = {"IMAGE_GENERATION_RATE_LIMIT": f"{LIMIT}/day", "IMAGE_GENERATION_ENDPOINT": upstream.url, **env}
+        started.append(start_server(tmp_path, server_env(**env)))
+        return started[-1]
+
+    yield start_one
+    for server in started:
+        stop_server(server)
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def remaining(headers: dict[str, str]) -> int:
+    assert headers["x-ratelimit-limit-requests"] == str(LIMIT)
+    assert 0 < int(headers["x-ratelimit-reset-requests"].removesuffix("s")) <= 86400
+    return int(headers["x-ratelimit-remaining-requests"])
+
+
+def test_every_answer_carries_the_limit_and_the_request_past_it_is_a_429(start, fresh_upstream):
+    server = start()
+    answers = [
+        post(server, BODY),  # 200
+        post(server, {**BODY, "colour": "blue"}),  # 422 from the guard
+        post(server, {**BODY, "width": 100}),  # 422 from the route
+    ]
+    assert [status for status, _, _ in answers] == [200, 422, 422]
+    assert [remaining(headers) for _, headers, _ in answers] == [2, 1, 0]
+
+    status, headers, body = post(server, BODY)
+    assert status == 429
+    assert remaining(headers) == 0
+    assert 0 < int(headers["retry-after"]) <= 86400
+    assert "detail" in json.loads(body)
+    assert len(fresh_upstream.requests) == 1  # the refused request cost nothing upstream
+    with urllib.request.urlopen(f"{server.url}/status", timeout=30) as response:  # other routes are not counted
+        assert not any(name in {k.lower() for k in response.headers} for name in LIMIT_HEADERS)
+
+
+def test_each_api_key_has_its_own_quota(start, fresh_upstream):
+    server = start(IMAGE_GENERATION_API_KEYS="key-one-for-tests,key-two-for-tests")
+
+    def as_key(key: str | None) -> tuple[int, dict[str, str]]:
+        status, headers, _ = post_raw(server, json.dumps(BODY).encode(), {"Authorization": f"Bearer {key}"})
+        return status, headers
+
+    for expected in (2, 1, 0):
+        status, headers = as_key("key-one-for-tests")
+        assert (status, remaining(headers)) == (200, expected)
+    assert as_key("key-one-for-tests")[0] == 429
+    status, headers = as_key("wrong-key")
+    assert status == 401  # no key, no quota to take from: nobody's is spent
+    status, headers = as_key("key-two-for-tests")
+    assert (status, remaining(headers)) == (200, LIMIT - 1)
+
+
+def test_replicas_share_one_quota_in_redis_and_let_requests_through_when_it_is_down(start, redis, fresh_upstream):
+    env = {"HAYHOOKS_DURABLE_REDIS_URL": redis.url, "IMAGE_GENERATION_METRICS_KEY": METRICS_KEY}
+    a, b = start(**env), start(**env)
+    assert remaining(post(a, BODY)[1]) == 2
+    assert remaining(post(b, BODY)[1]) == 1
+    assert remaining(post(a, BODY)[1]) == 0
+    assert post(b, BODY)[0] == 429
+
+    redis.stop()
+    status, headers, _ = post(b, BODY)
+    assert status == 200  # fail open
+    assert headers["x-ratelimit-limit-requests"] == str(LIMIT)
+    assert "x-ratelimit-remaining-requests" not in headers
+    assert "Quota store unreachable" in b.log()
+    request = urllib.request.Request(f"{b.url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        families = {family.name: family for family in text_string_to_metric_families(response.read().decode())}
+    assert families["image_generation_quota_store_errors"].samples[0].value == 1

@@ -48,8 +48,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache
 RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
- && mkdir -p /var/cache/huggingface \
- && chown app:app /var/cache/huggingface
+ && mkdir -p /var/cache/huggingface /var/lib/image-generation/images \
+ && chown app:app /var/cache/huggingface /var/lib/image-generation/images
 COPY --from=builder /opt/venv /opt/venv
 # Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only.
 COPY pipelines /opt/pipelines/image_generation

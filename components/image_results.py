@@ -24,6 +24,7 @@ from components.provenance import Provenance
 from components.request import GenerationRequest
 from components.result_cache import CACHE_SCOPE, ByteBudgetLRU, Coalescer
 from components.settings import ServingSettings
+from components.shared_cache import SharedResultCache
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ImageResults:
         self.backend_meta = backend_meta
         self.served_models = settings.allowed_models or frozenset((default_model,))
         self.cache: ByteBudgetLRU[ImageContent] = ByteBudgetLRU(settings.cache_max_bytes)
+        self.shared = SharedResultCache.from_env(backend_meta) if settings.cache_max_bytes else None  # second level
         self.coalescer: Coalescer[ImageContent] = Coalescer()
         self.gate = AdmissionGate(settings.max_concurrency, settings.max_queue)
         self.provenance = Provenance.from_env()
@@ -62,6 +64,8 @@ class ImageResults:
         if not pinned:
             return await self._make_async(request, produce, key, pinned)
         cached = self._cached(key)
+        if cached is None and self.shared is not None and (cached := await self.shared.get(key)) is not None:
+            self.cache.put(key, cached, len(cached.base64_image))
         if cached is not None:
             return _from_cache(cached)
         return await self.coalescer.run(key, lambda: self._make_async(request, produce, key, pinned))
@@ -84,6 +88,8 @@ class ImageResults:
             progress.report({"phase": "released", "admitted": admitted})
         image = await asyncio.to_thread(self.finish, request, raw, started)
         self._remember(key, image, pinned)
+        if pinned and self.shared is not None:
+            await self.shared.put(key, image)
         return image
 
     def _cached(self, key: tuple) -> ImageContent | None:

@@ -65,9 +65,9 @@ class TextToImageBase:
         self._check(request)
         return [replace(request, seed=request.seed + i) for i in range(n)], self._results, pinned
 
-    def validate_request(self, **params: Any) -> None:
+    def validate_request(self, n: int = 1, **params: Any) -> None:
         """Raise `InvalidRequestError` for the `run` parameters that `run` would refuse; nothing is generated."""
-        self._request(**params)
+        self._requests(n, **params)
 
     @component.output_types(images=list[ImageContent])
     def run(  # noqa: PLR0913

@@ -11,4 +11,5 @@ if [ ! -x .venv/bin/image-generation-server ] || [ pyproject.toml -nt .venv/.ins
 fi
 export HAYHOOKS_HOST="${HAYHOOKS_HOST:-127.0.0.1}" HAYHOOKS_PORT="${HAYHOOKS_PORT:-1416}"
 export HAYHOOKS_PIPELINES_DIR="${HAYHOOKS_PIPELINES_DIR:-$PWD/served}"
+export HAYHOOKS_DURABLE_MODE="${HAYHOOKS_DURABLE_MODE:-true}"  # jobs on, deployment routes off (see README)
 exec .venv/bin/image-generation-server

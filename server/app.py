@@ -14,7 +14,7 @@ from hayhooks.settings import settings
 from haystack.core.serialization import allow_deserialization_module
 from starlette.middleware import Middleware
 
-from server import image_store, mcp, metrics, openai_images, page
+from server import api_docs, image_store, mcp, metrics, openai_images, page
 from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from server.jobs import configure_durable_mode
 from server.origins import HostAllowList, OriginPolicy, configure_cors
@@ -59,7 +59,7 @@ def create_app() -> FastAPI:
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema, with closed bodies closed to unknown fields, as `HTTPGuard` enforces."""
+        """FastAPI's schema, closed bodies closed to unknown fields (as `HTTPGuard` enforces), completed by `api_docs`."""
         fresh = app.openapi_schema is None
         schema = build_openapi()
         if fresh:
@@ -67,6 +67,7 @@ def create_app() -> FastAPI:
             for operation, model in json_bodies(schema).items():
                 if operation in closed:
                     model["additionalProperties"] = False
+            api_docs.document(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -25,18 +25,18 @@ from haystack import Pipeline
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from components import errors, progress
-from components.request import MAX_SEED, OutputFormat
+from components.request import MAX_IMAGES, OutputFormat
+from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
+from server.generation import COMPONENT, run_pipeline
 from server.guard import api_keys_from_env, matching_key
 from server.image_store import ImageStore
 from server.params import Guidance, ModelId, Seed, Size, Steps, Text
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
 REVISION = "1"
-MAX_IMAGES = 4
 DEFAULT_MAX_PENDING_JOBS = 100
 CANCEL_POLL_SECONDS = 0.5  # how often a job checks for a cancel while no step reports (an upstream call, a queue)
 CHECKPOINT_INTERVAL_SECONDS = 0.5  # step progress is committed at most this often (and at the last step)
-COMPONENT = "text_to_image"
 # The progress events a job shows (components/progress.py has more, for the metrics), and their fields.
 JOB_EVENTS = {
     "queued": (), "sent": (), "generating": (), "step": ("step", "steps"), "received": (), "stored": ("image", "images")
@@ -55,27 +55,22 @@ class JobRequest(BaseModel):
     negative_prompt: Text | None = Field(None, description="What to keep out of the image, up to 2000 characters.")
     num_inference_steps: Steps | None = Field(None, description="Denoising steps, 1 to 150; the model's default.")
     guidance_scale: Guidance | None = Field(None, description="Guidance scale, 0 to 50; the model's default.")
-    seed: Seed | None = Field(None, description="Seed of the first image (the next ones use seed+1, ...).")
+    seed: Seed | None = Field(None, description="Seed of the first image; the server picks one when omitted.")
     model: ModelId | None = Field(None, description="Hugging Face Hub model id (`namespace/name`).")
     output_format: OutputFormat = Field("png", description="`png` (default), `jpeg` or `webp`.")
-    n: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)] = Field(1, description="How many images, 1 to 4.")
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)] = Field(
+        1, description=f"How many images, 1 to {MAX_IMAGES}, with seeds `seed`, `seed+1`, ..."
+    )
 
     @model_validator(mode="after")
     def _within_limits(self) -> "JobRequest":
         """Refuse at submission (422) what `/run` refuses, so that a job never fails on its input."""
         if JobRequest.check is not None:
             try:
-                JobRequest.check(**self.pipeline_inputs(0))
+                JobRequest.check(**self.model_dump())
             except errors.InvalidRequestError as e:
                 raise ValueError(str(e)) from None
         return self
-
-    def pipeline_inputs(self, index: int) -> dict[str, Any]:
-        """The component inputs of image `index`: its seed is `seed + index` when a seed was given."""
-        inputs = self.model_dump(exclude={"n"})
-        if self.seed is not None:
-            inputs["seed"] = (self.seed + index) % (MAX_SEED + 1)
-        return inputs
 
 
 class JobImage(BaseModel):
@@ -137,14 +132,17 @@ def configure_durable_mode() -> None:
     Our defaults for Hayhooks' durable mode, applied before the app is built.
 
     The execution store is Hayhooks' in-memory store unless Redis is configured (`HAYHOOKS_DURABLE_STORE=redis` or
-    `HAYHOOKS_DURABLE_REDIS_URL`), and a process with the memory store refuses to be one of several workers: each would
-    hold its own jobs. At most `DEFAULT_MAX_PENDING_JOBS` jobs wait or run unless configured otherwise.
+    `HAYHOOKS_DURABLE_REDIS_URL`); with Redis, the seeded-result cache is shared through it too. A process with the
+    memory store refuses to be one of several workers: each would hold its own jobs. At most
+    `DEFAULT_MAX_PENDING_JOBS` jobs wait or run unless configured otherwise.
     """
     if not hayhooks_settings.durable_mode:
         return
     configured = {name.upper() for name in os.environ}
     if not {"HAYHOOKS_DURABLE_STORE", "HAYHOOKS_DURABLE_REDIS_URL"} & configured:
         hayhooks_settings.durable_store = "memory"
+    if hayhooks_settings.durable_store == "redis" and not os.environ.get(SHARED_CACHE_URL_ENV, "").strip():
+        os.environ[SHARED_CACHE_URL_ENV] = hayhooks_settings.durable_redis_url  # read when the pipeline warms up
     if "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS" not in configured:
         hayhooks_settings.durable_max_nonterminal_executions = DEFAULT_MAX_PENDING_JOBS
     if hayhooks_settings.durable_store == "memory" and multiprocessing.parent_process() is not None:
@@ -176,9 +174,8 @@ async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext
 
 async def _generate(pipeline: Pipeline, store: ImageStore, request: JobRequest) -> JobResult:
     images = []
-    for index in range(request.n):
-        result = await pipeline.run_async({COMPONENT: request.pipeline_inputs(index)})
-        image = result[COMPONENT]["images"][0]
+    made = await run_pipeline(pipeline, **request.model_dump())
+    for index, image in enumerate(made):
         data = pybase64.b64decode(image.base64_image, validate=True)
         stored = await asyncio.to_thread(store.put, data, image.meta["format"])
         meta = image.meta
@@ -186,7 +183,7 @@ async def _generate(pipeline: Pipeline, store: ImageStore, request: JobRequest) 
             JobImage(url=stored.url, seed=meta["seed"], width=meta["width"], height=meta["height"],
                      format=meta["format"], etag=stored.etag)
         )  # fmt: skip
-        progress.report({"phase": "stored", "image": index + 1, "images": request.n})
+        progress.report({"phase": "stored", "image": index + 1, "images": len(made)})
     return JobResult(images=images)
 
 

@@ -72,7 +72,8 @@ class ImageGenerationRequest(BaseModel):
         None, description="`WIDTHxHEIGHT`, each a multiple of 8 from 64 to 2048, or `auto` (the default size)."
     )
     response_format: Literal["b64_json", "url"] | None = Field(
-        None, description="`b64_json` (the default). `url` is not offered yet."
+        None,
+        description="`b64_json` (the default), or `url`: a link to the image store, no API key needed to fetch it.",
     )
     output_format: OutputFormat | None = Field(None, description="`png` (default), `jpeg` or `webp`.")
     output_compression: Annotated[int, Field(strict=True, ge=0, le=100)] | None = Field(
@@ -97,9 +98,10 @@ class ImageGenerationRequest(BaseModel):
 
 
 class ImageData(BaseModel):
-    """One generated image."""
+    """One generated image: its base64 data, or the URL it can be downloaded from (`response_format`)."""
 
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     seed: int
 
 
@@ -145,11 +147,12 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible images"])
     "/images/generations",
     response_model=ImagesResponse,
     responses=ERROR_RESPONSES,
+    response_model_exclude_none=True,
     summary="Generate images (OpenAI Images API)",
 )
 async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     """
-    Generate `n` images from a prompt, as OpenAI's `images.generate` does; each image comes back as base64.
+    Generate `n` images from a prompt, as OpenAI's `images.generate` does; each comes back as base64, or as a URL.
 
     Works with OpenAI's SDKs and OpenAI-compatible clients (set their base URL to this server's `/v1`).
     """
@@ -166,9 +169,16 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     data = [image.base64_image for image in images]
     if body.output_compression is not None:
         data = await asyncio.to_thread(_recompressed, data, output_format, body.output_compression)
+    seeds = [image.meta["seed"] for image in images]
+    if body.response_format == "url":
+        store, origin = request.app.state.image_store, f"{request.url.scheme}://{request.url.netloc}"
+        stored = [await asyncio.to_thread(store.put, pybase64.b64decode(b64), output_format) for b64 in data]
+        items = [ImageData(url=origin + image.url, seed=seed) for image, seed in zip(stored, seeds, strict=True)]
+    else:
+        items = [ImageData(b64_json=b64, seed=seed) for b64, seed in zip(data, seeds, strict=True)]
     return ImagesResponse(
         created=int(time.time()),
-        data=[ImageData(b64_json=b64, seed=image.meta["seed"]) for b64, image in zip(data, images, strict=True)],
+        data=items,
         output_format=output_format,
         size=f"{images[0].meta['width']}x{images[0].meta['height']}",
         quality="standard",
@@ -202,8 +212,6 @@ def install(app: FastAPI) -> None:
 
 def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
     """The component's run inputs for `body`, or `Refused` for a setting this server cannot honour."""
-    if body.response_format == "url":
-        raise Refused("response_format", "response_format='url' is not offered here yet; use b64_json")
     if body.quality not in (None, "auto", "standard"):
         raise Refused("quality", f"quality={body.quality!r} is not offered; set num_inference_steps instead")
     if body.background == "transparent":

@@ -23,7 +23,7 @@ import threading
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, SERVER, TEST_TOKEN, Server, free_port, launch, post_raw, stop_server
+from jobs_client import RedisServer
 
 from components.image_codec import PNG_SIGNATURE
 
@@ -704,13 +705,21 @@ def serve_as_composed(project: Project, upstream, tmp_path: Path) -> None:
     assert container.denied_writes() == [], f"writes outside /tmp on the read-only root: {container.denied_writes()}"
 
 
-def _dot_env(upstream) -> dict[str, str]:
-    """What an operator puts in .env for this test: the fake upstream and a fake token."""
-    return {"IMAGE_GENERATION_ENDPOINT": upstream.url, "HF_TOKEN": TEST_TOKEN}
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server, standing in for the compose `redis` service."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
 
 
-def test_service_runs_as_composed(fresh_upstream, tmp_path: Path) -> None:
-    serve_as_composed(load_project(overrides=_dot_env(fresh_upstream)), fresh_upstream, tmp_path)
+def _dot_env(upstream, redis_url: str) -> dict[str, str]:
+    """What an operator puts in .env for this test: the fake upstream, a fake token, and where Redis is."""
+    return {"IMAGE_GENERATION_ENDPOINT": upstream.url, "HF_TOKEN": TEST_TOKEN, "HAYHOOKS_DURABLE_REDIS_URL": redis_url}
+
+
+def test_service_runs_as_composed(fresh_upstream, redis_url: str, tmp_path: Path) -> None:
+    serve_as_composed(load_project(overrides=_dot_env(fresh_upstream, redis_url)), fresh_upstream, tmp_path)
 
 
 def test_healthcheck_fails_without_the_pipeline(project: Project, tmp_path: Path) -> None:
@@ -741,7 +750,7 @@ def test_compose_cli_agrees(project: Project, tmp_path: Path) -> None:
     resolved = json.loads(out.stdout)["services"]
     for name, service in project.compose["services"].items():
         assert resolved[name].get("command") == service.get("command")
-        assert resolved[name]["environment"] == {k: v or "" for k, v in environment(service).items()}
+        assert resolved[name].get("environment", {}) == {k: v or "" for k, v in environment(service).items()}
         assert resolved[name]["read_only"] is True
 
 
@@ -779,8 +788,8 @@ def test_broken_compose_fails_static_checks(mutation: str) -> None:
 
 
 @pytest.mark.parametrize("mutation", ["wrong_mount", "wrong_command", "missing_endpoint", "missing_token"])
-def test_broken_compose_fails_to_serve(mutation: str, fresh_upstream, tmp_path: Path) -> None:
-    project = load_project(_broken(*BROKEN[mutation]), overrides=_dot_env(fresh_upstream))
+def test_broken_compose_fails_to_serve(mutation: str, fresh_upstream, redis_url: str, tmp_path: Path) -> None:
+    project = load_project(_broken(*BROKEN[mutation]), overrides=_dot_env(fresh_upstream, redis_url))
     with pytest.raises((AssertionError, RuntimeError)):
         serve_as_composed(project, fresh_upstream, tmp_path)
 

@@ -146,7 +146,7 @@ def test_another_key_cannot_see_or_cancel_a_job(jobs_server):
         {"model": "someone/else"},  # not the served model
         {"output_format": "gif"},
         {"n": 0},
-        {"n": 5},
+        {"n": 11},
         {"sed": 3},
     ],
 )

@@ -63,6 +63,16 @@ def test_two_replicas_drain_one_queue(replicas, fresh_upstream):
     assert call(f"{b.url}{url}")[0] == 200  # any replica serves any image (one shared directory)
     assert call(f"{b.url}{jobs[0]['links']['self']}")[0] == 200  # and any job
 
+    # The seeded-result cache is shared through Redis: a repeat on the other replica costs no upstream call.
+    fresh_upstream.requests.clear()
+    seeded = body(prompt="shared cache", seed=4242)
+    status, _, made = call(f"{a.url}{JOBS}/run", "POST", seeded)
+    assert status == 200
+    status, _, repeat = call(f"{b.url}{JOBS}/run", "POST", seeded)
+    assert status == 200
+    assert repeat == made
+    assert len(fresh_upstream.requests) == 1
+
     # Keys off: ids are capabilities, and the list of every job is for the operator only.
     assert call(f"{a.url}{JOBS}/executions")[0] in (401, 403)
     status, _, data = call(f"{a.url}{JOBS}/executions", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})

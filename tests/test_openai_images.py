@@ -3,7 +3,10 @@
 import base64
 import io
 import json
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -60,6 +63,16 @@ def test_n_images_of_the_asked_size_whose_seeds_reproduce_them(client, openai_se
             assert native.read() == base64.b64decode(item.b64_json)
 
 
+def test_url_response_format_links_the_image_store(client, openai_server, fresh_upstream):
+    result = client.images.generate(**SMALL, n=2, response_format="url", extra_body={"seed": 12})
+    same = client.images.generate(**SMALL, n=2, extra_body={"seed": 12})
+    assert [item.b64_json for item in result.data] == [None, None]
+    for item, b64 in zip(result.data, [item.b64_json for item in same.data], strict=True):
+        assert item.url.startswith(f"{openai_server.url}/images/")
+        with urllib.request.urlopen(item.url, timeout=30) as response:  # no API key: the URL is the capability
+            assert response.read() == base64.b64decode(b64)
+
+
 def test_webp_and_compression(client, fresh_upstream):
     webp = client.images.generate(**SMALL, output_format="webp", extra_body={"seed": 3})
     assert webp.output_format == "webp"
@@ -90,7 +103,7 @@ def test_extensions_reach_the_upstream(client, fresh_upstream):
         ({"size": "big"}, "size"),
         ({"n": 11}, "n"),
         ({"n": 0}, "n"),
-        ({"response_format": "url"}, "response_format"),
+        ({"response_format": "link"}, "response_format"),
         ({"background": "transparent"}, "background"),
         ({"quality": "hd"}, "quality"),
         ({"style": "vivid"}, "style"),
@@ -168,3 +181,31 @@ def test_upstream_faults_get_the_native_routes_statuses(
 
 def test_models_lists_the_served_image_model(client):
     assert [model.id for model in client.models.list()] == ["black-forest-labs/FLUX.1-schnell"]
+
+
+def test_openapi_tells_the_truth(openai_server):
+    with urllib.request.urlopen(f"{openai_server.url}/openapi.json", timeout=30) as response:
+        schema = json.load(response)
+    native = schema["paths"]["/image_generation/run"]["post"]["responses"]
+    assert sorted(native["200"]["content"]) == ["image/jpeg", "image/png", "image/webp"]
+    assert native["200"]["content"]["image/png"]["schema"] == {"type": "string", "format": "binary"}
+    for status in ("401", "413", "422", "429", "502", "503", "504"):
+        assert "application/json" in native[status]["content"], status
+    assert "Retry-After" in native["429"]["headers"]
+    images = schema["paths"]["/v1/images/generations"]["post"]
+    assert {"400", "401", "429", "502", "503", "504"} <= set(images["responses"])
+    assert "get" in schema["paths"]["/v1/models"]
+    assert "post" in schema["paths"]["/mcp"]
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_on_the_openai_route(openai_server, fresh_upstream, tmp_path):
+    """Fuzz the published schema of `/v1/images/generations` with a valid key: no answer may be a 5xx."""
+    fuzz = subprocess.run(
+        [str(Path(sys.executable).with_name("st")), "run", f"{openai_server.url}/openapi.json",
+         "--include-path", "/v1/images/generations", "--checks", "not_a_server_error", "-H",
+         f"Authorization: Bearer {KEY}", "--max-examples", "100", "--seed", "1", "--no-color"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert fuzz.returncode == 0, fuzz.stdout[-3000:]
+    assert "passed" in fuzz.stdout

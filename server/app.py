@@ -59,7 +59,7 @@ def create_app() -> FastAPI:
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema, closed bodies closed to unknown fields (as `HTTPGuard` enforces), completed by `api_docs`."""
+        """FastAPI's schema, closed bodies closed to unknown fields (as `HTTPGuard` enforces), plus `api_docs`."""
         fresh = app.openapi_schema is None
         schema = build_openapi()
         if fresh:

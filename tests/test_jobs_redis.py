@@ -120,6 +120,7 @@ def test_redis_outage_is_503_then_recovers_without_restart(replicas, redis, fres
     assert json.loads(data) == {"detail": "Durable execution store is unavailable"}
     status, _, data = call(f"{a.url}{JOBS}/run-durable", "POST", body())
     assert status == 503, data
+    assert call(f"{a.url}{JOBS}/run", "POST", body(seed=23))[0] == 200  # images without jobs still work
 
     redis.start()
     done = wait_status(a.url, job["execution_id"], {"completed", "failed"}, timeout=120)

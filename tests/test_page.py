@@ -77,7 +77,7 @@ def test_unknown_static_files_are_404(page_server):
 
 def test_the_page_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("IMAGE_GENERATION_UI", "false")
-    client = TestClient(create_app())
+    client = TestClient(create_app(), base_url="http://localhost")  # a Host the server answers to
     assert client.get("/").status_code == 404
     assert client.get("/static/page.js").status_code == 404
     assert client.get("/docs").status_code == 200  # the API docs stay

@@ -14,17 +14,13 @@ from typing import Annotated, Any, Literal
 
 import pybase64
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute, _IncludedRouter
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.routing import BaseRoute
 
 from components.image_codec import recompress
 from components.request import MAX_IMAGES, OutputFormat
 from server.generation import generate, served_models
 from server.params import Guidance, ModelId, Seed, Steps, Text
-from server.responses import classify, openai_error, validation_message
+from server.responses import classify, openai_error
 
 PREFIX = "/v1/"
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,3}x[1-9][0-9]{1,3})$"
@@ -76,7 +72,8 @@ class ImageGenerationRequest(BaseModel):
         None, description="`WIDTHxHEIGHT`, each a multiple of 8 from 64 to 2048, or `auto` (the default size)."
     )
     response_format: Literal["b64_json", "url"] | None = Field(
-        None, description="`b64_json` (the default). `url` is not offered yet."
+        None,
+        description="`b64_json` (the default), or `url`: a link to the image store, no API key needed to fetch it.",
     )
     output_format: OutputFormat | None = Field(None, description="`png` (default), `jpeg` or `webp`.")
     output_compression: Annotated[int, Field(strict=True, ge=0, le=100)] | None = Field(
@@ -101,9 +98,10 @@ class ImageGenerationRequest(BaseModel):
 
 
 class ImageData(BaseModel):
-    """One generated image."""
+    """One generated image: its base64 data, or the URL it can be downloaded from (`response_format`)."""
 
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     seed: int
 
 
@@ -149,11 +147,12 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible images"])
     "/images/generations",
     response_model=ImagesResponse,
     responses=ERROR_RESPONSES,
+    response_model_exclude_none=True,
     summary="Generate images (OpenAI Images API)",
 )
 async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     """
-    Generate `n` images from a prompt, as OpenAI's `images.generate` does; each image comes back as base64.
+    Generate `n` images from a prompt, as OpenAI's `images.generate` does; each comes back as base64, or as a URL.
 
     Works with OpenAI's SDKs and OpenAI-compatible clients (set their base URL to this server's `/v1`).
     """
@@ -170,9 +169,16 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     data = [image.base64_image for image in images]
     if body.output_compression is not None:
         data = await asyncio.to_thread(_recompressed, data, output_format, body.output_compression)
+    seeds = [image.meta["seed"] for image in images]
+    if body.response_format == "url":
+        store, origin = request.app.state.image_store, f"{request.url.scheme}://{request.url.netloc}"
+        stored = [await asyncio.to_thread(store.put, pybase64.b64decode(b64), output_format) for b64 in data]
+        items = [ImageData(url=origin + image.url, seed=seed) for image, seed in zip(stored, seeds, strict=True)]
+    else:
+        items = [ImageData(b64_json=b64, seed=seed) for b64, seed in zip(data, seeds, strict=True)]
     return ImagesResponse(
         created=int(time.time()),
-        data=[ImageData(b64_json=b64, seed=image.meta["seed"]) for b64, image in zip(data, images, strict=True)],
+        data=items,
         output_format=output_format,
         size=f"{images[0].meta['width']}x{images[0].meta['height']}",
         quality="standard",
@@ -193,32 +199,19 @@ async def list_models(request: Request) -> Any:
 
 
 def install(app: FastAPI) -> None:
-    """Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which is removed."""
+    """
+    Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which `server.routes.prune` removes.
+
+    Validation errors here come in OpenAI's envelope through the app's handler (`server.responses`), by the route's
+    row in the inventory.
+    """
     app.state.started = int(time.time())
-    _drop_routes(app.router.routes, {("GET", "/v1/models")})
     app.include_router(router)
     app.router.routes.insert(0, app.router.routes.pop())
-    native = app.exception_handlers[RequestValidationError]
-
-    async def validation_error(request: Request, error: Exception) -> Any:
-        """OpenAI's 400 on the `/v1/*` routes, FastAPI's 422 elsewhere."""
-        if not request.url.path.startswith(PREFIX) or not isinstance(error, RequestValidationError):
-            return await native(request, error)
-        return openai_validation_error(error.errors())
-
-    app.add_exception_handler(RequestValidationError, validation_error)
-
-
-def openai_validation_error(errors: Any) -> JSONResponse:
-    """The first of pydantic's errors as OpenAI's 400, naming the field."""
-    param, message = validation_message(errors)
-    return openai_error(400, message, param=param)
 
 
 def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
     """The component's run inputs for `body`, or `Refused` for a setting this server cannot honour."""
-    if body.response_format == "url":
-        raise Refused("response_format", "response_format='url' is not offered here yet; use b64_json")
     if body.quality not in (None, "auto", "standard"):
         raise Refused("quality", f"quality={body.quality!r} is not offered; set num_inference_steps instead")
     if body.background == "transparent":
@@ -249,17 +242,4 @@ def _recompressed(data: list[str], output_format: str, quality: int) -> list[str
     return [
         pybase64.b64encode_as_string(recompress(pybase64.b64decode(b64, validate=True), output_format, quality))
         for b64 in data
-    ]
-
-
-def _drop_routes(routes: list[BaseRoute], dropped: set[tuple[str, str]], prefix: str = "") -> None:
-    """Remove the listed (method, full path) routes, in included routers too."""
-    for route in routes:
-        if isinstance(route, _IncludedRouter):
-            _drop_routes(route.original_router.routes, dropped, prefix + route.include_context.prefix)
-            route.original_router._mark_routes_changed()
-    routes[:] = [
-        route
-        for route in routes
-        if not (isinstance(route, APIRoute) and any((m, prefix + route.path) in dropped for m in route.methods or ()))
     ]

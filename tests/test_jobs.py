@@ -4,10 +4,12 @@ Jobs on the embedded (in-memory) store: an `image-generation-server` in durable 
 The stream is read with `curl -N`, as the README does; the image URL is fetched without a key, as an `<img>` would.
 """
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 from conftest import HAYHOOKS, ROOT, server_env, start_server, stop_server, wait_for
@@ -109,8 +111,15 @@ def test_cancel_stops_the_generation_and_frees_the_device(jobs_server):
     stream.close()
     assert finished["status"] == "canceled"
     assert finished["result"] is None
-    steps = [p["metadata"]["step"] for p in finished["progress"] if p["kind"] == "step"]
-    assert max(steps) < 150  # stopped long before the end
+    steps = [p for p in finished["progress"] if p["kind"] == "step"]
+    assert steps[-1]["metadata"]["step"] < 150  # stopped long before the end
+    # Stopped at the next step once the worker sees the cancel (it looks at least every 0.5 s): no steps after that.
+    step_seconds = max(
+        (datetime.fromisoformat(b["timestamp"]) - datetime.fromisoformat(a["timestamp"])).total_seconds()
+        for a, b in itertools.pairwise(steps)
+    )
+    requested = datetime.fromisoformat(finished["cancellation_requested_at"])
+    assert (datetime.fromisoformat(steps[-1]["timestamp"]) - requested).total_seconds() <= 0.5 + 2 * step_seconds
 
     after = submit(base, body(seed=3, num_inference_steps=2), A)  # the device is free for the next job
     assert wait_status(base, after["execution_id"], {"completed", "failed"}, headers=A)["status"] == "completed"

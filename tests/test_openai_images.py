@@ -63,6 +63,16 @@ def test_n_images_of_the_asked_size_whose_seeds_reproduce_them(client, openai_se
             assert native.read() == base64.b64decode(item.b64_json)
 
 
+def test_url_response_format_links_the_image_store(client, openai_server, fresh_upstream):
+    result = client.images.generate(**SMALL, n=2, response_format="url", extra_body={"seed": 12})
+    same = client.images.generate(**SMALL, n=2, extra_body={"seed": 12})
+    assert [item.b64_json for item in result.data] == [None, None]
+    for item, b64 in zip(result.data, [item.b64_json for item in same.data], strict=True):
+        assert item.url.startswith(f"{openai_server.url}/images/")
+        with urllib.request.urlopen(item.url, timeout=30) as response:  # no API key: the URL is the capability
+            assert response.read() == base64.b64decode(b64)
+
+
 def test_webp_and_compression(client, fresh_upstream):
     webp = client.images.generate(**SMALL, output_format="webp", extra_body={"seed": 3})
     assert webp.output_format == "webp"
@@ -93,7 +103,7 @@ def test_extensions_reach_the_upstream(client, fresh_upstream):
         ({"size": "big"}, "size"),
         ({"n": 11}, "n"),
         ({"n": 0}, "n"),
-        ({"response_format": "url"}, "response_format"),
+        ({"response_format": "link"}, "response_format"),
         ({"background": "transparent"}, "background"),
         ({"quality": "hd"}, "quality"),
         ({"style": "vivid"}, "style"),

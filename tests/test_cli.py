@@ -1,0 +1,43 @@
+"""Hayhooks' own CLI (a client we did not write) against a real server: what the README tells CLI users to run."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+
+from conftest import HAYHOOKS, ROOT
+from PIL import Image
+
+
+def hayhooks(server, *args: str) -> subprocess.CompletedProcess:
+    port = server.url.rsplit(":", 1)[1]
+    env = {**os.environ, "HAYHOOKS_HOST": "127.0.0.1", "HAYHOOKS_PORT": port, "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [str(HAYHOOKS), "pipeline", *args], env=env, capture_output=True, timeout=120, check=False, errors="replace"
+    )
+
+
+def test_cli_runs_the_json_variant(server, fresh_upstream):
+    deployed = hayhooks(
+        server,
+        "deploy-yaml",
+        "-n",
+        "image_generation_json",
+        "--no-save-file",
+        str(ROOT / "pipelines/image_generation.yml"),
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    run = hayhooks(server, "run", "image_generation_json", "-p", "prompt=a cat", "-p", "width=64", "-p", "height=64")
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout.split("Result:", 1)[1])
+    [image] = result["text_to_image"]["images"]
+    picture = Image.open(io.BytesIO(base64.b64decode(image["base64_image"])))
+    assert (picture.format, picture.size) == ("PNG", (64, 64))
+    assert image["meta"]["seed"] == fresh_upstream.requests[0].payload["parameters"]["seed"]
+
+
+def test_cli_on_the_native_route_prints_the_image_bytes_as_text(server, fresh_upstream):
+    """Hayhooks' CLI decodes any reply that is not JSON as text and prints it as rich markup (README: CLI)."""
+    run = hayhooks(server, "run", "image_generation", "-p", "prompt=a cat", "-p", "width=64", "-p", "height=64")
+    assert "PNG" in run.stdout or "MarkupError" in run.stdout + run.stderr

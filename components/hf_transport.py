@@ -146,26 +146,37 @@ async def fetch_async(client: httpx2.AsyncClient, call: Call, bounds: Bounds) ->
 
 
 class _Reader:
-    """Collects a 2xx body under the call's cap and the request's byte lease."""
+    """
+    Collects a 2xx body under the call's cap and the request's byte lease.
+
+    A declared `Content-Length` is taken from the lease at once, so a reply that cannot fit is refused before it is
+    read; a body of unknown length is counted as it arrives.
+    """
 
     def __init__(self, call: Call, bounds: Bounds, response: httpx2.Response) -> None:
         self.error = not 200 <= response.status_code < 300
         self.max_bytes = call.max_bytes
         self.lease = bounds.lease
+        self.counted = 0
         self._body = bytearray()
         if self.error:
             return
         if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise InvalidImageError("the upstream sent a compressed reply, which is refused")
         declared = response.headers.get("content-length", "")
-        if _DIGITS_RE.fullmatch(declared) and int(declared) > call.max_bytes:
-            raise InvalidImageError("the upstream reply is larger than the size cap")
+        if _DIGITS_RE.fullmatch(declared):
+            self._count(int(declared))
 
     def take(self, chunk: bytes) -> None:
-        if len(self._body) + len(chunk) > self.max_bytes:
-            raise InvalidImageError("the upstream reply is larger than the size cap")
-        self.lease.take(len(chunk))
+        self._count(len(self._body) + len(chunk))
         self._body += chunk
+
+    def _count(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise InvalidImageError("the upstream reply is larger than the size cap")
+        if size > self.counted:
+            self.lease.take(size - self.counted)
+            self.counted = size
 
     def body(self) -> bytes:
         return bytes(self._body)
@@ -221,14 +232,16 @@ async def _resolve_async(call: Call, bounds: Bounds) -> Address | None:
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidImageError("the upstream named a result URL that is not http(s)")
     try:
+        parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:
-        raise InvalidImageError("the upstream named a result URL with a bad port") from e
-    return parts.hostname, port
+        host = parts.hostname or ""
+        host.encode("idna")
+    except (ValueError, UnicodeError) as e:
+        raise InvalidImageError("the upstream named a result URL that cannot be parsed") from e
+    if parts.scheme not in ("http", "https") or not host:
+        raise InvalidImageError("the upstream named a result URL that is not http(s)")
+    return host, port
 
 
 def check_address(addresses: list[str], allowed_networks: tuple[Network, ...] = ()) -> Address:
@@ -284,7 +297,7 @@ def _raise_for_status(response: httpx2.Response, body: bytes) -> None:
 def _json_object(body: bytes) -> dict:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

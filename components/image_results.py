@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pybase64
@@ -21,7 +22,7 @@ from components.errors import InvalidImageError
 from components.image_codec import convert, sniff
 from components.provenance import Provenance
 from components.request import GenerationRequest
-from components.result_cache import ByteBudgetLRU, Coalescer
+from components.result_cache import CACHE_SCOPE, ByteBudgetLRU, Coalescer
 from components.settings import ServingSettings
 from components.shared_cache import SharedResultCache
 
@@ -46,10 +47,10 @@ class ImageResults:
 
     def get(self, request: GenerationRequest, produce: Produce, *, pinned: bool) -> ImageContent:
         """The image for `request`, from the cache when its seed was pinned and it was made before."""
-        key = request.cache_key()
+        key = (CACHE_SCOPE.get(), *request.cache_key())
         cached = self._cached(key) if pinned else None
         if cached is not None:
-            return cached
+            return _from_cache(cached)
         with self.gate.slot():
             started = time.monotonic()
             raw = produce(request)
@@ -59,14 +60,14 @@ class ImageResults:
 
     async def get_async(self, request: GenerationRequest, produce: ProduceAsync, *, pinned: bool) -> ImageContent:
         """Like `get`; identical pinned requests in flight also share one call to `produce`."""
-        key = request.cache_key()
+        key = (CACHE_SCOPE.get(), *request.cache_key())
         if not pinned:
             return await self._make_async(request, produce, key, pinned)
         cached = self._cached(key)
         if cached is None and self.shared is not None and (cached := await self.shared.get(key)) is not None:
             self.cache.put(key, cached, len(cached.base64_image))
         if cached is not None:
-            return cached
+            return _from_cache(cached)
         return await self.coalescer.run(key, lambda: self._make_async(request, produce, key, pinned))
 
     async def _make_async(
@@ -147,3 +148,8 @@ class ImageResults:
             }
         )
         return image
+
+
+def _from_cache(image: ImageContent) -> ImageContent:
+    """A cached image marked `meta["cached"]`: only such an answer, which cost no work, may be a 304."""
+    return replace(image, meta={**image.meta, "cached": True})

@@ -4,11 +4,16 @@ import asyncio
 import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
+from contextvars import ContextVar
 from typing import Generic, TypeVar
 
 from components import progress
 
 T = TypeVar("T")
+
+# Who may share a cached or coalesced result: requests with different scopes never do. A server sets it per request
+# (the HTTP guard: a hash of the caller's API key); empty, the default, is one scope for everyone.
+CACHE_SCOPE: ContextVar[str] = ContextVar("image_generation_cache_scope", default="")
 
 
 class ByteBudgetLRU(Generic[T]):

@@ -1,5 +1,5 @@
 """
-Write the serialized pipelines in `pipelines/` from code (`--check` fails when the committed files differ).
+Write the serialized pipelines in `pipelines/` and `served/` from code (`--check` fails when committed files differ).
 
 The pipeline part of each file is `Pipeline.dumps()` output; `inputs:`/`outputs:` are added for
 `hayhooks pipeline deploy-yaml`, which requires every declared input, so only the everyday ones are declared.
@@ -35,6 +35,9 @@ def pipeline_files() -> dict[Path, str]:
         pipeline = Pipeline()
         pipeline.add_component(COMPONENT, generator)
         files[ROOT / "pipelines" / name] = pipeline.dumps() + yaml.safe_dump(DEPLOY_IO, sort_keys=False)
+    # The JSON variant: the API pipeline as a top-level YAML of the served folder, which Hayhooks deploys at startup
+    # as `/image_generation_json/run` (in durable mode too), so no deployment route is needed to serve it.
+    files[ROOT / "served" / "image_generation_json.yml"] = files[ROOT / "pipelines" / "image_generation.yml"]
     return files
 
 

@@ -1,51 +1,107 @@
-"""The service: Hayhooks' app with `HTTPGuard` in front of its run routes, served by Uvicorn."""
+"""The service: Hayhooks' app reduced to the route inventory, with `HTTPGuard` in front, served by Uvicorn over h11."""
 
 import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from hayhooks import create_app as create_hayhooks_app
-from hayhooks import run_app
+from hayhooks.server.logger import intercept_stdlib_logging
+from hayhooks.settings import settings
+from haystack.core.serialization import allow_deserialization_module
 from starlette.middleware import Middleware
 
 from server import api_docs, image_store, mcp, metrics, openai_images, page
-from server.guard import HTTPGuard, api_keys_from_env, run_bodies
+from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from server.jobs import configure_durable_mode
+from server.origins import HostAllowList, OriginPolicy, configure_cors
 from server.quota import Quota
+from server.responses import validation_error_handler
+from server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
 DOORS: tuple = (metrics, page, image_store, openai_images, mcp)
+# Largest request line plus headers accepted (h11's incomplete-event cap); larger is a 400 before any route runs.
+MAX_HEADER_BYTES = 16 * 1024
+# Seconds an idle keep-alive connection stays open.
+KEEP_ALIVE_SECONDS = 5
 
 
 def create_app() -> FastAPI:
     """
-    Hayhooks' app, configured by its `HAYHOOKS_*` settings, with `HTTPGuard` added.
+    Hayhooks' app, configured by its `HAYHOOKS_*` settings, with only the inventory's routes and `HTTPGuard` added.
 
     Also an app factory for `uvicorn --factory server.app:create_app`, e.g. with `--workers`.
     """
     configure_durable_mode()
+    allow_deserialization_module("components")  # our pipelines, the JSON variant's YAML included, name our components
+    configure_cors(settings)
     app = create_hayhooks_app()
+    app.redoc_url = app.swagger_ui_oauth2_redirect_url = None  # FastAPI re-adds its doc routes when a pipeline deploys
+    inventory = Inventory(durable=app.state.durable_mode)
+    app.state.inventory = inventory
+    app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
-    app.user_middleware.append(Middleware(HTTPGuard, api=app, api_keys=api_keys_from_env(), quota=Quota.from_env()))
+    guard = Middleware(
+        HTTPGuard,
+        api=app,
+        inventory=inventory,
+        api_keys=api_keys_from_env(),
+        hosts=HostAllowList(settings.host),
+        origins=OriginPolicy(settings),
+        body_timeout=body_timeout_from_env(),
+        quota=Quota.from_env(),
+    )
+    app.user_middleware.append(guard)
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema, run bodies closed to unknown fields (as `HTTPGuard` enforces), completed by `api_docs`."""
+        """FastAPI's schema, closed bodies closed to unknown fields (as `HTTPGuard` enforces), plus `api_docs`."""
         fresh = app.openapi_schema is None
         schema = build_openapi()
         if fresh:
-            for model in run_bodies(schema).values():
-                model["additionalProperties"] = False
+            closed = {(row.method.lower(), row.path) for row in inventory.routes if row.body and row.body.closed}
+            for operation, model in json_bodies(schema).items():
+                if operation in closed:
+                    model["additionalProperties"] = False
             api_docs.document(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     for door in DOORS:
         door.install(app)
+    prune(app, inventory)
+    hayhooks_lifespan = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Hayhooks' startup deploy, then the routes it added pruned to the inventory again."""
+        async with hayhooks_lifespan(app) as state:
+            prune(app, inventory)
+            yield state
+
+    app.router.lifespan_context = lifespan
     return app
 
 
 def main() -> None:
     """Serve on `HAYHOOKS_HOST:HAYHOOKS_PORT` the pipelines in `HAYHOOKS_PIPELINES_DIR`."""
     argparse.ArgumentParser(description=main.__doc__).parse_args()  # settings come from the environment only
-    run_app(create_app())
+    app = create_app()
+    intercept_stdlib_logging(
+        settings.intercepted_loggers, access_log_excluded_path_prefixes=settings.access_log_excluded_path_prefixes
+    )
+    # h11, not httptools: h11 caps the request head (httptools has no limit at all).
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        log_config=None,
+        timeout_graceful_shutdown=settings.graceful_shutdown_timeout,
+    )

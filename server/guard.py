@@ -1,27 +1,31 @@
-"""ASGI middleware in front of the JSON run routes: API keys, body cap, strict fields, cancel on disconnect."""
+"""ASGI middleware in front of every route: the route inventory's policy, applied before the route runs."""
 
 import asyncio
+import hashlib
 import hmac
 import json
+import math
 import os
 from typing import Any
 
 from fastapi import FastAPI
 from hayhooks import log
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from components.result_cache import CACHE_SCOPE
+from server.origins import HostAllowList, OriginPolicy
 from server.quota import Quota, limited_send
-from server.responses import openai_error
+from server.responses import clip, error_response
+from server.routes import Inventory, Route
 
 API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
-OPENAI_PREFIX = "/v1/"  # the OpenAI-compatible doors: refusals in OpenAI's error envelope
-KEYED_PATHS = ("/mcp",)  # routes without an OpenAPI body that still need the API key (their own code caps bodies)
-MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_ENV = "IMAGE_GENERATION_BODY_TIMEOUT"
+DEFAULT_BODY_TIMEOUT = 20.0
 MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer
-TOO_LARGE = f"the request body is over {MAX_BODY_BYTES} bytes"
 MAX_ECHOED_NAME_CHARS = 64
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def api_keys_from_env() -> tuple[bytes, ...]:
@@ -29,82 +33,150 @@ def api_keys_from_env() -> tuple[bytes, ...]:
     return tuple(key.strip().encode() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip())
 
 
+def body_timeout_from_env() -> float:
+    """Seconds a client has to send a whole request body (`IMAGE_GENERATION_BODY_TIMEOUT`, default 20)."""
+    value = os.environ.get(BODY_TIMEOUT_ENV, "").strip()
+    timeout = float(value) if value else DEFAULT_BODY_TIMEOUT
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"{BODY_TIMEOUT_ENV}={value!r} must be a positive number of seconds")
+    return timeout
+
+
 class HTTPGuard:
     """
-    Guards the JSON run routes: every `POST /{name}/run` (and `/run-durable`) and `POST /v1/...` that takes an object.
+    Applies each route's row of the inventory (`server/routes.py`) before the route runs.
 
-    Refusals on `/v1/...` (the OpenAI-compatible doors) come in OpenAI's error envelope.
-
-    Before the route runs: 401 without a valid Bearer key (when keys are configured), 413 for a body over 64 KB
-    (declared, or counted while reading: no more than 64 KB is ever held), 422 for JSON nested too deeply or naming a
-    field the route does not take. While it runs: when the client disconnects, the route is cancelled, and with it the
-    upstream call or the local generation. `/mcp` gets the API key and declared-length checks only. Other requests
-    pass through untouched.
+    In order, each refusal costing nothing: 400 for a `Host` the server does not answer to (DNS rebinding), 404/405
+    for a route no row lists, 403 for a state-changing request from another browser origin (CSRF), 412 for
+    `If-None-Match: *` on a POST, 401 without a valid Bearer key where the row asks for one, 413 for a body over the
+    row's cap (declared, or counted while reading: no more is ever held), 408 for a body that takes longer than the
+    body timeout, 422 for JSON that is nested too deeply, holds a non-finite number, or names a field the route does
+    not take. While a route with a body runs, a client that disconnects cancels it, and with it the upstream call or
+    the local generation. With API keys on, the request's cache scope is its key's hash, so that callers with
+    different keys never share cached or coalesced results. With a quota (`IMAGE_GENERATION_RATE_LIMIT`), each keyed
+    route that takes a body takes one request from the caller's quota (429 past it), and every answer carries the
+    limit headers.
     """
 
-    def __init__(self, app: ASGIApp, api: FastAPI, api_keys: tuple[bytes, ...], quota: Quota | None = None) -> None:
+    def __init__(  # noqa: PLR0913
+        self,
+        app: ASGIApp,
+        api: FastAPI,
+        inventory: Inventory,
+        api_keys: tuple[bytes, ...],
+        hosts: HostAllowList,
+        origins: OriginPolicy,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        quota: Quota | None = None,
+    ) -> None:
         self.app = app
         self.api = api
+        self.inventory = inventory
         self.api_keys = api_keys
+        self.hosts = hosts
+        self.origins = origins
+        self.body_timeout = body_timeout
         self.quota = quota
         self._fields: dict[str, frozenset[str]] = {}
         self._schema: dict | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Check a request to a guarded route, then run it until it answers or its client leaves."""
-        if scope["type"] == "http" and scope["path"] in KEYED_PATHS:
-            headers = Headers(scope=scope)
-            refusal = self._refusal_unread(headers, matching_key(headers.get("authorization", ""), self.api_keys))
-            await (self.app if refusal is None else refusal)(scope, receive, send)
+        """Refuse what the route's row does not allow, then run the route until it answers or its client leaves."""
+        if scope["type"] == "websocket":  # no row serves a websocket
+            await send({"type": "websocket.close", "code": 1008})
             return
-        fields = self._json_fields(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if fields is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        key = matching_key(headers.get("authorization", ""), self.api_keys)
-        refusal = self._refusal_unread(headers, key)
-        if self.quota is not None and (key is not None or not self.api_keys):
+        row = self.inventory.match(scope["method"], scope["path"].removeprefix(scope.get("root_path", "")))
+        keyed = isinstance(row, Route) and row.auth == "api_key" and bool(self.api_keys)
+        key = matching_key(headers.get("authorization", ""), self.api_keys) if keyed else None
+        refusal = self._refusal_unread(scope, headers, row, key)
+        if refusal is None and isinstance(row, Route) and self.quota is not None and _metered(row, key, self.api_keys):
             send, retry_after = await limited_send(self.quota, key, scope.get("client"), send)
-            if retry_after is not None and refusal is None:
-                refusal = _refusal(429, "the rate limit is spent, retry later", {"Retry-After": str(retry_after)})
-        if refusal is not None:
-            # Unless the client waits for a 100 Continue, let it finish sending (up to MAX_READ_BYTES): a client that
-            # is still sending when the connection closes gets a reset instead of the answer.
-            if "100-continue" not in headers.get("expect", "").lower() and await _read_body(receive, keep=0) is None:
-                return
-        else:
-            read = await _read_body(receive, keep=MAX_BODY_BYTES)
-            if read is None:  # the client left while sending
-                return
-            body, size = read
-            if size > MAX_BODY_BYTES:
-                refusal = _refusal(413, TOO_LARGE)
-            elif errors := _json_errors(body, fields):
-                refusal = _refusal(422, errors)
+            if retry_after is not None:
+                retry = {"Retry-After": str(retry_after)}
+                refusal = error_response(row.errors, 429, "the rate limit is spent, retry later", retry)
+        if refusal is None and isinstance(row, Route):
+            if key is not None:
+                CACHE_SCOPE.set(hashlib.sha256(key).hexdigest()[:32])
+            if row.body is None:
+                await self.app(scope, receive, send)
             else:
-                await _run_until_disconnect(self.app, scope, body, receive, send)
-                return
-        if scope["path"].startswith(OPENAI_PREFIX):
-            refusal = _openai_refusal(refusal)
+                await self._run_with_body(scope, receive, send, headers, row)
+            return
+        # Unless the client waits for a 100 Continue, let it finish sending (up to MAX_READ_BYTES): a client that is
+        # still sending when the connection closes gets a reset instead of the answer.
+        if _declared_length(headers) and "100-continue" not in headers.get("expect", "").lower():
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    if await _read_body(receive, keep=0) is None:
+                        return
+            except TimeoutError:
+                pass
         await refusal(scope, receive, send)
 
-    def _refusal_unread(self, headers: Headers, key: bytes | None) -> JSONResponse | None:
-        """401 without a valid key (when keys are configured), 413 for a declared length over the cap."""
-        if self.api_keys and key is None:
-            return _refusal(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return _refusal(413, TOO_LARGE)
-        return None
+    def _refusal_unread(
+        self, scope: Scope, headers: Headers, row: Route | int | None, key: bytes | None
+    ) -> Response | None:
+        """The answer decided from the request line and headers alone, or None to go on."""
+        host = headers.get("host", "")
+        method = scope["method"]
+        extra = None
+        if not self.hosts.allows(host):
+            status, message = 400, "the Host header names a host this server does not answer to"
+        elif not isinstance(row, Route):
+            status, message = (405, "Method Not Allowed") if row == 405 else (404, "Not Found")
+        elif method not in SAFE_METHODS and not self.origins.allows(headers.get("origin"), host):
+            status, message = 403, "requests from another origin are refused"
+        elif method == "POST" and "*" in (tag.strip() for tag in headers.get("if-none-match", "").split(",")):
+            status, message = 412, "If-None-Match: * never matches a request that creates an image"
+        elif row.auth == "api_key" and self.api_keys and key is None:
+            status, message, extra = 401, "a valid API key is required", {"WWW-Authenticate": "Bearer"}
+        elif _declared_length(headers) > (cap := row.body.max_bytes if row.body is not None else 0):
+            status, message = 413, f"the request body is over {cap} bytes"
+        else:
+            return None
+        return error_response(row.errors if isinstance(row, Route) else "native", status, message, extra)
 
-    def _json_fields(self, scope: Scope) -> frozenset[str] | None:
-        """The body fields the run route at this path takes, or None when it takes no JSON object."""
+    async def _run_with_body(self, scope: Scope, receive: Receive, send: Send, headers: Headers, row: Route) -> None:
+        assert row.body is not None
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                read = await _read_body(receive, keep=row.body.max_bytes)
+        except TimeoutError:
+            log.info("Request body not received in {} s: refused {} {}", self.body_timeout, scope["method"], row.path)
+            refusal = error_response(row.errors, 408, "the request body took too long", {"Connection": "close"})
+            await refusal(scope, receive, send)
+            return
+        if read is None:  # the client left while sending
+            return
+        body, size = read
+        if size > row.body.max_bytes:
+            refusal = error_response(row.errors, 413, f"the request body is over {row.body.max_bytes} bytes")
+        elif errors := _json_errors(body, self._json_fields(row) if row.body.closed else None):
+            refusal = error_response(row.errors, 422, errors)
+        else:
+            await _run_until_disconnect(self.app, scope, body, receive, send)
+            return
+        await refusal(scope, receive, send)
+
+    def _json_fields(self, row: Route) -> frozenset[str] | None:
+        """The body fields the route takes, from its OpenAPI schema; None when its body is not a JSON object."""
         schema = self.api.openapi()  # cached by FastAPI; rebuilt after a deploy or undeploy
         if schema is not self._schema:
             self._schema = schema
-            self._fields = {path: frozenset(model.get("properties", {})) for path, model in run_bodies(schema).items()}
-        return self._fields.get(scope["path"].removeprefix(scope.get("root_path", "")))
+            self._fields = {
+                f"{method} {path}": frozenset(model.get("properties", {}))
+                for (method, path), model in json_bodies(schema).items()
+            }
+        return self._fields.get(f"{row.method.lower()} {row.path}")
+
+
+def _metered(row: Route, key: bytes | None, api_keys: tuple[bytes, ...]) -> bool:
+    """Whether a request takes from a quota: the keyed routes that do work (take a body), by key or client address."""
+    return row.auth == "api_key" and row.body is not None and (key is not None or not api_keys)
 
 
 def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | None:
@@ -116,18 +188,24 @@ def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | Non
     return matched[0] if matched and scheme.lower() == "bearer" else None
 
 
-def run_bodies(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The JSON-object body schemas of the guarded routes (`POST /{name}/run`, `/run-durable`, `/v1/...`), by path."""
+def json_bodies(schema: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The JSON-object request body schemas in an OpenAPI schema, by (lower-case method, path)."""
     bodies = {}
     for path, operations in schema.get("paths", {}).items():
-        guarded = path.endswith(("/run", "/run-durable")) or path.startswith(OPENAI_PREFIX)
-        body = operations.get("post", {}).get("requestBody", {}) if guarded else {}
-        model = body.get("content", {}).get("application/json", {}).get("schema", {})
-        if ref := model.get("$ref"):
-            model = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]
-        if model.get("type") == "object":
-            bodies[path] = model
+        for method, operation in operations.items():
+            body = operation.get("requestBody", {}) if isinstance(operation, dict) else {}
+            model = body.get("content", {}).get("application/json", {}).get("schema", {})
+            if ref := model.get("$ref"):
+                model = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+            if model.get("type") == "object":
+                bodies[(method, path)] = model
     return bodies
+
+
+def _declared_length(headers: Headers) -> int:
+    """The body length the headers declare; a chunked body counts as one byte or more."""
+    length = headers.get("content-length", "")
+    return int(length) if length.isdigit() else (1 if "transfer-encoding" in headers else 0)
 
 
 async def _read_body(receive: Receive, keep: int) -> tuple[bytes, int] | None:
@@ -151,41 +229,42 @@ async def _read_body(receive: Receive, keep: int) -> tuple[bytes, int] | None:
     return b"".join(chunks), size
 
 
-def _json_errors(body: bytes, fields: frozenset[str]) -> list[dict[str, Any]]:
-    """FastAPI-shaped errors for JSON too deep or with unknown fields; other malformed bodies are left to FastAPI."""
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number too large for a double")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_errors(body: bytes, fields: frozenset[str] | None) -> list[dict[str, Any]]:
+    """
+    FastAPI-shaped errors for JSON that breaks the rules FastAPI does not enforce; other malformed bodies are its own.
+
+    Refused: JSON nested too deeply, a non-finite number (`NaN`, `Infinity`, `1e309`), a number over 4300 digits,
+    bytes that are not text, and, when `fields` is given, a field not in it.
+    """
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_float=_finite, parse_constant=_no_constant)
     except json.JSONDecodeError:
         return []
-    except (RecursionError, ValueError):  # nested too deeply, a number over 4300 digits, bytes that are not text
-        return [
-            {"type": "json_invalid", "loc": ["body"], "msg": "JSON body is too deep, too long a number, or not text"}
-        ]
-    if not isinstance(value, dict):
+    except (RecursionError, ValueError):  # nested too deeply, not finite, over 4300 digits, bytes that are not text
+        message = "JSON body is too deep, holds a number that is not finite or too long, or is not text"
+        return [{"type": "json_invalid", "loc": ["body"], "msg": message}]
+    if fields is None or not isinstance(value, dict):
         return []
     unknown = sorted(name for name in value if name not in fields)[:10]
     return [
         {
             "type": "extra_forbidden",
-            "loc": ["body", name[:MAX_ECHOED_NAME_CHARS]],
+            "loc": ["body", clip(name, MAX_ECHOED_NAME_CHARS)],
             "msg": "Extra inputs are not permitted",
         }
         for name in unknown
     ]
-
-
-def _refusal(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status, headers)
-
-
-def _openai_refusal(refusal: JSONResponse) -> JSONResponse:
-    """A refusal in OpenAI's envelope (its 400 for our 422), naming the first unknown field."""
-    detail = json.loads(refusal.body)["detail"]
-    param = detail[0]["loc"][-1] if isinstance(detail, list) and detail[0]["type"] == "extra_forbidden" else None
-    if isinstance(detail, list):
-        detail = f"unknown field {param!r}" if param is not None else detail[0]["msg"]
-    headers = {name: value for name, value in refusal.headers.items() if name in ("www-authenticate",)}
-    return openai_error(refusal.status_code, detail, param=param, headers=headers)
 
 
 async def _run_until_disconnect(app: ASGIApp, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:

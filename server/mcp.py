@@ -23,9 +23,9 @@ from starlette.routing import Route
 
 from components.request import MAX_IMAGES, OutputFormat
 from server.generation import generate
-from server.guard import MAX_BODY_BYTES
 from server.params import Guidance, ModelId, Seed, Size, Steps, Text
 from server.responses import classify, validation_message
+from server.routes import MAX_BODY_BYTES
 
 MCP_PATH = "/mcp"
 TOOL = "generate_image"

@@ -14,17 +14,13 @@ from typing import Annotated, Any, Literal
 
 import pybase64
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute, _IncludedRouter
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.routing import BaseRoute
 
 from components.image_codec import recompress
 from components.request import MAX_IMAGES, OutputFormat
 from server.generation import generate, served_models
 from server.params import Guidance, ModelId, Seed, Steps, Text
-from server.responses import classify, openai_error, validation_message
+from server.responses import classify, openai_error
 
 PREFIX = "/v1/"
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,3}x[1-9][0-9]{1,3})$"
@@ -203,26 +199,15 @@ async def list_models(request: Request) -> Any:
 
 
 def install(app: FastAPI) -> None:
-    """Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which is removed."""
+    """
+    Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which `server.routes.prune` removes.
+
+    Validation errors here come in OpenAI's envelope through the app's handler (`server.responses`), by the route's
+    row in the inventory.
+    """
     app.state.started = int(time.time())
-    _drop_routes(app.router.routes, {("GET", "/v1/models")})
     app.include_router(router)
     app.router.routes.insert(0, app.router.routes.pop())
-    native = app.exception_handlers[RequestValidationError]
-
-    async def validation_error(request: Request, error: Exception) -> Any:
-        """OpenAI's 400 on the `/v1/*` routes, FastAPI's 422 elsewhere."""
-        if not request.url.path.startswith(PREFIX) or not isinstance(error, RequestValidationError):
-            return await native(request, error)
-        return openai_validation_error(error.errors())
-
-    app.add_exception_handler(RequestValidationError, validation_error)
-
-
-def openai_validation_error(errors: Any) -> JSONResponse:
-    """The first of pydantic's errors as OpenAI's 400, naming the field."""
-    param, message = validation_message(errors)
-    return openai_error(400, message, param=param)
 
 
 def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
@@ -257,17 +242,4 @@ def _recompressed(data: list[str], output_format: str, quality: int) -> list[str
     return [
         pybase64.b64encode_as_string(recompress(pybase64.b64decode(b64, validate=True), output_format, quality))
         for b64 in data
-    ]
-
-
-def _drop_routes(routes: list[BaseRoute], dropped: set[tuple[str, str]], prefix: str = "") -> None:
-    """Remove the listed (method, full path) routes, in included routers too."""
-    for route in routes:
-        if isinstance(route, _IncludedRouter):
-            _drop_routes(route.original_router.routes, dropped, prefix + route.include_context.prefix)
-            route.original_router._mark_routes_changed()
-    routes[:] = [
-        route
-        for route in routes
-        if not (isinstance(route, APIRoute) and any((m, prefix + route.path) in dropped for m in route.methods or ()))
     ]

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pybase64
-from fastapi import HTTPException, Response
+from fastapi import HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from hayhooks import log
 from haystack.dataclasses import ImageContent
@@ -107,11 +108,54 @@ def openai_error(
     return JSONResponse(body, status, headers)
 
 
+def error_response(
+    shape: str, status: int, detail: str | list[dict[str, Any]], headers: dict | None = None
+) -> JSONResponse:
+    """
+    A refusal in a route's error shape.
+
+    `native` is FastAPI's `{"detail": ...}` (a message, or a list of field errors); `openai` is OpenAI's envelope,
+    with the first field error as its message and `param` (`validation_message`).
+    """
+    if shape != "openai":
+        return JSONResponse({"detail": detail}, status, headers)
+    if isinstance(detail, str):
+        return openai_error(status, detail, headers=headers)
+    param, message = validation_message(detail)
+    return openai_error(status, message, param=param, headers=headers)
+
+
+def clip(text: object, limit: int) -> str:
+    """`text` cut to `limit` characters and made valid UTF-8 (a lone surrogate would make JSON encoding fail)."""
+    return str(text)[:limit].encode("utf-8", "replace").decode("utf-8")
+
+
+def safe_validation_errors(errors: Any) -> list[dict[str, Any]]:
+    """FastAPI's validation errors without the values that caused them (`input`, `ctx`, `url`), never echoed."""
+    return [
+        {
+            "type": clip(error.get("type", ""), 64),
+            "loc": [clip(part, 64) for part in error.get("loc", ())],
+            "msg": clip(error.get("msg", ""), 200),
+        }
+        for error in list(errors)[:10]
+    ]
+
+
+async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 with the field errors, in the route's error shape; nothing of the request body is echoed."""
+    inventory = getattr(request.app.state, "inventory", None)
+    row = inventory.match(request.method, request.url.path) if inventory is not None else None
+    return error_response(getattr(row, "errors", "native"), 422, safe_validation_errors(error.errors()))
+
+
 def image_response(image: ImageContent, headers: Headers | None = None) -> Response:
     """
     The image as the response body, with `X-Seed`, `ETag` and `Content-Disposition`.
 
-    A request whose `If-None-Match` matches the ETag gets a 304 without the body.
+    A request whose `If-None-Match` names the ETag gets a 304 without the body, but only when the image came from
+    the cache: once the image has been made, the client gets what it paid for. (`If-None-Match: *` on a POST never
+    reaches here: `HTTPGuard` answers it 412 before any work.)
     """
     meta = image.meta
     etag = f'"{meta["etag"]}"'
@@ -120,7 +164,7 @@ def image_response(image: ImageContent, headers: Headers | None = None) -> Respo
         "ETag": etag,
         "Content-Disposition": f'inline; filename="image-{meta["seed"]}.{meta["format"]}"',
     }
-    if headers is not None and etag_matches(headers.get("if-none-match"), etag):
+    if headers is not None and meta.get("cached") and etag_matches(headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=response_headers)
     body = pybase64.b64decode(image.base64_image, validate=True)  # SIMD: 6 ms -> 0.15 ms for a 1024² PNG
     return Response(body, media_type=image.mime_type, headers=response_headers)

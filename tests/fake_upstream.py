@@ -172,7 +172,9 @@ class FakeUpstream:
                     self.connection.shutdown(2)
                     return
                 if fault.status != 200 or fault.body is not None:
-                    self._send(fault.status, fault.body or b"", fault.headers, chunked=fault.chunked)
+                    self._send(
+                        fault.status, fault.body or b"", fault.headers, trickle=fault.trickle, chunked=fault.chunked
+                    )
                     return
                 prompt = payload.get("inputs")
                 params = payload.get("parameters") or {}

@@ -18,6 +18,7 @@ from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from haystack.utils import ComponentDevice
 from PIL import Image
+from scrape import METRICS_KEY, scraped, value
 
 from components.diffusers_text_to_image import DiffusersTextToImage
 from components.errors import GenerationTimeoutError, InvalidRequestError
@@ -220,8 +221,9 @@ def test_pipeline_round_trip(tiny_model):
 def local_server(tiny_model, tmp_path_factory):
     """A real hayhooks server on the local backend: configuration only, the same wrapper and route."""
     env = server_env(
-        IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(tiny_model), IMAGE_GENERATION_CACHE_BYTES="0"
-    )
+        IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(tiny_model),
+        IMAGE_GENERATION_CACHE_BYTES="0", IMAGE_GENERATION_METRICS_KEY=METRICS_KEY,
+    )  # fmt: skip
     server = start_server(tmp_path_factory.mktemp("local-server"), env, timeout=120)
     yield server
     stop_server(server)
@@ -269,6 +271,25 @@ def test_client_disconnect_stops_generation(local_server):
     log = local_server.log()
     assert "Client disconnected: cancelled POST /image_generation/run" in log
     assert "Seed 11: step 150/150" not in log
+
+
+def test_metrics_count_denoising_steps(local_server):
+    steps = "image_generation_denoising_steps_total", "image_generation_denoising_seconds_total"
+    images = "image_generation_images_total"
+    before = scraped(local_server)
+    assert (
+        post(local_server, {"prompt": "counted steps", "width": 64, "height": 64, "num_inference_steps": 3})[0] == 200
+    )
+    after = scraped(local_server)
+    assert value(after, steps[0]) - value(before, steps[0]) == 3
+    assert value(after, steps[1]) > value(before, steps[1])
+    labels = {"model": "tiny-sd", "size": "256x256", "format": "png"}  # the served model's name
+    assert value(after, images, **labels) - value(before, images, **labels) == 1
+    assert value(after, "image_generation_generation_seconds_count") > value(
+        before, "image_generation_generation_seconds_count"
+    )
+    # On the CPU there is no device memory to report: the series stay at 0.
+    assert value(after, "image_generation_device_memory_peak_bytes") == 0
 
 
 def test_missing_model_folder_is_a_clear_startup_error(tmp_path):

@@ -1,15 +1,12 @@
 """`GET /metrics` through a real server: a scripted mix of requests, read back with prometheus_client's own parser."""
 
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 from conftest import HAYHOOKS, ROOT, free_port, launch, post, server_env, start_server, stop_server, wait_for
 from fake_upstream import Fault
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import METRICS_KEY, samples, scrape, value
 
-METRICS_KEY = "scrape-key-for-tests"
 RUN = "/image_generation/run"
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-schnell"
 PROMPT = "a lighthouse that must never show up in the metrics"
@@ -22,29 +19,6 @@ def metrics_server(fresh_upstream, tmp_path):
     }))  # fmt: skip
     yield srv
     stop_server(srv)
-
-
-def scrape(server, key: str | None = METRICS_KEY) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(f"{server.url}/metrics", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def samples(text: str) -> dict[tuple[str, frozenset], float]:
-    """Every sample of the exposition, by name and label set, as the Prometheus parser reads it."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(parsed: dict, name: str, **labels: str) -> float:
-    return parsed.get((name, frozenset(labels.items())), 0.0)
 
 
 def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):

@@ -3,14 +3,13 @@
 import base64
 import io
 import json
-import os
 import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import HAYHOOKS, ROOT, TEST_TOKEN
+from conftest import HAYHOOKS, ROOT, TEST_TOKEN, server_env, start_server, stop_server
 from PIL import Image
 
 from components.image_codec import PNG_SIGNATURE
@@ -120,35 +119,49 @@ def test_no_temp_files_are_left(server, fresh_upstream, tmp_path):
     assert list(server_tmp.iterdir()) == []
 
 
-def test_deploy_yaml_answers_json_with_a_png(server, fresh_upstream):
-    port = server.url.rsplit(":", 1)[1]
-    deploy = subprocess.run(
-        [str(HAYHOOKS), "pipeline", "deploy-yaml", "-n", "image_generation_json", "--no-save-file", "--overwrite",
-         "pipelines/image_generation.yml"],
-        cwd=ROOT, env={**os.environ, "HAYHOOKS_HOST": "127.0.0.1", "HAYHOOKS_PORT": port},
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-
+def post_json_variant(server, body: dict, name: str = "image_generation_json") -> dict:
+    """POST to a JSON variant's route; the one image of its result, with its PNG decoded as `data`."""
     request = urllib.request.Request(
-        f"{server.url}/image_generation_json/run",
-        data=json.dumps({"prompt": "json variant", "width": 128, "height": 64}).encode(),
+        f"{server.url}/{name}/run", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
-    )
+    )  # fmt: skip
     with urllib.request.urlopen(request, timeout=30) as response:
-        result = json.load(response)["result"]
-    image = result["text_to_image"]["images"][0]
-    data = base64.b64decode(image["base64_image"])
-    assert data.startswith(PNG_SIGNATURE)
-    assert Image.open(io.BytesIO(data)).size == (128, 64)
+        [image] = json.load(response)["result"]["text_to_image"]["images"]
+    return {**image, "data": base64.b64decode(image["base64_image"])}
+
+
+def test_json_variant_is_served_from_startup_and_guarded(server, fresh_upstream):
+    """served/image_generation_json.yml is deployed when the server starts: no deployment route is involved."""
+    image = post_json_variant(server, {"prompt": "json variant", "width": 128, "height": 64})
+    assert image["data"].startswith(PNG_SIGNATURE)
+    assert Image.open(io.BytesIO(image["data"])).size == (128, 64)
     assert image["mime_type"] == "image/png"
     assert image["meta"]["seed"] == fresh_upstream.requests[-1].payload["parameters"]["seed"]
 
-    request.data = json.dumps({"prompt": "json variant", "width": 128, "height": 64, "sed": 3}).encode()
-    with pytest.raises(urllib.error.HTTPError) as refused:  # the new route is guarded too: a typo is not ignored
-        urllib.request.urlopen(request, timeout=30)
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the route is guarded: a typo is not ignored
+        post_json_variant(server, {"prompt": "json variant", "width": 128, "height": 64, "sed": 3})
     assert refused.value.code == 422
     assert json.load(refused.value)["detail"][0]["loc"] == ["body", "sed"]
+
+
+def test_hayhooks_cli_deploys_the_yaml_to_plain_hayhooks_run(upstream, fresh_upstream, tmp_path):
+    """The README's local development setup: `hayhooks run` with deployment on, and the CLI's deploy-yaml."""
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, HAYSTACK_DESERIALIZATION_ALLOWLIST="components.*")
+    hayhooks = start_server(tmp_path, env, command=[str(HAYHOOKS), "run"])
+    try:
+        deploy = subprocess.run(
+            [str(HAYHOOKS), "pipeline", "deploy-yaml", "-n", "image_generation_dev", "--no-save-file",
+             "pipelines/image_generation.yml"],
+            cwd=ROOT, env={**env, "HAYHOOKS_PORT": hayhooks.url.rsplit(":", 1)[1]},
+            capture_output=True, text=True, check=False, timeout=120,
+        )  # fmt: skip
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        image = post_json_variant(
+            hayhooks, {"prompt": "json variant", "width": 64, "height": 64}, "image_generation_dev"
+        )
+        assert image["data"].startswith(PNG_SIGNATURE)
+    finally:
+        stop_server(hayhooks)
 
 
 def test_token_goes_only_to_the_configured_endpoint(server, fresh_upstream, tmp_path):

@@ -1,0 +1,184 @@
+"""
+The route inventory: every (method, path) the server answers, and the policy `HTTPGuard` applies to each.
+
+Hayhooks' app adds more routes than this service serves (runtime deployment, chat, files, drawing, traces).
+`prune()` removes every route and mount that no row lists, and `HTTPGuard` answers 404 or 405 for any request no
+row matches, so a route that Hayhooks (or anything else) adds later is never reachable. A door adds its rows here.
+"""
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI
+from fastapi.routing import _IncludedRouter  # FastAPI >= 0.16x keeps included routers lazily
+from starlette.routing import BaseRoute, Mount, compile_path
+
+# Who may call a route: with a valid API key when keys are configured, anyone, whoever holds the URL, or whoever
+# holds a key of the route's own that the route checks (the metrics scrape key).
+Auth = Literal["api_key", "public", "capability", "own_key"]
+# How a refusal's body is shaped: FastAPI's `{"detail": ...}`, or OpenAI's `{"error": {...}}` (the `/v1/*` doors).
+ErrorShape = Literal["native", "openai"]
+
+
+@dataclass(frozen=True)
+class Body:
+    """
+    A request body a route takes.
+
+    :param max_bytes: Largest body accepted (413 beyond); no more than this is ever held in memory.
+    :param closed: Refuse JSON object fields that the route's OpenAPI request schema does not declare (422).
+    """
+
+    max_bytes: int
+    closed: bool = True
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    One (method, path) the server answers, and its policy.
+
+    :param method: HTTP method; a GET row also answers HEAD.
+    :param path: Starlette path template, as the route declares it (`/images/{name}`); a mount's row ends in
+        `{path:path}`.
+    :param auth: `api_key`, `public`, `capability` (the unguessable URL is the credential) or `own_key` (the route
+        checks a key of its own).
+    :param body: The body it takes; None means a request with a body is refused (413).
+    :param errors: The shape of its error bodies.
+    :param durable: True for a route served only in Hayhooks' durable mode, False only outside it, None in both.
+    :param optional: Served only when a setting turns it on (or does not turn it off).
+    """
+
+    method: str
+    path: str
+    auth: Auth
+    body: Body | None = None
+    errors: ErrorShape = "native"
+    durable: bool | None = None
+    optional: bool = False
+
+
+MAX_BODY_BYTES = 64 * 1024
+RUN_BODY = Body(MAX_BODY_BYTES)
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/status", "public"),
+    Route("GET", "/openapi.json", "public"),
+    # Swagger UI with its assets served from here (server/page.py)
+    Route("GET", "/docs", "public"),
+    Route("GET", "/docs/swagger-ui-bundle.js", "public"),
+    Route("GET", "/docs/swagger-ui.css", "public"),
+    Route("GET", "/docs/favicon.png", "public"),
+    # the pipelines' run routes: the wrapper, and the JSON variant (served/image_generation_json.yml)
+    Route("POST", "/image_generation/run", "api_key", RUN_BODY),
+    Route("POST", "/image_generation_json/run", "api_key", RUN_BODY),
+    # jobs (server/jobs.py): Hayhooks' durable routes of the image pipeline; with API keys on, a job is its key's own.
+    # `resume` stays because Hayhooks links to it in every job; an image job never waits for input (409).
+    Route("POST", "/image_generation/run-durable", "api_key", RUN_BODY, durable=True),
+    Route("GET", "/image_generation/executions", "api_key", durable=True),
+    Route("GET", "/image_generation/executions/{execution_id}", "api_key", durable=True),
+    Route("GET", "/image_generation/executions/{execution_id}/stream", "api_key", durable=True),
+    Route("POST", "/image_generation/executions/{execution_id}/cancel", "api_key", durable=True),
+    Route(
+        "POST", "/image_generation/executions/{execution_id}/resume", "api_key", Body(1024, closed=False), durable=True
+    ),
+    # stored images (server/image_store.py): the unguessable name is the credential, so that an <img> can load it
+    Route("GET", "/images/{name}", "capability"),
+    # the OpenAI-compatible door (server/openai_images.py); its model list replaces Hayhooks' (chat models)
+    Route("POST", "/v1/images/generations", "api_key", RUN_BODY, errors="openai"),
+    Route("GET", "/v1/models", "api_key", errors="openai"),
+    # the MCP door (server/mcp.py): stateless JSON-RPC over POST; its SDK checks the body's shape
+    Route("POST", "/mcp", "api_key", Body(MAX_BODY_BYTES, closed=False)),
+    # the web page (server/page.py), unless IMAGE_GENERATION_UI=false
+    Route("GET", "/", "public", optional=True),
+    Route("GET", "/static/{name}", "public", optional=True),
+    # Prometheus metrics (server/metrics.py), only when IMAGE_GENERATION_METRICS_KEY is set
+    Route("GET", "/metrics", "own_key", optional=True),
+)
+
+
+class Inventory:
+    """The rows that apply in one mode, matched against requests and against the app's routes."""
+
+    def __init__(self, routes: tuple[Route, ...] = ROUTES, *, durable: bool = False) -> None:
+        self.routes = tuple(route for route in routes if route.durable in (None, durable))
+        self._patterns = [(route, compile_path(route.path)[0]) for route in self.routes]
+
+    def match(self, method: str, path: str) -> Route | Literal[405] | None:
+        """The row for this request; 405 when rows list the path under other methods only; None when none list it."""
+        listed = False
+        for route, pattern in self._patterns:
+            if pattern.fullmatch(path):
+                if route.method == method or (method == "HEAD" and route.method == "GET"):
+                    return route
+                listed = True
+        return 405 if listed else None
+
+    def lists(self, route: BaseRoute, path: str) -> bool:
+        """Whether a row names this route (one of its methods at `path`, its full path), or a path under this mount."""
+        if isinstance(route, Mount):
+            return any(row.path.startswith(path.rstrip("/") + "/") for row in self.routes)
+        methods = getattr(route, "methods", None)  # None: an ASGI app that takes any method (the guard picks)
+        return any(row.path == path and (methods is None or row.method in methods) for row in self.routes)
+
+
+def prune(app: FastAPI, inventory: Inventory) -> None:
+    """
+    Remove from `app` every route and mount that `inventory` does not list, and invalidate its OpenAPI schema.
+
+    Included routers are copied before their routes are filtered: Hayhooks' routers are module globals that another
+    app in the same process may still include whole.
+    """
+    app.router.routes[:] = _pruned(app.router.routes, "", inventory, {})
+    app.openapi_schema = None
+
+
+def listed_routes(app: FastAPI) -> set[tuple[str, str]]:
+    """
+    Every (method, path) the app's router answers, HEAD left out.
+
+    A route that takes any method is `("*", path)`, and a mount `("*", "<path>/{path:path}")`.
+    """
+    found = set()
+    for route, path in _walk(app.router.routes, ""):
+        methods = getattr(route, "methods", None)
+        if isinstance(route, Mount):
+            found.add(("*", f"{path.rstrip('/')}/{{path:path}}"))
+        elif methods is None:
+            found.add(("*", path))
+        else:
+            found |= {(method, path) for method in methods if method != "HEAD"}
+    return found
+
+
+def _walk(routes: list[BaseRoute], prefix: str) -> Iterator[tuple[BaseRoute, str]]:
+    """Each route with its full path, included routers flattened."""
+    for route in routes:
+        if isinstance(route, _IncludedRouter):
+            yield from _walk(route.original_router.routes, prefix + route.include_context.prefix)
+        else:
+            yield route, prefix + getattr(route, "path", "")
+
+
+def _pruned(routes: list[BaseRoute], prefix: str, inventory: Inventory, seen: dict[str, set[str]]) -> list[BaseRoute]:
+    """
+    The routes the inventory lists, without those an earlier route shadows (`seen`: the methods served by path).
+
+    Shadowed routes arise when FastAPI adds its doc routes again at each deploy, and when a door replaces one of
+    Hayhooks' routes by adding its own ahead of it.
+    """
+    kept: list[BaseRoute] = []
+    for route in routes:
+        if isinstance(route, _IncludedRouter):
+            router = copy.copy(route.original_router)
+            router.routes = _pruned(router.routes, prefix + route.include_context.prefix, inventory, seen)
+            if router.routes:
+                kept.append(_IncludedRouter(original_router=router, include_context=route.include_context))
+        elif inventory.lists(route, path := prefix + getattr(route, "path", "")):
+            methods = set(getattr(route, "methods", None) or {"*"}) - {"HEAD"}
+            if isinstance(route, Mount) or not methods & seen.get(path, set()):
+                seen.setdefault(path, set()).update(methods)
+                kept.append(route)
+    return kept

@@ -1,0 +1,111 @@
+"""The route inventory: the app answers exactly the routes `server/routes.py` lists, in both of Hayhooks' modes."""
+
+import json
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import ROOT
+from fastapi.testclient import TestClient
+from hayhooks import create_app as create_hayhooks_app
+from hayhooks.server.pipelines.registry import registry
+from hayhooks.settings import settings
+
+from server.app import create_app
+from server.routes import ROUTES, Inventory, listed_routes
+
+
+@pytest.fixture
+def hayhooks_settings(monkeypatch, upstream):
+    """Hayhooks' settings for an in-process app serving our pipelines against the fake upstream."""
+    monkeypatch.setenv("IMAGE_GENERATION_ENDPOINT", upstream.url)
+    monkeypatch.setattr(settings, "pipelines_dir", str(ROOT / "served"))
+    monkeypatch.setattr(settings, "durable_store", "memory")
+    for name in ("cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "cors_expose_headers"):
+        monkeypatch.setattr(settings, name, getattr(settings, name))  # create_app sets our defaults; undo after
+    registry.clear()  # live mode deploys into Hayhooks' process-wide registry
+    yield settings
+    registry.clear()
+
+
+ANY_METHOD = {"/mcp"}  # served by an ASGI app that takes any method: the guard answers 405 to all but the row's
+
+
+def inventory_of(durable: bool, optional: bool = True) -> set[tuple[str, str]]:
+    rows = [row for row in Inventory(durable=durable).routes if optional or not row.optional]
+    return {("*" if row.path in ANY_METHOD else row.method, row.path) for row in rows}
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
+def test_the_app_answers_exactly_the_inventory(hayhooks_settings, monkeypatch, durable):
+    """A Hayhooks upgrade that adds a route, or a door that adds one without its row, fails here."""
+    monkeypatch.setattr(settings, "durable_mode", durable)
+    monkeypatch.setenv("IMAGE_GENERATION_METRICS_KEY", "scrape-key")  # turns on the optional rows' routes
+    app = create_app()
+    assert listed_routes(app) <= inventory_of(durable)
+    with TestClient(app, base_url="http://localhost"):  # runs the startup deploy (live mode adds routes then)
+        assert listed_routes(app) == inventory_of(durable)
+        assert "/deploy_files" not in json.dumps(app.openapi())
+
+
+def test_optional_routes_are_absent_when_turned_off(hayhooks_settings, monkeypatch):
+    monkeypatch.setattr(settings, "durable_mode", False)
+    monkeypatch.setenv("IMAGE_GENERATION_UI", "false")
+    monkeypatch.delenv("IMAGE_GENERATION_METRICS_KEY", raising=False)
+    app = create_app()
+    with TestClient(app, base_url="http://localhost"):
+        assert listed_routes(app) == inventory_of(durable=False, optional=False)
+
+
+def test_hayhooks_serves_routes_the_inventory_leaves_out(hayhooks_settings):
+    """The other half of the comparison: what would be open without the inventory (if this fails, simplify)."""
+    unlisted = listed_routes(create_hayhooks_app()) - inventory_of(durable=False)
+    assert {("POST", "/deploy_files"), ("POST", "/deploy-yaml"), ("GET", "/draw/{pipeline_name}")} <= unlisted
+    assert {("POST", "/v1/files"), ("POST", "/v1/chat/completions"), ("GET", "/traces")} <= unlisted
+
+
+def test_a_route_added_after_startup_is_not_reachable(hayhooks_settings, monkeypatch):
+    """The guard refuses what no row lists, whenever it was added."""
+    monkeypatch.setattr(settings, "durable_mode", False)
+    app = create_app()
+    with TestClient(app, base_url="http://localhost") as client:
+        app.add_api_route("/late", lambda: {"ok": True}, methods=["GET"])
+        app.add_api_route("/status", lambda: {"ok": True}, methods=["DELETE"])
+        assert client.get("/late").status_code == 404
+        assert client.delete("/status").status_code == 405
+        assert client.get("/status").status_code == 200
+
+
+def concrete(path: str) -> str:
+    """A request path for a path template: each parameter becomes `x`."""
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+NOT_SERVED = {(404, b'{"detail":"Not Found"}'), (405, b'{"detail":"Method Not Allowed"}')}
+
+
+def request(server, method: str, path: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"{server.url}{path}", method=method, data=b"{}" if method == "POST" else None,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_a_running_server_refuses_every_route_hayhooks_would_add(server, hayhooks_settings, fresh_upstream):
+    unlisted = listed_routes(create_hayhooks_app()) - inventory_of(durable=False)
+    answers = {(method, path): request(server, method, concrete(path)) for method, path in sorted(unlisted)}
+    assert set(answers.values()) <= NOT_SERVED, answers
+    assert fresh_upstream.requests == []
+
+
+SERVED_BY_DEFAULT = [row for row in ROUTES if row.durable is not True and row.path != "/metrics"]  # metrics: off
+
+
+@pytest.mark.parametrize("row", SERVED_BY_DEFAULT, ids=lambda row: row.path)
+def test_a_running_server_answers_every_row(server, fresh_upstream, row):
+    path = concrete(row.path).replace("/static/x", "/static/page.js")
+    assert request(server, row.method, path) not in NOT_SERVED  # a route's own 404 (no such image) names its cause

@@ -11,7 +11,7 @@
 #             compiler, no pip and no tests in the image
 #   logs      docker compose logs hold no secret (HF_TOKEN, IMAGE_GENERATION_API_KEYS)
 #   down      docker compose stop: the server shuts down gracefully on SIGTERM within its stop grace period; down
-#   clean     docker compose down --volumes, quietly (what a failed run needs)
+#   clean     docker compose down --volumes, quietly (what a failed run needs); prune this project's untagged images
 # Examples:
 #   HF_TOKEN=hf_... scripts/compose-smoke.sh                       # the real Hugging Face API
 #   COMPOSE_FILE=docker-compose.yml:tests/compose.test.yml scripts/compose-smoke.sh   # the fake upstream, no token
@@ -142,7 +142,12 @@ step_down() {
 }
 
 step_clean() {
+  local service
   "${compose[@]}" down --volumes --remove-orphans --timeout 5 2> /dev/null
+  # This project's images that rebuilds left untagged (the build cache keeps their layers).
+  for service in $("${compose[@]}" --profile '*' config --services); do
+    docker image prune --force --filter "label=com.docker.compose.service=$service" > /dev/null
+  done
 }
 
 if [ "$#" -eq 0 ]; then

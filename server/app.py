@@ -14,7 +14,7 @@ from hayhooks.settings import settings
 from haystack.core.serialization import allow_deserialization_module
 from starlette.middleware import Middleware
 
-from server import api_docs, image_store, mcp, metrics, openai_images, page
+from server import api_docs, image_store, mcp, metrics, openai_images, page, readiness
 from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from server.jobs import configure_durable_mode
 from server.origins import HostAllowList, OriginPolicy, configure_cors
@@ -23,7 +23,7 @@ from server.responses import validation_error_handler
 from server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = (metrics, page, image_store, openai_images, mcp)
+DOORS: tuple = (metrics, page, image_store, openai_images, mcp, readiness)
 # Largest request line plus headers accepted (h11's incomplete-event cap); larger is a 400 before any route runs.
 MAX_HEADER_BYTES = 16 * 1024
 # Seconds an idle keep-alive connection stays open.

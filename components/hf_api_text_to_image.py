@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import constants
 from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.utils import Secret, deserialize_secrets_inplace
+from huggingface_hub import constants
 
 from components.admission import ByteBudget
 from components.hf_providers import (

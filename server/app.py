@@ -12,6 +12,7 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks.server.logger import intercept_stdlib_logging
 from hayhooks.settings import settings
 from haystack.core.serialization import allow_deserialization_module
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
 from server import api_docs, image_store, mcp, metrics, openai_images, page, readiness
@@ -19,7 +20,7 @@ from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, js
 from server.jobs import configure_durable_mode
 from server.origins import HostAllowList, OriginPolicy, configure_cors
 from server.quota import Quota
-from server.responses import validation_error_handler
+from server.responses import http_exception_handler, validation_error_handler
 from server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
@@ -44,6 +45,7 @@ def create_app() -> FastAPI:
     inventory = Inventory(durable=app.state.durable_mode)
     app.state.inventory = inventory
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)  # type: ignore[arg-type]
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
     guard = Middleware(
         HTTPGuard,

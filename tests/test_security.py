@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port, post_raw, server_env, start_server, stop_server
+from fake_upstream import Fault
 
 SMALL = {"prompt": "surface", "width": 64, "height": 64}
 
@@ -143,6 +144,17 @@ def test_hostile_values_are_a_422_that_echoes_nothing(server, fresh_upstream, bo
     assert b"Infinity" not in answer
     assert b"NaN" not in answer
     assert fresh_upstream.requests == []
+
+
+def test_the_json_variant_maps_failures_instead_of_a_500(server, fresh_upstream):
+    """Hayhooks' YAML route answers any failure 500 with its text; found by schemathesis on this route."""
+    body = json.dumps({"prompt": "", "width": 64, "height": 64}).encode()
+    status, _, answer = raw(server, "POST", "/image_generation_json/run", {"Content-Type": "application/json"}, body)
+    assert (status, json.loads(answer)) == (422, {"detail": "prompt must be a non-empty string"})
+    fresh_upstream.fail_next(Fault(status=500, body=b"internal upstream detail"))
+    status, _, answer = raw(server, "POST", "/image_generation_json/run", {"Content-Type": "application/json"},
+                            json.dumps(SMALL).encode())  # fmt: skip
+    assert (status, json.loads(answer)) == (502, {"detail": "the upstream failed"})
 
 
 def test_a_text_body_is_not_echoed(server, fresh_upstream):

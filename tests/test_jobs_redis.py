@@ -127,3 +127,15 @@ def test_redis_outage_is_503_then_recovers_without_restart(replicas, redis, fres
     assert done["status"] == "completed", done
     again = submit(a.url, body(seed=22))
     assert wait_status(a.url, again["execution_id"], {"completed", "failed"})["status"] == "completed"
+
+
+def test_cancel_drops_the_upstream_call(replicas, fresh_upstream):
+    (a,) = replicas(1)
+    fresh_upstream.latency = 60.0
+    job = submit(a.url, body(seed=31))
+    assert wait_for(lambda: len(fresh_upstream.requests) == 1, timeout=30)
+    assert call(f"{a.url}{job['links']['cancel']}", "POST")[0] in (200, 202)
+    assert wait_status(a.url, job["execution_id"], {"canceled", "completed", "failed"}, timeout=30)["status"] == (
+        "canceled"
+    )
+    assert wait_for(lambda: fresh_upstream.abandoned == 1, timeout=10)  # the upstream saw its caller hang up

@@ -170,7 +170,7 @@ def _parse_mappings(body: bytes, model: str) -> list[InferenceProviderMapping]:
         raw = json.loads(body).get("inferenceProviderMapping") or {}
         items = [{**value, "provider": name} for name, value in raw.items()] if isinstance(raw, dict) else raw
         return [InferenceProviderMapping(**{**item, "hf_model_id": model}) for item in items]
-    except (ValueError, AttributeError, TypeError, KeyError) as e:
+    except (ValueError, RecursionError, AttributeError, TypeError, KeyError) as e:
         raise UpstreamError("the Hub answered something that is not a model description") from e
 
 
@@ -230,7 +230,7 @@ def _read_reply(reply: bytes) -> bytes | str:
         return reply
     try:
         value = json.loads(reply)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested past the stack
         raise InvalidImageError("the upstream reply is not an image") from e
     if not isinstance(value, dict):
         raise InvalidImageError("the upstream reply is not an image")

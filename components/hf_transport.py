@@ -60,32 +60,36 @@ class Bounds:
 
 def run_calls(client: httpx2.Client, calls: Generator[Call, bytes, bytes], bounds: Bounds) -> bytes:
     """Drive `calls` to the end over the blocking `client`; an error of a call is raised inside the generator."""
-    reply: bytes | None = None
-    error: ImageGenerationError | None = None
-    while True:
+    step = _step(calls, None, None)
+    while isinstance(step, Call):
         try:
-            call = calls.send(reply) if error is None else calls.throw(error)  # type: ignore[arg-type]
-        except StopIteration as done:
-            return done.value
-        try:
-            reply, error = fetch(client, call, bounds), None
+            reply = fetch(client, step, bounds)
         except ImageGenerationError as e:
-            reply, error = None, e
+            step = _step(calls, None, e)
+        else:
+            step = _step(calls, reply, None)
+    return step
 
 
 async def run_calls_async(client: httpx2.AsyncClient, calls: Generator[Call, bytes, bytes], bounds: Bounds) -> bytes:
     """The async twin of `run_calls`."""
-    reply: bytes | None = None
-    error: ImageGenerationError | None = None
-    while True:
+    step = _step(calls, None, None)
+    while isinstance(step, Call):
         try:
-            call = calls.send(reply) if error is None else calls.throw(error)  # type: ignore[arg-type]
-        except StopIteration as done:
-            return done.value
-        try:
-            reply, error = await fetch_async(client, call, bounds), None
+            reply = await fetch_async(client, step, bounds)
         except ImageGenerationError as e:
-            reply, error = None, e
+            step = _step(calls, None, e)
+        else:
+            step = _step(calls, reply, None)
+    return step
+
+
+def _step(calls: Generator[Call, bytes, bytes], reply: bytes | None, error: Exception | None) -> Call | bytes:
+    """The next call, or the image when the calls are done."""
+    try:
+        return calls.send(reply) if error is None else calls.throw(error)  # type: ignore[arg-type]
+    except StopIteration as done:
+        return done.value
 
 
 def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:
@@ -146,26 +150,37 @@ async def fetch_async(client: httpx2.AsyncClient, call: Call, bounds: Bounds) ->
 
 
 class _Reader:
-    """Collects a 2xx body under the call's cap and the request's byte lease."""
+    """
+    Collects a 2xx body under the call's cap and the request's byte lease.
+
+    A declared `Content-Length` is taken from the lease at once, so a reply that cannot fit is refused before it is
+    read; a body of unknown length is counted as it arrives.
+    """
 
     def __init__(self, call: Call, bounds: Bounds, response: httpx2.Response) -> None:
         self.error = not 200 <= response.status_code < 300
         self.max_bytes = call.max_bytes
         self.lease = bounds.lease
+        self.counted = 0
         self._body = bytearray()
         if self.error:
             return
         if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise InvalidImageError("the upstream sent a compressed reply, which is refused")
         declared = response.headers.get("content-length", "")
-        if _DIGITS_RE.fullmatch(declared) and int(declared) > call.max_bytes:
-            raise InvalidImageError("the upstream reply is larger than the size cap")
+        if _DIGITS_RE.fullmatch(declared):
+            self._count(int(declared))
 
     def take(self, chunk: bytes) -> None:
-        if len(self._body) + len(chunk) > self.max_bytes:
-            raise InvalidImageError("the upstream reply is larger than the size cap")
-        self.lease.take(len(chunk))
+        self._count(len(self._body) + len(chunk))
         self._body += chunk
+
+    def _count(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise InvalidImageError("the upstream reply is larger than the size cap")
+        if size > self.counted:
+            self.lease.take(size - self.counted)
+            self.counted = size
 
     def body(self) -> bytes:
         return bytes(self._body)
@@ -221,14 +236,16 @@ async def _resolve_async(call: Call, bounds: Bounds) -> Address | None:
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidImageError("the upstream named a result URL that is not http(s)")
     try:
+        parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:
-        raise InvalidImageError("the upstream named a result URL with a bad port") from e
-    return parts.hostname, port
+        host = parts.hostname or ""
+        host.encode("idna")
+    except (ValueError, UnicodeError) as e:
+        raise InvalidImageError("the upstream named a result URL that cannot be parsed") from e
+    if parts.scheme not in ("http", "https") or not host:
+        raise InvalidImageError("the upstream named a result URL that is not http(s)")
+    return host, port
 
 
 def check_address(addresses: list[str], allowed_networks: tuple[Network, ...] = ()) -> Address:
@@ -284,7 +301,7 @@ def _raise_for_status(response: httpx2.Response, body: bytes) -> None:
 def _json_object(body: bytes) -> dict:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

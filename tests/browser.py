@@ -16,7 +16,6 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -86,14 +85,13 @@ def page(browser, browser_log: BrowserLog) -> Iterator[object]:
     """A fresh browser context (empty storage) and page at 1280x800, with its log recorded and checked at the end."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
 
-    def local_only(route) -> None:
-        if urlsplit(route.request.url).hostname in {"127.0.0.1", None}:
-            route.continue_()
-        else:
-            browser_log.offsite.append(route.request.url)
-            route.abort()
+    def refuse(route) -> None:
+        browser_log.offsite.append(route.request.url)
+        route.abort()
 
-    context.route(re.compile(r"^https?://"), local_only)
+    # Only requests to other hosts are intercepted: an intercepted request waits for this (Python) side to answer,
+    # which it does only while the test is inside a Playwright call.
+    context.route(re.compile(r"^[a-z]+://(?!127\.0\.0\.1[:/])"), refuse)
     # Chromium logs CSP violations as console errors; report them from the page too, in case one is only an event.
     context.add_init_script(
         "document.addEventListener('securitypolicyviolation',"
@@ -103,6 +101,9 @@ def page(browser, browser_log: BrowserLog) -> Iterator[object]:
     tab.on("console", lambda m: browser_log.errors.append(m.text) if m.type == "error" else None)
     tab.on("pageerror", lambda e: browser_log.errors.append(f"uncaught: {e}"))
     tab.set_default_timeout(60_000)  # a loaded 2-core machine
+    from playwright.sync_api import expect  # noqa: PLC0415 (the browser fixture has found playwright)
+
+    expect.set_options(timeout=60_000)
     yield tab
     context.close()
     browser_log.assert_clean()

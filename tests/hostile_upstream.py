@@ -3,7 +3,8 @@
 `ScriptedServer` answers GET and POST by path (query ignored) from `routes`, and records every request in `hits`.
 It plays the Hugging Face Hub (`hub_model`), a provider's result-URL host, or a hostile upstream. The reply
 builders make what a hostile or broken upstream can send: a gzip bomb, a redirect, a JSON reply naming a URL, a
-PNG declaring 50000x50000 pixels, a PNG with spoofed text chunks, and odd `Retry-After` values (plain headers).
+PNG declaring 50000x50000 pixels, and a real PNG padded with a large private chunk; odd `Retry-After` values are
+plain headers, and images with spoofed metadata are built in `test_provenance.py`.
 """
 
 import json
@@ -127,17 +128,14 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def padded_png(width: int, height: int, padding: int) -> bytes:
+    """A real PNG of that size carrying `padding` bytes in a private ancillary chunk (decoders skip it)."""
+    data = png(width, height, "padded")
+    ihdr_end = len(PNG_SIGNATURE) + 8 + 13 + 4
+    return data[:ihdr_end] + _chunk(b"prVt", bytes(padding)) + data[ihdr_end:]
+
+
 def pixel_bomb_png(width: int = 50000, height: int = 50000) -> bytes:
     """A well-formed PNG header declaring `width` x `height` RGB pixels, with almost no data behind it."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b"")
-
-
-def png_with_text(width: int, height: int, chunks: dict[str, str]) -> bytes:
-    """A real PNG carrying the upstream's own tEXt chunks (for example a spoofed `parameters`)."""
-    data = png(width, height)
-    text = b"".join(
-        _chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")) for key, value in chunks.items()
-    )
-    ihdr_end = len(PNG_SIGNATURE) + 8 + 13 + 4
-    return data[:ihdr_end] + text + data[ihdr_end:]

@@ -8,9 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import TEST_TOKEN, free_port, hang_up_during, post, server_env, start_server, stop_server, wait_for
 from fake_upstream import Fault
-from hostile_upstream import gzip_bomb, pixel_bomb_png, png
+from hostile_upstream import gzip_bomb, padded_png, pixel_bomb_png, png
+
+from components.errors import ImageGenerationError
+from server.responses import http_error
 
 MAX_IMAGE_BYTES = 100_000  # a 64x64 test image is ~12 KB, a 512x512 one ~470 KB
+MAX_INFLIGHT_BYTES = 150_000  # room for one 90 KB reply being read, not two
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +24,7 @@ def faulty_server(upstream, tmp_path_factory):
         IMAGE_GENERATION_ENDPOINT=upstream.url,
         IMAGE_GENERATION_TIMEOUT="3",
         IMAGE_GENERATION_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        IMAGE_GENERATION_MAX_INFLIGHT_BYTES=str(MAX_INFLIGHT_BYTES),
         HAYHOOKS_LOG_LEVEL="DEBUG",
     )
     server = start_server(tmp_path_factory.mktemp("faulty"), env)
@@ -104,6 +109,21 @@ def test_retry_after_as_an_http_date(faulty_server, fresh_upstream):
     assert 60 <= int(headers["retry-after"]) <= 121
 
 
+def test_bytes_in_flight_are_capped_across_requests(faulty_server, fresh_upstream):
+    """Two 90 KB replies read at once do not fit the 150 KB budget: one is a 503 to retry; each alone is served."""
+    image = padded_png(64, 64, 90_000)
+    slow = Fault(body=image, headers={"Content-Type": "image/png"}, trickle=0.02)  # ~2 s to read each
+    fresh_upstream.fail_next(slow, slow)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda i: post(faulty_server, {**SMALL, "prompt": f"budget {i}"}), range(2)))
+    assert sorted(code for code, _, _ in answers) == [200, 503]
+    [(_, headers, body)] = [answer for answer in answers if answer[0] == 503]
+    assert headers["retry-after"] == "1"
+    assert "busy" in json.loads(body)["detail"]
+    fresh_upstream.fail_next(Fault(body=image, headers={"Content-Type": "image/png"}))
+    assert post(faulty_server, {**SMALL, "prompt": "budget alone"})[0] == 200  # and the lease was given back
+
+
 def test_model_loading_503_is_retried_within_the_deadline(faulty_server, fresh_upstream):
     loading = Fault(status=503, body=b'{"error": "Model is currently loading", "estimated_time": 0.5}')
     fresh_upstream.fail_next(loading, loading)
@@ -184,3 +204,16 @@ def test_secrets_never_reach_the_log(faulty_server, fresh_upstream):
     log = faulty_server.log()
     assert TEST_TOKEN not in log
     assert "Bearer" not in log
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (ImageGenerationError("generation cancelled: nobody is waiting for it"), 503),  # the diffusers backend's
+        (RuntimeError("wrapped"), 500),  # positive control: what is not ours stays a logged 500
+    ],
+)
+def test_a_bare_generation_error_has_a_status(error, status):
+    wrapped = RuntimeError("pipeline failed")
+    wrapped.__cause__ = error
+    assert http_error(wrapped).status_code == status

@@ -216,12 +216,14 @@ def test_result_url_is_fetched_without_credentials(auto_server, hub, results_hos
         "http://10.0.0.1/admin",  # private
         "http://2130706433:{port}/admin",  # 127.0.0.1 as one number
         "file:///etc/passwd",
+        "http://[::1/admin",  # not a URL
+        "http://" + "a" * 300 + ".example/admin",  # not a host name
     ],
 )
 def test_result_url_pointing_inside_is_refused(auto_server, hub, fresh, where):
     model = fal_model(hub)
     port = hub.url.rsplit(":", 1)[1]
-    fresh.fail_next(Fault(body=json_with_url(where.format(inside=hub.url, port=port))))
+    fresh.fail_next(Fault(body=json_with_url(where.replace("{inside}", hub.url).replace("{port}", port))))
     code, _, body = post(auto_server, {**SMALL, "prompt": "ssrf", "model": model})
     assert code == 502
     assert "/admin" not in hub.paths()

@@ -3,15 +3,20 @@ The web page at `/`, driven the way a person uses it, in a real headless chromiu
 server whose upstream is the fake one. Every test also checks that the browser logged no error or CSP violation.
 """
 
+import base64
 import json
+import re
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from conftest import Server, server_env, start_server, stop_server
-from fake_upstream import FakeUpstream
+from browser import screenshot
+from conftest import Server, server_env, start_server, stop_server, wait_for
+from fake_upstream import FakeUpstream, Fault
 from fastapi.testclient import TestClient
+from PIL import Image
 from playwright.sync_api import expect
 
 from server.app import create_app
@@ -35,10 +40,17 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str,
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+GENERATIONS = "**/v1/images/generations"
+
+
 def open_page(page, server: Server):
     page.goto(server.url + "/")
     expect(page.locator("#model option").first).to_be_attached()
     return page
+
+
+def response_json(response_info) -> dict:
+    return response_info.value.json()
 
 
 @pytest.mark.parametrize("path", ["/", "/static/page.js", "/static/page.css", "/docs", "/docs/swagger-ui-bundle.js"])
@@ -82,3 +94,132 @@ def test_the_models_picker_lists_the_servers_models(page, page_server):
     models = [m["id"] for m in json.loads(body)["data"]]
     open_page(page, page_server)
     assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == models
+
+
+def test_generate_shows_the_image_and_history_survives_a_reload(page, browser_log, page_server, fresh_upstream):
+    open_page(page, page_server)
+    page.keyboard.type("A lighthouse at dusk")  # the prompt has the focus
+    page.select_option("#preset", "512x512")
+    page.fill("#height", "384")
+    page.focus("#prompt")
+    with page.expect_response(GENERATIONS) as answer:
+        page.keyboard.press("Control+Enter")
+    sent = response_json(answer)
+    shown = page.locator("figure.result img").first
+    shown.wait_for()
+    assert wait_for(lambda: shown.evaluate("i => i.complete && i.naturalWidth > 0"))
+    size = shown.evaluate("i => [i.naturalWidth, i.naturalHeight, i.clientWidth, i.clientHeight]")
+    assert size == [512, 384, 512, 384]  # at its natural size
+    assert page.locator("figure.result .seed").first.inner_text() == str(sent["data"][0]["seed"])
+    screenshot(page, "page-1280x800.png")
+    page.set_viewport_size({"width": 390, "height": 844})
+    screenshot(page, "page-390x844.png", full_page=True)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling on a phone
+
+    page.reload()
+    thumbnail = page.locator("#history .restore").first
+    thumbnail.wait_for()
+    assert page.input_value("#prompt") == ""
+    thumbnail.click()
+    assert page.input_value("#prompt") == "A lighthouse at dusk"
+    assert (page.input_value("#width"), page.input_value("#height")) == ("512", "384")
+    assert page.input_value("#seed") == str(sent["data"][0]["seed"])
+    assert page.input_value("#seed-mode") == "keep"
+    browser_log.assert_clean()
+
+
+def test_a_refused_request_shows_the_servers_message_at_its_field(page, browser_log, page_server, fresh_upstream):
+    open_page(page, page_server)
+    page.fill("#prompt", "A lighthouse at dusk")
+    page.fill("#width", "100")  # not a multiple of 8
+    with page.expect_response(GENERATIONS) as answer:
+        page.click("#generate")
+    refused = answer.value
+    assert refused.status in (400, 422)
+    browser_log.allow_failed_request(refused.status)
+    message = refused.json()["error"]["message"]
+    page.locator("#size-error").wait_for()
+    assert page.inner_text("#size-error") == message
+    assert page.get_attribute("#width", "aria-invalid") == "true"
+    assert fresh_upstream.requests == []
+
+
+def test_cancel_drops_the_upstream_call(page, browser_log, page_server, fresh_upstream):
+    fresh_upstream.latency = 60
+    open_page(page, page_server)
+    page.fill("#prompt", "A slow lighthouse")
+    page.click("#generate")
+    assert wait_for(lambda: len(fresh_upstream.requests) == 1, timeout=30), "the request never reached the upstream"
+    assert page.inner_text("#generate") == "Cancel"
+    page.click("#generate")
+    assert wait_for(lambda: fresh_upstream.abandoned == 1, timeout=30), "the upstream never saw the hang-up"
+    assert page.inner_text("#status") == "Cancelled"
+    assert page.inner_text("#generate") == "Generate"
+
+
+def test_busy_upstream_counts_down_from_retry_after(page, browser_log, page_server, fresh_upstream):
+    fresh_upstream.fail_next(Fault(status=429, headers={"Retry-After": "30"}))
+    open_page(page, page_server)
+    page.fill("#prompt", "A busy lighthouse")
+    with page.expect_response(GENERATIONS) as answer:
+        page.click("#generate")
+    browser_log.allow_failed_request(answer.value.status)
+    assert answer.value.status == 429
+    expect(page.locator("#generate")).to_have_text(re.compile(r"^Retry in \d+ s$"))
+    assert page.is_disabled("#generate")
+    assert page.inner_text("#error") == answer.value.json()["error"]["message"]
+
+
+def test_copy_as_curl_reproduces_the_same_bytes(page, page_server, fresh_upstream, tmp_path):
+    open_page(page, page_server)
+    page.fill("#prompt", "A lighthouse, 'quoted' at dusk")
+    page.fill("#width", "320")
+    page.fill("#height", "256")
+    page.select_option("#seed-mode", "keep")
+    page.fill("#seed", "4242")
+    page.select_option("#output_format", "webp")
+    with page.expect_response(GENERATIONS) as answer:
+        page.click("#generate")
+    image = base64.b64decode(response_json(answer)["data"][0]["b64_json"])
+    page.click("figure.result .copy-curl")
+    command = page.inner_text("figure.result pre.curl")
+
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True, timeout=60, capture_output=True)
+    written = tmp_path / "image-4242.webp"
+    assert written.read_bytes() == image
+    assert Image.open(written).size == (320, 256)
+    assert len(fresh_upstream.requests) == 2  # generated twice: a reproduction, not a cached copy
+
+
+@pytest.fixture(scope="module")
+def keyed_server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that asks for an API key."""
+    tmp = tmp_path_factory.mktemp("keyed-server")
+    srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS="page-key"))
+    yield srv
+    stop_server(srv)
+
+
+def test_a_401_asks_for_the_api_key_and_keeps_it_in_the_tab(page, browser_log, keyed_server, fresh_upstream):
+    browser_log.allow_failed_request(401)  # the model list and the first try, before the key is given
+    page.goto(keyed_server.url + "/")
+    page.fill("#prompt", "A guarded lighthouse")
+    page.click("#generate")
+    expect(page.locator("#key-dialog")).to_be_visible()
+    page.fill("#api-key", "page-key")
+    with page.expect_request(GENERATIONS) as sent:
+        page.click("#key-dialog button[type=submit]")
+    assert sent.value.header_value("authorization") == "Bearer page-key"
+    page.locator("figure.result img").wait_for()
+    assert page.evaluate("[sessionStorage.length, localStorage.length]") == [1, 0]
+    page.click("figure.result .copy-curl")
+    command = page.inner_text("figure.result pre.curl")
+    assert "page-key" not in command and "$IMAGE_GENERATION_API_KEY" in command
+
+
+def test_the_browser_fixture_refuses_and_reports_other_hosts(page, browser_log):
+    page.goto("about:blank")
+    page.evaluate("fetch('http://192.0.2.1/cdn.js').catch(() => null)")
+    assert wait_for(lambda: page.evaluate("1") and browser_log.offsite == ["http://192.0.2.1/cdn.js"])
+    browser_log.offsite.clear()
+    browser_log.errors.clear()  # the refused fetch's console error

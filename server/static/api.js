@@ -76,6 +76,17 @@ function optional(params) {
   return out;
 }
 
+/** The body of the native route (`/image_generation/run`) for `params`. */
+function nativeBody(params) {
+  return {
+    prompt: params.prompt,
+    width: params.width,
+    height: params.height,
+    output_format: params.output_format,
+    ...optional(params),
+  };
+}
+
 function blobFromBase64(b64, type) {
   const binary = atob(b64);
   const bytes = new Uint8Array(binary.length);
@@ -117,19 +128,84 @@ export async function generateImages(params, n, signal) {
   };
 }
 
+/** Whether the server runs jobs for the image pipeline (its durable mode): they report progress as they go. */
+export async function jobsOffered() {
+  try {
+    const response = await fetch("openapi.json");
+    return response.ok && Boolean((await response.json()).paths?.["/image_generation/run-durable"]);
+  } catch {
+    return false;
+  }
+}
+
+/** The events of a server-sent event stream, as {event, data} with `data` parsed as JSON. */
+async function* serverSentEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replaceAll("\r\n", "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+    }
+  }
+}
+
+/**
+ * A job (`POST /image_generation/run-durable`): `n` images of `params`, with `onProgress(event)` called for each
+ * progress event of its stream. Aborting `signal` cancels the job. Returns what `generateImages` returns.
+ */
+export async function runJob(params, n, signal, onProgress) {
+  const response = await fetch("image_generation/run-durable", {
+    method: "POST",
+    headers: headers({ "Content-Type": "application/json" }),
+    body: JSON.stringify({ ...nativeBody(params), n }),
+    signal,
+  });
+  if (!response.ok) throw await failure(response);
+  const execution = new URL(response.headers.get("Location"), document.baseURI);
+  const cancel = () => fetch(`${execution}/cancel`, { method: "POST", headers: headers(), keepalive: true });
+  signal.addEventListener("abort", cancel, { once: true });
+  const stream = await fetch(`${execution}/stream`, { headers: headers({ Accept: "text/event-stream" }), signal });
+  if (!stream.ok) throw await failure(stream);
+  for await (const { event, data } of serverSentEvents(stream)) {
+    if (event === "chunk") onProgress(data.payload);
+    else if (event === "completed") return fetchImages(data.result.images, params, signal);
+    else if (event === "failed") throw new ApiError(502, data.error?.message || "the job failed", null, null);
+    else if (event === "canceled") throw new DOMException("the job was cancelled", "AbortError");
+  }
+  throw new ApiError(502, "the job's progress stream ended early", null, null);
+}
+
+async function fetchImages(images, params, signal) {
+  const blobs = await Promise.all(
+    images.map(async (image) => {
+      const response = await fetch(new URL(image.url, document.baseURI), { headers: headers(), signal });
+      if (!response.ok) throw await failure(response);
+      return { blob: await response.blob(), seed: image.seed };
+    }),
+  );
+  const [first] = images;
+  return { format: first?.format ?? params.output_format, width: first?.width, height: first?.height, images: blobs };
+}
+
 function shellQuote(text) {
   return `'${text.replaceAll("'", "'\\''")}'`;
 }
 
 /** A curl command that asks the native route for the same image: same parameters, same seed, same bytes. */
 export function curlCommand(params) {
-  const body = {
-    prompt: params.prompt,
-    width: params.width,
-    height: params.height,
-    output_format: params.output_format,
-    ...optional(params),
-  };
+  const body = nativeBody(params);
   const lines = [
     `curl -X POST ${shellQuote(new URL("image_generation/run", document.baseURI).href)}`,
     "-H 'Content-Type: application/json'",

@@ -1,6 +1,6 @@
 // The page: the form, the generation in progress (Generate becomes Cancel), the results and the history.
 
-import { ApiError, apiKey, curlCommand, generateImages, listModels, setApiKey } from "./api.js";
+import { ApiError, apiKey, curlCommand, generateImages, jobsOffered, listModels, runJob, setApiKey } from "./api.js";
 import * as history from "./history.js";
 
 const $ = (id) => document.getElementById(id);
@@ -22,6 +22,7 @@ let running = null; // {controller, timer} while a request is out
 let cooldown = null; // the Retry-After countdown's timer
 let afterKey = null; // what to do once an API key is given
 let resultUrls = [];
+const jobs = jobsOffered(); // with jobs, the page shows each step; without, the time elapsed
 let thumbUrls = [];
 
 function number(input) {
@@ -114,14 +115,24 @@ async function generate() {
   const n = Number($("n").value);
   const controller = new AbortController();
   const started = performance.now();
+  let doing = "Generating";
   const timer = setInterval(() => {
-    status.textContent = `Generating… ${elapsed(started)}`;
+    status.textContent = `${doing}… ${elapsed(started)}`;
   }, 100);
+  const onProgress = (event) => {
+    doing = progressText(event, n);
+    if (event.phase === "step") {
+      $("progress").hidden = false;
+      $("progress").value = event.step / event.steps;
+    }
+  };
   running = { controller, timer };
   setRunning(true);
   status.textContent = "Generating…";
   try {
-    const result = await generateImages(params, n, controller.signal);
+    const result = (await jobs)
+      ? await runJob(params, n, controller.signal, onProgress)
+      : await generateImages(params, n, controller.signal);
     clearInterval(timer);
     const ms = Math.round(performance.now() - started);
     const entries = [];
@@ -147,6 +158,22 @@ async function generate() {
     clearInterval(timer);
     running = null;
     setRunning(false);
+  }
+}
+
+function progressText(event, n) {
+  const image = n > 1 && event.image ? ` (image ${event.image} of ${n})` : "";
+  switch (event.phase) {
+    case "queued":
+      return "Waiting for the model";
+    case "sent":
+      return "Sent to the model";
+    case "step":
+      return `Step ${event.step} of ${event.steps}${image}`;
+    case "stored":
+      return `Image ${event.image} of ${event.images} done`;
+    default:
+      return "Generating";
   }
 }
 

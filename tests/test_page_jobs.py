@@ -1,0 +1,64 @@
+"""
+The web page on a server that runs jobs (durable mode) with the tiny local model: the page submits a job, shows each
+denoising step as the job's stream reports it, and Cancel cancels the job. Browser fixtures: tests/browser.py.
+"""
+
+import json
+import re
+import sys
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from conftest import ROOT, Server, server_env, start_server, stop_server, wait_for
+from jobs_client import durable_env
+from playwright.sync_api import expect
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from tiny_diffusers import build
+
+
+@pytest.fixture(scope="module")
+def jobs_page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    model = build(tmp_path_factory.mktemp("models") / "tiny-sd")
+    env = server_env(**durable_env(), IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(model))
+    srv = start_server(tmp_path_factory.mktemp("jobs-page"), env, timeout=180)
+    yield srv
+    stop_server(srv)
+
+
+def submit(page, server: Server, steps: int, size: int) -> str:
+    """Fill the form and press Generate; returns the job's URL path."""
+    page.goto(server.url + "/")
+    page.fill("#prompt", "A lighthouse, step by step")
+    page.fill("#width", str(size))
+    page.fill("#height", str(size))
+    page.fill("#steps", str(steps))
+    with page.expect_response("**/image_generation/run-durable") as submitted:
+        page.click("#generate")
+    assert submitted.value.status == 202, submitted.value.text()
+    return submitted.value.header_value("location")
+
+
+def test_a_job_shows_each_step_then_the_image(page, jobs_page_server):
+    submit(page, jobs_page_server, steps=30, size=64)
+    expect(page.locator("#status")).to_contain_text(re.compile(r"Step \d+ of 30"))
+    expect(page.locator("#progress")).to_be_visible()
+    image = page.locator("figure.result img")
+    image.wait_for()
+    assert wait_for(lambda: image.evaluate("i => i.complete && i.naturalWidth") == 64)
+    expect(page.locator("#progress")).to_be_hidden()
+
+
+def test_cancel_cancels_the_job(page, jobs_page_server):
+    job = submit(page, jobs_page_server, steps=150, size=128)
+    expect(page.locator("#status")).to_contain_text("Step")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text("Cancelled")
+
+    def status() -> str:
+        with urllib.request.urlopen(jobs_page_server.url + job, timeout=10) as r:
+            return json.load(r)["status"]
+
+    assert wait_for(lambda: status() == "canceled", timeout=60)
+    assert page.locator("figure.result").count() == 0

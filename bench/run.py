@@ -86,7 +86,8 @@ class Code:
         pin = ["taskset", "-c", str(SERVER_CORE)] if pinned else []
         if self.root is None:
             return [*pin, str(Path(sys.executable).with_name("image-generation-server"))]
-        return [*pin, sys.executable, "-c", "from components.server import main; main()"]
+        entry = "server.app" if (self.root / "server" / "app.py").exists() else "components.server"  # after the layout
+        return [*pin, sys.executable, "-c", f"from {entry} import main; main()"]
 
     def env(self) -> dict[str, str]:
         if self.root is None:

@@ -14,16 +14,15 @@ from hayhooks.settings import settings
 from haystack.core.serialization import allow_deserialization_module
 from starlette.middleware import Middleware
 
-from server import api_docs, image_store, mcp, metrics, openai_images, page
+from server import api_docs, image_store, jobs, mcp, metrics, openai_images, page
 from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
-from server.jobs import configure_durable_mode
 from server.origins import HostAllowList, OriginPolicy, configure_cors
 from server.quota import Quota
 from server.responses import validation_error_handler
 from server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = (metrics, page, image_store, openai_images, mcp)
+DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp)
 # Largest request line plus headers accepted (h11's incomplete-event cap); larger is a 400 before any route runs.
 MAX_HEADER_BYTES = 16 * 1024
 # Seconds an idle keep-alive connection stays open.
@@ -36,7 +35,7 @@ def create_app() -> FastAPI:
 
     Also an app factory for `uvicorn --factory server.app:create_app`, e.g. with `--workers`.
     """
-    configure_durable_mode()
+    jobs.configure_durable_mode()
     allow_deserialization_module("components")  # our pipelines, the JSON variant's YAML included, name our components
     configure_cors(settings)
     app = create_hayhooks_app()

@@ -17,12 +17,13 @@ import time
 from typing import Annotated, Any, ClassVar
 
 import pybase64
-from fastapi import HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from hayhooks import log
 from hayhooks.durable import DurableContext, DurableExecutionCancelledError
 from hayhooks.settings import settings as hayhooks_settings
 from haystack import Pipeline
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components import errors, progress
 from components.request import MAX_IMAGES, OutputFormat
@@ -36,6 +37,7 @@ from server.params import Guidance, ModelId, Seed, Size, Steps, Text
 REVISION = "1"
 DEFAULT_MAX_PENDING_JOBS = 100
 CANCEL_POLL_SECONDS = 0.5  # how often a job checks for a cancel while no step reports (an upstream call, a queue)
+STORE_RETRY_AFTER_SECONDS = 5  # what a client is told to wait while the job store (Redis) is away
 CHECKPOINT_INTERVAL_SECONDS = 0.5  # step progress is committed at most this often (and at the last step)
 # The progress events a job shows (components/progress.py has more, for the metrics), and their fields.
 JOB_EVENTS = {
@@ -120,6 +122,18 @@ class OwnedJobs(Jobs):
         if key is None:
             raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
         return "key-" + hashlib.sha256(key).hexdigest()[:32]
+
+
+def install(app: FastAPI) -> None:
+    """Give every 503 a `Retry-After`: Hayhooks' job routes answer one without it while the job store is away."""
+    native = app.exception_handlers[StarletteHTTPException]
+
+    async def with_retry_after(request: Request, error: Exception) -> Response:
+        if isinstance(error, StarletteHTTPException) and error.status_code == 503:
+            error.headers = {"Retry-After": str(STORE_RETRY_AFTER_SECONDS), **(error.headers or {})}
+        return await native(request, error)
+
+    app.add_exception_handler(StarletteHTTPException, with_retry_after)
 
 
 def jobs_mixin() -> type[Jobs]:

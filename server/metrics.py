@@ -32,10 +32,10 @@ from prometheus_client import (
 )
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components import progress
+from server.routes import Inventory, Route
 
 METRICS_KEY_ENV = "IMAGE_GENERATION_METRICS_KEY"
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -93,7 +93,9 @@ def install(app: FastAPI) -> None:
     key = os.environ.get(METRICS_KEY_ENV, "").strip()
     if not key:
         return
-    app.add_middleware(RequestMetrics, api=app)  # outermost: it sees every answer, the guard's refusals included
+    app.add_middleware(
+        RequestMetrics, inventory=app.state.inventory
+    )  # outermost: it sees every answer, the guard's refusals included
     app.add_route("/metrics", _scrape_endpoint(key.encode()), methods=["GET"], include_in_schema=False)
     progress.observe(_count_event)
 
@@ -116,9 +118,9 @@ def _scrape_endpoint(key: bytes) -> Callable[[Request], Any]:
 class RequestMetrics:
     """Counts every HTTP request by route template, door and status, and times it by door."""
 
-    def __init__(self, app: ASGIApp, api: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, inventory: Inventory) -> None:
         self.app = app
-        self.api = api
+        self.inventory = inventory
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request, then count it."""
@@ -140,19 +142,16 @@ class RequestMetrics:
             status = "500"
             raise
         finally:
-            route = route_template(self.api, scope)
+            route = route_template(self.inventory, scope)
             door = door_of(route)
             REQUESTS.labels(route, door, status).inc()
             REQUEST_SECONDS.labels(door).observe(time.perf_counter() - started)
 
 
-def route_template(app: FastAPI, scope: Scope) -> str:
-    """The path template of the route that took (or would take) this request, `unmatched` when none does."""
-    route = scope.get("route")
-    if route is None:  # refused before routing, or routed in a copy of the scope
-        route = next((r for r in app.router.routes if r.matches(scope)[0] is Match.FULL), None)
-    template = getattr(route, "path_format", None) or getattr(route, "path", None)
-    return template if isinstance(template, str) and template else "unmatched"
+def route_template(inventory: Inventory, scope: Scope) -> str:
+    """The path template of the inventory row (`server/routes.py`) for this request, `unmatched` when none lists it."""
+    row = inventory.match(scope["method"], scope["path"].removeprefix(scope.get("root_path", "")))
+    return row.path if isinstance(row, Route) else "unmatched"
 
 
 def door_of(route: str) -> str:

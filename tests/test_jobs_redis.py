@@ -11,6 +11,7 @@ import signal
 
 import pytest
 from conftest import server_env, start_server, stop_server, wait_for
+from fake_upstream import Fault
 from jobs_client import JOBS, SSE, RedisServer, call, durable_env, submit, wait_status
 
 OPERATOR_TOKEN = "operator-token-for-tests-0123456789abcdef"
@@ -115,9 +116,10 @@ def test_redis_outage_is_503_then_recovers_without_restart(replicas, redis, fres
     assert wait_for(lambda: len(fresh_upstream.requests) == 1, timeout=30)
     redis.stop()
 
-    status, _, data = call(f"{a.url}{job['links']['self']}")
+    status, headers, data = call(f"{a.url}{job['links']['self']}")
     assert status == 503, data
     assert json.loads(data) == {"detail": "Durable execution store is unavailable"}
+    assert headers["retry-after"] == "5"
     status, _, data = call(f"{a.url}{JOBS}/run-durable", "POST", body())
     assert status == 503, data
     assert call(f"{a.url}{JOBS}/run", "POST", body(seed=23))[0] == 200  # images without jobs still work
@@ -139,3 +141,13 @@ def test_cancel_drops_the_upstream_call(replicas, fresh_upstream):
         "canceled"
     )
     assert wait_for(lambda: fresh_upstream.abandoned == 1, timeout=10)  # the upstream saw its caller hang up
+
+
+def test_a_failed_upstream_fails_the_job_with_its_cause(replicas, fresh_upstream):
+    (a,) = replicas(1)
+    fresh_upstream.fail_next(Fault(status=502))
+    job = submit(a.url, body(seed=41))
+    failed = wait_status(a.url, job["execution_id"], {"completed", "failed"})
+    assert failed["status"] == "failed"
+    assert failed["error"]["type"] == "UpstreamError"
+    assert failed["result"] is None

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 import httpx
+import openai
 import pytest
 from conftest import post_raw, server_env, start_server, stop_server
 from fake_upstream import Fault
@@ -128,3 +129,18 @@ def test_hayhooks_own_mcp_tool_is_off(mcp_server):
     [deployment] = [d for d in status["deployments"] if d["name"] == "image_generation"]
     assert "run_api" in deployment["capabilities"]
     assert "mcp_eligible" not in deployment["capabilities"]  # `hayhooks mcp run` offers no tool that loses the image
+
+
+async def test_the_doors_in_durable_mode(upstream, fresh_upstream, tmp_path):
+    """The container runs Hayhooks' durable mode: the MCP and OpenAI doors find the same pipeline there."""
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, HAYHOOKS_DURABLE_MODE="true")
+    server = start_server(tmp_path, env)
+    try:
+        arguments = {"prompt": "durable", "width": 64, "height": 64, "seed": 1}
+        result = await session_call(server, lambda session: session.call_tool("generate_image", arguments), {})
+        assert not result.isError, result.content
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+            images = await client.images.generate(prompt="durable", size="64x64", extra_body={"seed": 1})
+        assert images.data[0].b64_json == result.content[0].data
+    finally:
+        stop_server(server)

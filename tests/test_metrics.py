@@ -1,6 +1,8 @@
 """`GET /metrics` through a real server: a scripted mix of requests, read back with prometheus_client's own parser."""
 
+import json
 import threading
+import urllib.request
 
 import pytest
 from conftest import HAYHOOKS, ROOT, free_port, launch, post, server_env, start_server, stop_server, wait_for
@@ -19,6 +21,14 @@ def metrics_server(fresh_upstream, tmp_path):
     }))  # fmt: skip
     yield srv
     stop_server(srv)
+
+
+def post_to(server, path: str, body: dict) -> int:
+    request = urllib.request.Request(
+        f"{server.url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status
 
 
 def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
@@ -45,6 +55,8 @@ def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
         thread.join(60)
     assert statuses == [200, 200]
     fresh_upstream.latency = 0.0
+    # 2 more images through the OpenAI door, in one request.
+    assert post_to(metrics_server, "/v1/images/generations", {"prompt": PROMPT, "size": "512x512", "n": 2}) == 200
     # 2 refusals before the pipeline (a size out of range, an unknown field) and 1 upstream 429.
     assert post(metrics_server, {**body, "width": 100})[0] == 422
     assert post(metrics_server, {**body, "colour": "blue"})[0] == 422
@@ -61,15 +73,16 @@ def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
     assert value(parsed, requests, route=RUN, door="native", status="429") == 1
     assert value(parsed, requests, route="/metrics", door="other", status="401") == 1
     assert value(parsed, "image_generation_http_request_duration_seconds_count", door="native") == 12
+    assert value(parsed, requests, route="/v1/images/generations", door="openai", status="200") == 1
 
-    upstream_calls = len(fresh_upstream.requests)  # 3 + 1 + 1 + 1 + 1 (the pair) + 1 (the 429)
-    assert upstream_calls == 8
-    assert value(parsed, "image_generation_upstream_requests_total", status="200") == 7
+    upstream_calls = len(fresh_upstream.requests)  # 3 + 1 + 1 + 1 + 1 (the pair) + 2 (OpenAI) + 1 (the 429)
+    assert upstream_calls == 10
+    assert value(parsed, "image_generation_upstream_requests_total", status="200") == 9
     assert value(parsed, "image_generation_upstream_requests_total", status="429") == 1
     assert value(parsed, "image_generation_upstream_request_duration_seconds_count", status="429") == 1
     assert value(parsed, "image_generation_queue_wait_seconds_count") == upstream_calls
-    assert value(parsed, "image_generation_generation_seconds_count") == 7
-    assert value(parsed, "image_generation_postprocess_seconds_count") == 7
+    assert value(parsed, "image_generation_generation_seconds_count") == 9
+    assert value(parsed, "image_generation_postprocess_seconds_count") == 9
     assert value(parsed, "image_generation_in_flight") == 0
     assert value(parsed, "image_generation_queue_depth") == 0
 
@@ -79,10 +92,10 @@ def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
     assert value(parsed, "image_generation_coalesced_requests_total") == 1
 
     images = "image_generation_images_total"
-    assert value(parsed, images, model=DEFAULT_MODEL, size="512x512", format="png") == 5
+    assert value(parsed, images, model=DEFAULT_MODEL, size="512x512", format="png") == 7
     assert value(parsed, images, model="other", size="512x512", format="png") == 1
     assert value(parsed, images, model=DEFAULT_MODEL, size="1024x1024", format="jpeg") == 1
-    assert sum(v for (name, _), v in parsed.items() if name == images) == 7
+    assert sum(v for (name, _), v in parsed.items() if name == images) == 9
     # Nothing a client sent is a label: no prompt, no unserved model id.
     assert "lighthouse" not in text
     assert "unlisted" not in text

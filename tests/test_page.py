@@ -129,6 +129,9 @@ def test_generate_shows_the_image_and_history_survives_a_reload(page, browser_lo
     assert (page.input_value("#width"), page.input_value("#height")) == ("512", "384")
     assert page.input_value("#seed") == str(sent["data"][0]["seed"])
     assert page.input_value("#seed-mode") == "keep"
+    page.select_option("#seed-mode", "random")
+    page.click("figure.result .reuse-seed")
+    assert (page.input_value("#seed-mode"), page.input_value("#seed")) == ("keep", str(sent["data"][0]["seed"]))
 
     page.on("dialog", lambda dialog: dialog.accept())  # "Delete every image?"
     page.click("#history .delete")

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, SERVER, TEST_TOKEN, Server, free_port, launch, post_raw, stop_server
-from jobs_client import RedisServer
+from redis_server import RedisServer
 
 from components.image_codec import PNG_SIGNATURE
 

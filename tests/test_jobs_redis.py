@@ -12,7 +12,8 @@ import signal
 import pytest
 from conftest import server_env, start_server, stop_server, wait_for
 from fake_upstream import Fault
-from jobs_client import JOBS, SSE, RedisServer, call, durable_env, submit, wait_status
+from jobs_client import JOBS, SSE, call, durable_env, submit, wait_status
+from redis_server import RedisServer
 
 OPERATOR_TOKEN = "operator-token-for-tests-0123456789abcdef"
 

@@ -74,7 +74,14 @@ def render(prompt: str, seed: int, width: int, height: int, fmt: str) -> bytes:
 class FakeUpstream:
     """The server, started on a free loopback port in a background thread (use as a context manager)."""
 
-    def __init__(self, latency: float = 0.0, image_format: str | None = None, variants: int = 0) -> None:
+    def __init__(
+        self,
+        latency: float = 0.0,
+        image_format: str | None = None,
+        variants: int = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self.latency = latency
         self.image_format = image_format
         self.variants = variants
@@ -85,13 +92,13 @@ class FakeUpstream:
         self.abandoned = 0
         self._lock = threading.Lock()
         self._images: OrderedDict[tuple, bytes] = OrderedDict()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(), bind_and_activate=False)
+        self._server = ThreadingHTTPServer((host, port), self._handler(), bind_and_activate=False)
         self._server.daemon_threads = True
         self._server.handle_error = lambda *_: None  # dropped connections are part of the script
         self._server.request_queue_size = 1024  # the listen backlog: it must be set before listen() to count
         self._server.server_bind()
         self._server.server_activate()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.url = f"http://{host}:{self._server.server_address[1]}"
 
     def __enter__(self) -> "FakeUpstream":
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -238,8 +245,10 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--format", choices=sorted(_PIL_FORMATS), default=None)
     parser.add_argument("--variants", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on [a free one]")
     args = parser.parse_args()
-    with FakeUpstream(args.latency, args.format, args.variants) as upstream:
+    with FakeUpstream(args.latency, args.format, args.variants, args.host, args.port) as upstream:
         print(upstream.url, flush=True)
         threading.Event().wait()
 

@@ -22,13 +22,19 @@ from playwright.sync_api import expect
 from server.app import create_app
 
 
-@pytest.fixture(scope="module")
-def page_server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The server as the README starts it, with the cache off: a repeated request is a new generation."""
-    tmp = tmp_path_factory.mktemp("page-server")
-    srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_CACHE_BYTES="0"))
+def serve(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory, **settings: str) -> Iterator[Server]:
+    """The server as the README starts it, on the fake upstream, with these settings, for one test module."""
+    srv = start_server(
+        tmp_path_factory.mktemp("page-server"), server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, **settings)
+    )
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def page_server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The cache is off: a repeated request is a new generation."""
+    yield from serve(upstream, tmp_path_factory, IMAGE_GENERATION_CACHE_BYTES="0")
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -129,6 +135,9 @@ def test_generate_shows_the_image_and_history_survives_a_reload(page, browser_lo
     assert (page.input_value("#width"), page.input_value("#height")) == ("512", "384")
     assert page.input_value("#seed") == str(sent["data"][0]["seed"])
     assert page.input_value("#seed-mode") == "keep"
+    page.select_option("#seed-mode", "random")
+    page.click("figure.result .reuse-seed")
+    assert (page.input_value("#seed-mode"), page.input_value("#seed")) == ("keep", str(sent["data"][0]["seed"]))
 
     page.on("dialog", lambda dialog: dialog.accept())  # "Delete every image?"
     page.click("#history .delete")
@@ -209,10 +218,7 @@ def test_copy_as_curl_reproduces_the_same_bytes(page, page_server, fresh_upstrea
 @pytest.fixture(scope="module")
 def keyed_server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server that asks for an API key."""
-    tmp = tmp_path_factory.mktemp("keyed-server")
-    srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS="page-key"))
-    yield srv
-    stop_server(srv)
+    yield from serve(upstream, tmp_path_factory, IMAGE_GENERATION_API_KEYS="page-key")
 
 
 def test_a_401_asks_for_the_api_key_and_keeps_it_in_the_tab(page, browser_log, keyed_server, fresh_upstream):

@@ -1,4 +1,4 @@
-"""Test helpers for jobs: a JSON client for the job routes, an SSE reader (curl -N), and real redis-server instances."""
+"""Test helpers for jobs: a JSON client for the job routes, an SSE reader (curl -N), durable-mode settings."""
 
 import json
 import subprocess

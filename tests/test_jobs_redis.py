@@ -30,8 +30,9 @@ def replicas(redis, upstream, tmp_path):
     """Start replicas on demand (they share Redis and the image directory); all are stopped at the end."""
     started = []
 
-    def start(count: int = 1):
+    def start(count: int = 1, **settings: str):
         env = server_env(
+            **settings,
             **durable_env(HAYHOOKS_DURABLE_STORE="redis", HAYHOOKS_DURABLE_REDIS_URL=redis.url),
             IMAGE_GENERATION_ENDPOINT=upstream.url,
             IMAGE_GENERATION_IMAGE_DIR=str(tmp_path / "images"),
@@ -152,3 +153,11 @@ def test_a_failed_upstream_fails_the_job_with_its_cause(replicas, fresh_upstream
     assert failed["status"] == "failed"
     assert failed["error"]["type"] == "UpstreamError"
     assert failed["result"] is None
+
+
+def test_the_sweeper_deletes_images_past_their_age(replicas, fresh_upstream):
+    (a,) = replicas(1, IMAGE_GENERATION_IMAGE_MAX_AGE="4")  # swept every second
+    job = submit(a.url, body(seed=51))
+    url = wait_status(a.url, job["execution_id"], {"completed"})["result"]["images"][0]["url"]
+    assert call(f"{a.url}{url}")[0] == 200
+    assert wait_for(lambda: call(f"{a.url}{url}")[0] == 404, timeout=20)

@@ -333,14 +333,21 @@ window.attempts = Promise.allSettled([
 
 
 @pytest.fixture
-def evil_site(server):
-    port = free_port()
-    handler = type("Page", (_EvilSite,), {"page": evil_page(f"{server.url}/image_generation/run")})
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+def other_origin():
+    """A site on another port of 127.0.0.1 (another origin); set its `handler.page`, then open its `url`."""
+    handler = type("Page", (_EvilSite,), {"page": b""})
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
     threading.Thread(target=site.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{port}/"
+    site.url = f"http://127.0.0.1:{site.server_address[1]}/"
+    yield site
     site.shutdown()
     site.server_close()
+
+
+@pytest.fixture
+def evil_site(server, other_origin):
+    other_origin.RequestHandlerClass.page = evil_page(f"{server.url}/image_generation/run")
+    return other_origin.url
 
 
 def test_a_page_on_another_origin_cannot_post(page, browser_log, evil_site, fresh_upstream):
@@ -353,3 +360,18 @@ def test_a_page_on_another_origin_cannot_post(page, browser_log, evil_site, fres
     assert outcomes == ["rejected", "fulfilled"]  # the no-cors one is sent; its answer is opaque to the page
     assert ("POST", 403) in statuses
     assert fresh_upstream.requests == []
+
+
+def test_a_listed_origin_can_post_from_the_browser(page, browser_log, other_origin, upstream, fresh_upstream, tmp_path):
+    """The positive control of the test above: the same page, its origin listed in CORS, gets its images."""
+    browser_log.allow_failed_request(422)  # the text/plain POST: not JSON
+    origin = other_origin.url.rstrip("/")
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, HAYHOOKS_CORS_ALLOW_ORIGINS=json.dumps([origin]))
+    listed = start_server(tmp_path, env)
+    try:
+        other_origin.RequestHandlerClass.page = evil_page(f"{listed.url}/image_generation/run")
+        page.goto(other_origin.url)
+        assert page.evaluate("window.attempts") == ["fulfilled", "fulfilled"]
+        assert len(fresh_upstream.requests) == 1  # the JSON POST; the text/plain one is not JSON (422, nothing sent)
+    finally:
+        stop_server(listed)

@@ -161,3 +161,20 @@ def test_the_sweeper_deletes_images_past_their_age(replicas, fresh_upstream):
     url = wait_status(a.url, job["execution_id"], {"completed"})["result"]["images"][0]["url"]
     assert call(f"{a.url}{url}")[0] == 200
     assert wait_for(lambda: call(f"{a.url}{url}")[0] == 404, timeout=20)
+
+
+def test_one_keys_jobs_are_never_answered_from_another_keys_images(replicas, fresh_upstream):
+    """With API keys on, the seeded cache (in process and in Redis) is scoped to the job's owner, as for `/run`."""
+    keys = ("scope-key-a-0123456789", "scope-key-b-0123456789")
+    [server] = replicas(IMAGE_GENERATION_API_KEYS=",".join(keys))
+    a, b = ({"Authorization": f"Bearer {key}"} for key in keys)
+
+    def run_job(headers: dict[str, str]) -> None:
+        submitted = submit(server.url, body(seed=77), headers)
+        assert wait_status(server.url, submitted["execution_id"], {"completed"}, headers=headers)
+
+    run_job(a)
+    run_job(a)  # the same key: a seeded repeat comes from the cache
+    assert len(fresh_upstream.requests) == 1
+    run_job(b)  # another key pays for its own image
+    assert len(fresh_upstream.requests) == 2

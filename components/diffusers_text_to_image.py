@@ -211,6 +211,13 @@ class DiffusersTextToImage(TextToImageBase):
             settings, {"backend": "diffusers", "provider": "local", "device": loaded.device}, name
         )
 
+    def ready(self) -> bool:
+        """Whether the model is loaded, and on a device that is still there (a GPU can fail or vanish)."""
+        if not super().ready() or self._loaded is None:
+            return False
+        device = str(self._loaded.pipeline.device)
+        return not device.startswith("cuda") or torch.cuda.is_available()
+
     async def warm_up_async(self) -> None:
         """Like `warm_up`, off the event loop."""
         if self._results is None:

@@ -9,6 +9,7 @@ from typing import Any
 import httpx2
 from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.utils import Secret, deserialize_secrets_inplace
+from huggingface_hub import constants
 
 from components.admission import ByteBudget
 from components.hf_providers import (
@@ -145,6 +146,13 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         backend = "endpoint" if endpoint_url else self.provider
         self._results = ImageResults(settings, {"backend": "huggingface_api", "provider": backend}, self.model)
         logger.info("Text-to-image upstream: {backend}", backend=backend)
+
+    def upstream_urls(self) -> tuple[str, ...]:
+        """The endpoint when one is set, else the HF router and the Hub (the provider lookup); after `warm_up`."""
+        assert self._target is not None
+        if self._target.endpoint_url is not None:
+            return (self._target.endpoint_url,)
+        return (self._target.router_url, constants.ENDPOINT)
 
     def _limits(self) -> httpx2.Limits:
         assert self._results is not None

@@ -60,32 +60,36 @@ class Bounds:
 
 def run_calls(client: httpx2.Client, calls: Generator[Call, bytes, bytes], bounds: Bounds) -> bytes:
     """Drive `calls` to the end over the blocking `client`; an error of a call is raised inside the generator."""
-    reply: bytes | None = None
-    error: ImageGenerationError | None = None
-    while True:
+    step = _step(calls, None, None)
+    while isinstance(step, Call):
         try:
-            call = calls.send(reply) if error is None else calls.throw(error)  # type: ignore[arg-type]
-        except StopIteration as done:
-            return done.value
-        try:
-            reply, error = fetch(client, call, bounds), None
+            reply = fetch(client, step, bounds)
         except ImageGenerationError as e:
-            reply, error = None, e
+            step = _step(calls, None, e)
+        else:
+            step = _step(calls, reply, None)
+    return step
 
 
 async def run_calls_async(client: httpx2.AsyncClient, calls: Generator[Call, bytes, bytes], bounds: Bounds) -> bytes:
     """The async twin of `run_calls`."""
-    reply: bytes | None = None
-    error: ImageGenerationError | None = None
-    while True:
+    step = _step(calls, None, None)
+    while isinstance(step, Call):
         try:
-            call = calls.send(reply) if error is None else calls.throw(error)  # type: ignore[arg-type]
-        except StopIteration as done:
-            return done.value
-        try:
-            reply, error = await fetch_async(client, call, bounds), None
+            reply = await fetch_async(client, step, bounds)
         except ImageGenerationError as e:
-            reply, error = None, e
+            step = _step(calls, None, e)
+        else:
+            step = _step(calls, reply, None)
+    return step
+
+
+def _step(calls: Generator[Call, bytes, bytes], reply: bytes | None, error: Exception | None) -> Call | bytes:
+    """The next call, or the image when the calls are done."""
+    try:
+        return calls.send(reply) if error is None else calls.throw(error)  # type: ignore[arg-type]
+    except StopIteration as done:
+        return done.value
 
 
 def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:

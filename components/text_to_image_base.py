@@ -35,6 +35,14 @@ class TextToImageBase:
         """Prepare the backend for `run_async`. Idempotent."""
         raise NotImplementedError
 
+    def ready(self) -> bool:
+        """Whether the backend can serve (after `warm_up`), as far as can be told without spending anything."""
+        return self._results is not None
+
+    def upstream_urls(self) -> tuple[str, ...]:
+        """The URLs its requests go to, for a readiness probe to reach (none for a local backend)."""
+        return ()
+
     def served_models(self) -> list[str]:
         """The model ids a run may ask for (after `warm_up`): the allow-list when one is set, else the default."""
         assert self._results is not None

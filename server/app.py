@@ -12,17 +12,18 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks.server.logger import intercept_stdlib_logging
 from hayhooks.settings import settings
 from haystack.core.serialization import allow_deserialization_module
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
-from server import api_docs, image_store, jobs, mcp, metrics, openai_images, page
+from server import api_docs, image_store, jobs, mcp, metrics, openai_images, page, readiness
 from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from server.origins import HostAllowList, OriginPolicy, configure_cors
 from server.quota import Quota
-from server.responses import validation_error_handler
+from server.responses import http_exception_handler, validation_error_handler
 from server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
-DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp)
+DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp, readiness)
 # Largest request line plus headers accepted (h11's incomplete-event cap); larger is a 400 before any route runs.
 MAX_HEADER_BYTES = 16 * 1024
 # Seconds an idle keep-alive connection stays open.
@@ -43,6 +44,7 @@ def create_app() -> FastAPI:
     inventory = Inventory(durable=app.state.durable_mode)
     app.state.inventory = inventory
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)  # type: ignore[arg-type]
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
     guard = Middleware(
         HTTPGuard,

@@ -100,7 +100,7 @@ class HTTPGuard:
                 refusal = error_response(row.errors, 429, "the rate limit is spent, retry later", retry)
         if refusal is None and isinstance(row, Route):
             if key is not None:
-                CACHE_SCOPE.set(hashlib.sha256(key).hexdigest()[:32])
+                CACHE_SCOPE.set(key_id(key))
             if row.body is None:
                 await self.app(scope, receive, send)
             else:
@@ -177,6 +177,11 @@ class HTTPGuard:
 def _metered(row: Route, key: bytes | None, api_keys: tuple[bytes, ...]) -> bool:
     """Whether a request takes from a quota: the keyed routes that do work (take a body), by key or client address."""
     return row.auth == "api_key" and row.body is not None and (key is not None or not api_keys)
+
+
+def key_id(key: bytes) -> str:
+    """A stable id for an API key that reveals nothing of it: its cache scope, and the owner of its jobs."""
+    return hashlib.sha256(key).hexdigest()[:32]
 
 
 def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | None:

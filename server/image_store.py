@@ -23,6 +23,7 @@ from hayhooks import log
 from hayhooks.settings import settings as hayhooks_settings
 
 from components.settings import resolve
+from server.responses import etag_matches
 
 DIR_ENV = "IMAGE_GENERATION_IMAGE_DIR"
 BYTES_ENV = "IMAGE_GENERATION_IMAGE_BYTES"
@@ -124,7 +125,7 @@ def install(app: FastAPI) -> None:
             raise HTTPException(404, "no such image (it may have expired)")
         etag = f'"{name.partition(".")[0]}"'
         headers = {"ETag": etag, "Cache-Control": f"private, max-age={int(store.max_age_seconds)}, immutable"}
-        if etag in {tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")}:
+        if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         return Response(data, media_type=FORMATS[name.rpartition(".")[2]], headers=headers)
 

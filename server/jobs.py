@@ -10,7 +10,6 @@ Hayhooks runs in durable mode, and only then: a durable wrapper cannot be loaded
 
 import asyncio
 import contextlib
-import hashlib
 import multiprocessing
 import os
 import time
@@ -27,14 +26,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components import errors, progress
 from components.request import MAX_IMAGES, OutputFormat
+from components.result_cache import CACHE_SCOPE
 from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
 from server.generation import COMPONENT, run_pipeline
-from server.guard import api_keys_from_env, matching_key
+from server.guard import api_keys_from_env, key_id, matching_key
 from server.image_store import ImageStore
 from server.params import Guidance, ModelId, Seed, Size, Steps, Text
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
 REVISION = "1"
+OWNER_PREFIX = "key-"
 DEFAULT_MAX_PENDING_JOBS = 100
 CANCEL_POLL_SECONDS = 0.5  # how often a job checks for a cancel while no step reports (an upstream call, a queue)
 STORE_RETRY_AFTER_SECONDS = 5  # what a client is told to wait while the job store (Redis) is away
@@ -121,7 +122,7 @@ class OwnedJobs(Jobs):
         key = matching_key(request.headers.get("authorization", ""), api_keys_from_env())
         if key is None:
             raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
-        return "key-" + hashlib.sha256(key).hexdigest()[:32]
+        return OWNER_PREFIX + key_id(key)
 
 
 def install(app: FastAPI) -> None:
@@ -169,6 +170,9 @@ def configure_durable_mode() -> None:
 async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext, request: JobRequest) -> JobResult:
     """Run the job's generations, cancelled when the job is; progress goes to the job as it happens."""
     publisher = _ProgressPublisher(context)
+    # The job runs in Hayhooks' durable worker, outside the request: scope the seeded cache to its owner's key here,
+    # as the guard does for requests, so that one key's jobs are never answered from another key's images.
+    CACHE_SCOPE.set((context.owner_id or "").removeprefix(OWNER_PREFIX))
     with progress.reporting_to(publisher.report):  # the tasks created below inherit it
         work = asyncio.ensure_future(_generate(pipeline, store, request))
     watch = asyncio.ensure_future(_wait_for_cancel(context))

@@ -1,8 +1,8 @@
 """
 The request parameters every door takes, as pydantic types carrying the limits that the OpenAPI schema publishes.
 
-Strings and floats are range-checked by the component (`GenerationRequest.validate`), not by pydantic: FastAPI's
-validation errors echo the input, which is how a huge prompt, a lone surrogate or an Infinity would come back.
+Types are strict (no string for a number, no boolean, no Infinity). String lengths and float ranges are checked by
+the component (`GenerationRequest.validate`), so that every door refuses them with the component's own message.
 """
 
 from typing import Annotated
@@ -24,6 +24,9 @@ from components.request import (
 Size = Annotated[int, Field(strict=True, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)]
 Text = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX_PROMPT_CHARS})]
 ModelId = Annotated[str, Field(json_schema_extra={"maxLength": MAX_MODEL_ID_CHARS, "pattern": MODEL_ID_PATTERN})]
-Guidance = Annotated[float, Field(json_schema_extra={"minimum": 0, "maximum": MAX_GUIDANCE})]
+# Strict: a string ("7") or a boolean is a 422, not a number; Infinity and NaN are too.
+Guidance = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, json_schema_extra={"minimum": 0, "maximum": MAX_GUIDANCE})
+]
 Steps = Annotated[int, Field(strict=True, ge=1, le=MAX_STEPS)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)]

@@ -11,11 +11,13 @@ from typing import Any
 
 import pybase64
 from fastapi import HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler as fastapi_http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from hayhooks import log
 from haystack.dataclasses import ImageContent
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components import errors
 
@@ -147,6 +149,21 @@ async def validation_error_handler(request: Request, error: RequestValidationErr
     inventory = getattr(request.app.state, "inventory", None)
     row = inventory.match(request.method, request.url.path) if inventory is not None else None
     return error_response(getattr(row, "errors", "native"), 422, safe_validation_errors(error.errors()))
+
+
+async def http_exception_handler(request: Request, error: StarletteHTTPException) -> Response:
+    """
+    FastAPI's handler, except for the 500s Hayhooks makes of a pipeline's failure.
+
+    Hayhooks answers `Pipeline execution failed: <the error's text>` (on the JSON variant's route, for one); here the
+    failure is mapped by its cause like any other, and its text is never sent.
+    """
+    if error.status_code != 500 or error.__cause__ is None:
+        return await fastapi_http_exception_handler(request, error)
+    failure = classify(error.__cause__)  # a cause that is not ours is logged and stays a bare 500
+    inventory = getattr(request.app.state, "inventory", None)
+    row = inventory.match(request.method, request.url.path) if inventory is not None else None
+    return error_response(getattr(row, "errors", "native"), failure.status, failure.message, failure.headers)
 
 
 def image_response(image: ImageContent, headers: Headers | None = None) -> Response:

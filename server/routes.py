@@ -65,6 +65,7 @@ RUN_BODY = Body(MAX_BODY_BYTES)
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", "public"),
+    Route("GET", "/ready", "public"),  # server/readiness.py
     Route("GET", "/openapi.json", "public"),
     # Swagger UI with its assets served from here (server/page.py)
     Route("GET", "/docs", "public"),

@@ -56,9 +56,14 @@ class BrowserLog:
         assert not self.offsite, f"the page tried to reach other hosts: {self.offsite}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """One headless chromium for the session."""
+    """
+    One headless chromium per test module.
+
+    Not per session: Playwright's sync API keeps an event loop running in this thread while it is open, and the
+    asyncio tests of the modules that run after it could not start theirs.
+    """
     try:
         from playwright.sync_api import Error, sync_playwright  # noqa: PLC0415 (a missing package skips, not errors)
     except ImportError:

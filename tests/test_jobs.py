@@ -15,6 +15,7 @@ import pytest
 from conftest import HAYHOOKS, ROOT, server_env, start_server, stop_server, wait_for
 from jobs_client import JOBS, SSE, call, durable_env, submit, wait_status
 
+from components.image_codec import PNG_SIGNATURE
 from server.image_store import ImageStore
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -237,23 +238,19 @@ def test_memory_store_refuses_several_workers(tmp_path):
             process.wait()
 
 
-def test_plain_hayhooks_run_still_deploys_yaml(upstream, tmp_path):
-    """Live mode (no durable setting): the same folder loads, and `deploy-yaml` works, as before."""
+def test_plain_hayhooks_run_serves_the_same_folder_without_jobs(upstream, tmp_path):
+    """
+    Live mode (no durable setting): the same folder loads, `/run` answers, and there are no job routes.
+
+    (`deploy-yaml` onto this setup is tested in test_service.py, under a name of its own: deploying over a pipeline
+    that was loaded from the folder makes Hayhooks delete its file.)
+    """
     env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url)
     server = start_server(tmp_path, env, command=[str(HAYHOOKS), "run"])
     try:
         assert call(f"{server.url}{JOBS}/run-durable", "POST", body())[0] == 404
-        deploy = subprocess.run(
-            [str(HAYHOOKS), "pipeline", "deploy-yaml", "-n", "image_generation_json", "--no-save-file",
-             "pipelines/image_generation.yml"],
-            cwd=ROOT, env={**os.environ, "HAYHOOKS_HOST": "127.0.0.1", "HAYHOOKS_PORT": server.url.rsplit(":", 1)[1]},
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        status, _, data = call(
-            f"{server.url}/image_generation_json/run", "POST", {"prompt": "x", "width": 64, "height": 64}
-        )
+        status, _, data = call(f"{server.url}{JOBS}/run", "POST", {"prompt": "x", "width": 64, "height": 64})
         assert status == 200, data
-        assert json.loads(data)["result"]["text_to_image"]["images"][0]["mime_type"] == "image/png"
+        assert data.startswith(PNG_SIGNATURE)
     finally:
         stop_server(server)

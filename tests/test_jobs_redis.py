@@ -12,7 +12,8 @@ import signal
 import pytest
 from conftest import server_env, start_server, stop_server, wait_for
 from fake_upstream import Fault
-from jobs_client import JOBS, SSE, RedisServer, call, durable_env, submit, wait_status
+from jobs_client import JOBS, SSE, call, durable_env, submit, wait_status
+from redis_server import RedisServer
 
 OPERATOR_TOKEN = "operator-token-for-tests-0123456789abcdef"
 
@@ -29,8 +30,9 @@ def replicas(redis, upstream, tmp_path):
     """Start replicas on demand (they share Redis and the image directory); all are stopped at the end."""
     started = []
 
-    def start(count: int = 1):
+    def start(count: int = 1, **settings: str):
         env = server_env(
+            **settings,
             **durable_env(HAYHOOKS_DURABLE_STORE="redis", HAYHOOKS_DURABLE_REDIS_URL=redis.url),
             IMAGE_GENERATION_ENDPOINT=upstream.url,
             IMAGE_GENERATION_IMAGE_DIR=str(tmp_path / "images"),
@@ -151,3 +153,28 @@ def test_a_failed_upstream_fails_the_job_with_its_cause(replicas, fresh_upstream
     assert failed["status"] == "failed"
     assert failed["error"]["type"] == "UpstreamError"
     assert failed["result"] is None
+
+
+def test_the_sweeper_deletes_images_past_their_age(replicas, fresh_upstream):
+    (a,) = replicas(1, IMAGE_GENERATION_IMAGE_MAX_AGE="4")  # swept every second
+    job = submit(a.url, body(seed=51))
+    url = wait_status(a.url, job["execution_id"], {"completed"})["result"]["images"][0]["url"]
+    assert call(f"{a.url}{url}")[0] == 200
+    assert wait_for(lambda: call(f"{a.url}{url}")[0] == 404, timeout=20)
+
+
+def test_one_keys_jobs_are_never_answered_from_another_keys_images(replicas, fresh_upstream):
+    """With API keys on, the seeded cache (in process and in Redis) is scoped to the job's owner, as for `/run`."""
+    keys = ("scope-key-a-0123456789", "scope-key-b-0123456789")
+    [server] = replicas(IMAGE_GENERATION_API_KEYS=",".join(keys))
+    a, b = ({"Authorization": f"Bearer {key}"} for key in keys)
+
+    def run_job(headers: dict[str, str]) -> None:
+        submitted = submit(server.url, body(seed=77), headers)
+        assert wait_status(server.url, submitted["execution_id"], {"completed"}, headers=headers)
+
+    run_job(a)
+    run_job(a)  # the same key: a seeded repeat comes from the cache
+    assert len(fresh_upstream.requests) == 1
+    run_job(b)  # another key pays for its own image
+    assert len(fresh_upstream.requests) == 2

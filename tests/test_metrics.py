@@ -7,6 +7,7 @@ import urllib.request
 import pytest
 from conftest import HAYHOOKS, ROOT, free_port, launch, post, server_env, start_server, stop_server, wait_for
 from fake_upstream import Fault
+from jobs_client import JOBS, durable_env, submit, wait_status
 from scrape import METRICS_KEY, samples, scrape, value
 
 RUN = "/image_generation/run"
@@ -129,3 +130,22 @@ def test_several_workers_add_up_in_multiprocess_mode(upstream, fresh_upstream, t
             )
     finally:
         stop_server(server)
+
+
+def test_jobs_are_counted_as_the_job_door(fresh_upstream, tmp_path):
+    """Durable mode: the job routes are the `job` door, and the image a job makes is counted like any other."""
+    env = server_env(
+        **durable_env(), IMAGE_GENERATION_ENDPOINT=fresh_upstream.url, IMAGE_GENERATION_METRICS_KEY=METRICS_KEY
+    )
+    server = start_server(tmp_path, env)
+    try:
+        job = submit(server.url, {"prompt": PROMPT, "width": 64, "height": 64})
+        assert wait_status(server.url, job["execution_id"], {"completed", "failed"})["status"] == "completed"
+        parsed = samples(scrape(server)[1])
+    finally:
+        stop_server(server)
+    requests = "image_generation_http_requests_total"
+    assert value(parsed, requests, route=f"{JOBS}/run-durable", door="job", status="202") == 1
+    assert value(parsed, requests, route=f"{JOBS}/executions/{{execution_id}}", door="job", status="200") >= 1
+    assert value(parsed, "image_generation_images_total", model=DEFAULT_MODEL, size="256x256", format="png") == 1
+    assert value(parsed, "image_generation_upstream_requests_total", status="200") == 1

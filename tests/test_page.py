@@ -22,13 +22,19 @@ from playwright.sync_api import expect
 from server.app import create_app
 
 
-@pytest.fixture(scope="module")
-def page_server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The server as the README starts it, with the cache off: a repeated request is a new generation."""
-    tmp = tmp_path_factory.mktemp("page-server")
-    srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_CACHE_BYTES="0"))
+def serve(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory, **settings: str) -> Iterator[Server]:
+    """The server as the README starts it, on the fake upstream, with these settings, for one test module."""
+    srv = start_server(
+        tmp_path_factory.mktemp("page-server"), server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, **settings)
+    )
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def page_server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The cache is off: a repeated request is a new generation."""
+    yield from serve(upstream, tmp_path_factory, IMAGE_GENERATION_CACHE_BYTES="0")
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -112,9 +118,13 @@ def test_generate_shows_the_image_and_history_survives_a_reload(page, browser_lo
     assert size == [512, 384, 512, 384]  # at its natural size
     assert page.locator("figure.result .seed").first.inner_text() == str(sent["data"][0]["seed"])
     screenshot(page, "page-1280x800.png")
+    page.emulate_media(color_scheme="dark")
+    screenshot(page, "page-dark-1280x800.png")
     page.set_viewport_size({"width": 390, "height": 844})
     screenshot(page, "page-390x844.png", full_page=True)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling on a phone
+    page.set_viewport_size({"width": 360, "height": 740})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
 
     page.reload()
     thumbnail = page.locator("#history .restore").first
@@ -125,6 +135,20 @@ def test_generate_shows_the_image_and_history_survives_a_reload(page, browser_lo
     assert (page.input_value("#width"), page.input_value("#height")) == ("512", "384")
     assert page.input_value("#seed") == str(sent["data"][0]["seed"])
     assert page.input_value("#seed-mode") == "keep"
+    page.select_option("#seed-mode", "random")
+    page.click("figure.result .reuse-seed")
+    assert (page.input_value("#seed-mode"), page.input_value("#seed")) == ("keep", str(sent["data"][0]["seed"]))
+
+    page.on("dialog", lambda dialog: dialog.accept())  # "Delete every image?"
+    page.click("#history .delete")
+    expect(page.locator("#history li")).to_have_count(0)
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#history li")).to_have_count(1)
+    page.click("#clear-history")
+    expect(page.locator("#history li")).to_have_count(0)
+    page.reload()
+    expect(page.locator("#clear-history")).to_be_disabled()
+    assert page.locator("#history li").count() == 0
     browser_log.assert_clean()
 
 
@@ -194,26 +218,26 @@ def test_copy_as_curl_reproduces_the_same_bytes(page, page_server, fresh_upstrea
 @pytest.fixture(scope="module")
 def keyed_server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server that asks for an API key."""
-    tmp = tmp_path_factory.mktemp("keyed-server")
-    srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS="page-key"))
-    yield srv
-    stop_server(srv)
+    yield from serve(upstream, tmp_path_factory, IMAGE_GENERATION_API_KEYS="page-key")
 
 
 def test_a_401_asks_for_the_api_key_and_keeps_it_in_the_tab(page, browser_log, keyed_server, fresh_upstream):
     browser_log.allow_failed_request(401)  # the model list and the first try, before the key is given
     page.goto(keyed_server.url + "/")
     page.fill("#prompt", "A guarded lighthouse")
+    page.select_option("#n", "2")
     page.click("#generate")
     expect(page.locator("#key-dialog")).to_be_visible()
     page.fill("#api-key", "page-key")
-    with page.expect_request(GENERATIONS) as sent:
+    with page.expect_response(GENERATIONS) as answer:
         page.click("#key-dialog button[type=submit]")
-    assert sent.value.header_value("authorization") == "Bearer page-key"
-    page.locator("figure.result img").wait_for()
+    assert answer.value.request.header_value("authorization") == "Bearer page-key"
+    expect(page.locator("figure.result img")).to_have_count(2)
+    shown = page.locator("figure.result .seed").all_inner_texts()
+    assert shown == [str(image["seed"]) for image in answer.value.json()["data"]]
     assert page.evaluate("[sessionStorage.length, localStorage.length]") == [1, 0]
-    page.click("figure.result .copy-curl")
-    command = page.inner_text("figure.result pre.curl")
+    page.click("figure.result .copy-curl >> nth=0")
+    command = page.inner_text("figure.result pre.curl >> nth=0")
     assert "page-key" not in command and "$IMAGE_GENERATION_API_KEY" in command
 
 

@@ -102,6 +102,7 @@ function showError(text, param) {
 function setRunning(on) {
   button.textContent = on ? "Cancel" : "Generate";
   button.classList.toggle("cancel", on);
+  status.setAttribute("aria-live", on ? "off" : "polite"); // the running clock is not read out ten times a second
   $("progress").hidden = true;
 }
 
@@ -260,6 +261,8 @@ function resultFigure(entry) {
   const download = element("a", { href: url, download: name, textContent: "Download", className: "download" });
   const reuse = element("button", { type: "button", textContent: "Use these settings", className: "reuse" });
   reuse.addEventListener("click", () => writeParams(params));
+  const reuseSeed = element("button", { type: "button", textContent: "Reuse seed", className: "reuse-seed" });
+  reuseSeed.addEventListener("click", () => setSeed(params.seed, "keep"));
   const copy = element("button", { type: "button", textContent: "Copy as curl", className: "copy-curl" });
   copy.addEventListener("click", async () => {
     curl.textContent = curlCommand(params);
@@ -271,7 +274,7 @@ function resultFigure(entry) {
       copy.textContent = "Select and copy below";
     }
   });
-  return element("figure", { className: "result" }, image, caption, element("div", { className: "actions" }, download, reuse, copy), curl);
+  return element("figure", { className: "result" }, image, caption, element("div", { className: "actions" }, download, reuse, reuseSeed, copy), curl);
 }
 
 async function renderHistory() {

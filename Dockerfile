@@ -86,12 +86,15 @@ RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
         --root-user-action=ignore --no-deps --no-index /dist/*.whl \
  && /usr/local/bin/python -m pip uninstall --yes --quiet --disable-pip-version-check --root-user-action=ignore \
         pip setuptools wheel
-# Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only.
+# Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only. The JSON variant
+# (a top-level YAML) is deployed at startup beside it.
 COPY pipelines /opt/pipelines/image_generation
+COPY served/image_generation_json.yml /opt/pipelines/
 USER 10001:10001
 WORKDIR /home/app
 EXPOSE 1416
-# Healthy only when /status lists the image_generation pipeline (hayhooks serves without it if setup() failed).
+# Healthy only when GET /ready answers 200: the pipeline is deployed and warmed up, and its upstream (or local model)
+# can be reached. It sends nothing upstream, so it costs nothing.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import json, os, sys, urllib.request as u; s = json.load(u.urlopen('http://127.0.0.1:%s/status' % os.environ.get('HAYHOOKS_PORT', '1416'), timeout=4)); sys.exit(0 if 'image_generation' in s.get('pipelines', []) else 1)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('HAYHOOKS_PORT', '1416'), timeout=4)"]
 ENTRYPOINT ["image-generation-server"]

@@ -213,7 +213,7 @@ class DiffusersTextToImage(TextToImageBase):
 
     def ready(self) -> bool:
         """Whether the model is loaded, and on a device that is still there (a GPU can fail or vanish)."""
-        if not super().ready() or self._loaded is None:
+        if not TextToImageBase.ready(self) or self._loaded is None:  # @component rebuilds the class: no super()
             return False
         device = str(self._loaded.pipeline.device)
         return not device.startswith("cuda") or torch.cuda.is_available()

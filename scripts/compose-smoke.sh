@@ -4,7 +4,8 @@
 #   build     docker compose build
 #   up        docker compose up -d --wait: the service (SCALE replicas of it) turns healthy (its own healthcheck)
 #             within $TIMEOUT s
-#   request   the README's curl through the published port answers a PNG of the requested size; the runtime
+#   request   the README's curl through the published port answers a PNG of the requested size, and the JSON
+#             variant an image in JSON; the runtime
 #             deployment routes are refused; CORS refuses an origin not configured
 #   hardening on the running container: uid != 0, a read-only root (/ and $HOME refuse writes, /tmp takes them),
 #             no capabilities (effective, permitted, bounding) and no-new-privileges in every process, and no
@@ -76,6 +77,11 @@ step_request() {
   [ "$((16#${ihdr:32:8}))x$((16#${ihdr:40:8}))" = "${WIDTH}x${HEIGHT}" ] ||
     fail "a $((16#${ihdr:32:8}))x$((16#${ihdr:40:8})) PNG, not ${WIDTH}x${HEIGHT}"
   ok "$(wc -c < "$image")-byte ${WIDTH}x${HEIGHT} PNG from $url"
+  code="$(curl -sS -o "$OUT_DIR/json.json" -w '%{http_code}' --max-time 300 -X POST "$url/image_generation_json/run" \
+    -H 'Content-Type: application/json' -d "{\"prompt\": \"json\", \"width\": $WIDTH, \"height\": $HEIGHT}")"
+  [ "$code" = 200 ] && grep -q '"mime_type": *"image/png"' "$OUT_DIR/json.json" ||
+    fail "the JSON variant answered $code: $(head -c 200 "$OUT_DIR/json.json")"
+  ok "the JSON variant answers a PNG in JSON"
   for path in /deploy_files /deploy-yaml /undeploy/image_generation; do
     code="$(curl -sS -o /dev/null -w '%{http_code}' -X POST "$url$path" -H 'Content-Type: application/json' -d '{}')"
     [ "$code" = 404 ] || [ "$code" = 405 ] || fail "POST $path answered $code: runtime deployment is on"

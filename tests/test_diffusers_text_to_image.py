@@ -238,6 +238,12 @@ def test_endpoint_serves_a_png(local_server):
     assert b"trainedAlgorithmicMedia" in png.text["XML:com.adobe.xmp"].encode()
 
 
+def test_ready_once_the_model_is_loaded(local_server):
+    """`/ready` (the container's healthcheck) for a local model: loaded, on its device, no upstream to reach."""
+    with urllib.request.urlopen(f"{local_server.url}/ready", timeout=30) as response:
+        assert (response.status, json.load(response)) == (200, {"ready": True, "checks": {"pipeline": "ok"}})
+
+
 def test_endpoint_seed_reproduces_the_bytes(local_server):
     def image(seed: int) -> bytes:
         status, _, body = post(local_server, {"prompt": "a dog", "width": 64, "height": 64, "seed": seed, **FAST})

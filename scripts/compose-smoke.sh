@@ -77,11 +77,13 @@ step_request() {
   [ "$((16#${ihdr:32:8}))x$((16#${ihdr:40:8}))" = "${WIDTH}x${HEIGHT}" ] ||
     fail "a $((16#${ihdr:32:8}))x$((16#${ihdr:40:8})) PNG, not ${WIDTH}x${HEIGHT}"
   ok "$(wc -c < "$image")-byte ${WIDTH}x${HEIGHT} PNG from $url"
-  code="$(curl -sS -o "$OUT_DIR/json.json" -w '%{http_code}' --max-time 300 -X POST "$url/image_generation_json/run" \
-    -H 'Content-Type: application/json' -d "{\"prompt\": \"json\", \"width\": $WIDTH, \"height\": $HEIGHT}")"
-  [ "$code" = 200 ] && grep -q '"mime_type": *"image/png"' "$OUT_DIR/json.json" ||
-    fail "the JSON variant answered $code: $(head -c 200 "$OUT_DIR/json.json")"
-  ok "the JSON variant answers a PNG in JSON"
+  if [ "${PROFILE:-}" != local ]; then  # the JSON variant is the API backend's pipeline
+    code="$(curl -sS -o "$OUT_DIR/json.json" -w '%{http_code}' --max-time 300 -X POST "$url/image_generation_json/run" \
+      -H 'Content-Type: application/json' -d "{\"prompt\": \"json\", \"width\": $WIDTH, \"height\": $HEIGHT}")"
+    [ "$code" = 200 ] && grep -q '"mime_type": *"image/png"' "$OUT_DIR/json.json" ||
+      fail "the JSON variant answered $code: $(head -c 200 "$OUT_DIR/json.json")"
+    ok "the JSON variant answers a PNG in JSON"
+  fi
   for path in /deploy_files /deploy-yaml /undeploy/image_generation; do
     code="$(curl -sS -o /dev/null -w '%{http_code}' -X POST "$url$path" -H 'Content-Type: application/json' -d '{}')"
     [ "$code" = 404 ] || [ "$code" = 405 ] || fail "POST $path answered $code: runtime deployment is on"

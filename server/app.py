@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from hayhooks import create_app as create_hayhooks_app
 from hayhooks.server.logger import intercept_stdlib_logging
-from hayhooks.settings import settings
+from hayhooks.settings import StartupDeployStrategy, settings
 from haystack.core.serialization import allow_deserialization_module
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
@@ -37,6 +37,9 @@ def create_app() -> FastAPI:
     Also an app factory for `uvicorn --factory server.app:create_app`, e.g. with `--workers`.
     """
     jobs.configure_durable_mode()
+    # Hayhooks prepares startup pipelines in parallel threads; two threads importing `components` modules at once can
+    # deadlock on Python's import locks (seen with the wrapper and the JSON variant). Two pipelines gain nothing.
+    settings.startup_deploy_strategy = StartupDeployStrategy.SEQUENTIAL
     allow_deserialization_module("components")  # our pipelines, the JSON variant's YAML included, name our components
     configure_cors(settings)
     app = create_hayhooks_app()

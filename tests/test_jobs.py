@@ -245,7 +245,7 @@ def test_plain_hayhooks_run_serves_the_same_folder_without_jobs(upstream, tmp_pa
     (`deploy-yaml` onto this setup is tested in test_service.py, under a name of its own: deploying over a pipeline
     that was loaded from the folder makes Hayhooks delete its file.)
     """
-    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url)
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, HAYHOOKS_STARTUP_DEPLOY_STRATEGY="sequential")
     server = start_server(tmp_path, env, command=[str(HAYHOOKS), "run"])
     try:
         assert call(f"{server.url}{JOBS}/run-durable", "POST", body())[0] == 404

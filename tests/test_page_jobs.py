@@ -41,12 +41,12 @@ def submit(page, server: Server, steps: int, size: int) -> str:
 
 
 def test_a_job_shows_each_step_then_the_image(page, jobs_page_server):
-    submit(page, jobs_page_server, steps=30, size=64)
-    expect(page.locator("#status")).to_contain_text(re.compile(r"Step \d+ of 30"))
+    submit(page, jobs_page_server, steps=150, size=128)  # long enough (seconds) for the page to show steps live
+    expect(page.locator("#status")).to_contain_text(re.compile(r"Step \d+ of 150"))
     expect(page.locator("#progress")).to_be_visible()
     image = page.locator("figure.result img")
     image.wait_for()
-    assert wait_for(lambda: image.evaluate("i => i.complete && i.naturalWidth") == 64)
+    assert wait_for(lambda: image.evaluate("i => i.complete && i.naturalWidth") == 128, timeout=120)
     expect(page.locator("#progress")).to_be_hidden()
 
 

@@ -146,7 +146,11 @@ def test_json_variant_is_served_from_startup_and_guarded(server, fresh_upstream)
 
 def test_hayhooks_cli_deploys_the_yaml_to_plain_hayhooks_run(upstream, fresh_upstream, tmp_path):
     """The README's local development setup: `hayhooks run` with deployment on, and the CLI's deploy-yaml."""
-    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, HAYSTACK_DESERIALIZATION_ALLOWLIST="components.*")
+    env = server_env(
+        IMAGE_GENERATION_ENDPOINT=upstream.url,
+        HAYSTACK_DESERIALIZATION_ALLOWLIST="components.*",
+        HAYHOOKS_STARTUP_DEPLOY_STRATEGY="sequential",  # as the README says
+    )
     hayhooks = start_server(tmp_path, env, command=[str(HAYHOOKS), "run"])
     try:
         deploy = subprocess.run(

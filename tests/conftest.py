@@ -11,8 +11,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +118,16 @@ def launch(argv: list[str], cwd: Path, env: dict[str, str], log_path: Path, port
     raise RuntimeError(f"the server did not answer /status in {timeout}s:\n{server.log()}")
 
 
+@contextmanager
+def running(tmp_dir: Path, env: dict[str, str], **options: Any) -> Iterator[Server]:
+    """`start_server(tmp_dir, env, **options)`, stopped when the block ends."""
+    server = start_server(tmp_dir, env, **options)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
 def stop_server(server: Server) -> None:
     """Terminate the process and wait for it."""
     server.process.terminate()
@@ -150,9 +162,8 @@ def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     """A real hayhooks server whose upstream is the fake, shared by the session."""
     tmp = tmp_path_factory.mktemp("server")
     (tmp / "tmp").mkdir()
-    srv = start_server(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, TMPDIR=str(tmp / "tmp")))
-    yield srv
-    stop_server(srv)
+    with running(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, TMPDIR=str(tmp / "tmp"))) as srv:
+        yield srv
 
 
 def decode(image: ImageContent) -> Image.Image:

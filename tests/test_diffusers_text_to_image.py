@@ -13,7 +13,7 @@ import threading
 import urllib.request
 
 import pytest
-from conftest import ROOT, decode, hang_up_during, post, server_env, start_server, stop_server
+from conftest import ROOT, decode, hang_up_during, post, running, server_env, start_server, stop_server
 from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from haystack.utils import ComponentDevice
@@ -224,9 +224,8 @@ def local_server(tiny_model, tmp_path_factory):
         IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(tiny_model),
         IMAGE_GENERATION_CACHE_BYTES="0", IMAGE_GENERATION_METRICS_KEY=METRICS_KEY,
     )  # fmt: skip
-    server = start_server(tmp_path_factory.mktemp("local-server"), env, timeout=120)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("local-server"), env, timeout=120) as server:
+        yield server
 
 
 def test_endpoint_serves_a_png(local_server):

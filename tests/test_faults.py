@@ -6,7 +6,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import TEST_TOKEN, free_port, hang_up_during, post, server_env, start_server, stop_server, wait_for
+from conftest import (
+    TEST_TOKEN,
+    free_port,
+    hang_up_during,
+    post,
+    running,
+    server_env,
+    start_server,
+    stop_server,
+    wait_for,
+)
 from fake_upstream import Fault
 from hostile_upstream import gzip_bomb, padded_png, pixel_bomb_png, png
 
@@ -27,9 +37,8 @@ def faulty_server(upstream, tmp_path_factory):
         IMAGE_GENERATION_MAX_INFLIGHT_BYTES=str(MAX_INFLIGHT_BYTES),
         HAYHOOKS_LOG_LEVEL="DEBUG",
     )
-    server = start_server(tmp_path_factory.mktemp("faulty"), env)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("faulty"), env) as server:
+        yield server
 
 
 def assert_no_leak(body: bytes, upstream) -> None:

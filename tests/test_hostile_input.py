@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import post, post_raw, server_env, start_server, stop_server
+from conftest import post, post_raw, running, server_env
 
 SMALL = {"prompt": "hostile", "width": 64, "height": 64}
 
@@ -113,9 +113,8 @@ def test_prompts_are_logged_only_truncated(server, fresh_upstream):
 @pytest.fixture(scope="module")
 def keyed_server(upstream, tmp_path_factory):
     env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS="first-key, second-key")
-    server = start_server(tmp_path_factory.mktemp("keyed"), env)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("keyed"), env) as server:
+        yield server
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import urllib.request
 import httpx
 import openai
 import pytest
-from conftest import post_raw, server_env, start_server, stop_server
+from conftest import post_raw, running, server_env, start_server, stop_server
 from fake_upstream import Fault
 from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
@@ -22,9 +22,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def mcp_server(upstream, tmp_path_factory):
     env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS=KEY)
-    server = start_server(tmp_path_factory.mktemp("mcp"), env)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("mcp"), env) as server:
+        yield server
 
 
 async def session_call(server, action, headers=AUTH):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import post_raw, server_env, start_server, stop_server
+from conftest import post_raw, running, server_env
 from fake_upstream import Fault
 from PIL import Image
 
@@ -24,9 +24,8 @@ def openai_server(upstream, tmp_path_factory):
     env = server_env(
         IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_TIMEOUT="3", IMAGE_GENERATION_API_KEYS=KEY
     )
-    server = start_server(tmp_path_factory.mktemp("openai"), env)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("openai"), env) as server:
+        yield server
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Server, free_port, post, server_env, start_server, stop_server
+from conftest import Server, free_port, post, running, server_env, start_server, stop_server
 from fake_upstream import Fault
 from hostile_upstream import Reply, ScriptedServer, gzip_bomb, hub_model, json_with_url, png
 from PIL import Image
@@ -65,9 +65,8 @@ def auto_server(hub, upstream, token, tmp_path_factory) -> Iterator[Server]:
         IMAGE_GENERATION_TIMEOUT=str(DEADLINE),
     )
     del env["HF_TOKEN"]
-    server = start_server(tmp, env)
-    yield server
-    stop_server(server)
+    with running(tmp, env) as server:
+        yield server
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from conftest import ROOT, Server, server_env, start_server, stop_server, wait_for
+from conftest import ROOT, Server, running, server_env, wait_for
 from jobs_client import durable_env
 from playwright.sync_api import expect
 
@@ -22,9 +22,8 @@ from tiny_diffusers import build
 def jobs_page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model = build(tmp_path_factory.mktemp("models") / "tiny-sd")
     env = server_env(**durable_env(), IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(model))
-    srv = start_server(tmp_path_factory.mktemp("jobs-page"), env, timeout=180)
-    yield srv
-    stop_server(srv)
+    with running(tmp_path_factory.mktemp("jobs-page"), env, timeout=180) as srv:
+        yield srv
 
 
 def submit(page, server: Server, steps: int, size: int) -> str:

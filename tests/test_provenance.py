@@ -22,7 +22,7 @@ from pathlib import Path
 import c2pa
 import pytest
 from c2pa_ca import make_credentials
-from conftest import ROOT, TEST_TOKEN, post, server_env, start_server, stop_server
+from conftest import ROOT, TEST_TOKEN, post, running, server_env
 from fake_upstream import Fault
 from image_parts import coded_pixels
 from PIL import Image, PngImagePlugin
@@ -303,9 +303,8 @@ def signing_server(upstream, credentials, tmp_path_factory):
         IMAGE_GENERATION_C2PA_CERT=str(chain),
         IMAGE_GENERATION_C2PA_KEY=str(key),
     )
-    server = start_server(tmp_path_factory.mktemp("signing-server"), env)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("signing-server"), env) as server:
+        yield server
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

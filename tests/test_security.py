@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, post_raw, server_env, start_server, stop_server
+from conftest import ROOT, free_port, post_raw, running, server_env, start_server, stop_server
 from fake_upstream import Fault
 
 SMALL = {"prompt": "surface", "width": 64, "height": 64}
@@ -186,9 +186,8 @@ def test_a_huge_header_is_refused(server):
 @pytest.fixture(scope="module")
 def impatient_server(upstream, tmp_path_factory):
     env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_BODY_TIMEOUT="1")
-    server = start_server(tmp_path_factory.mktemp("impatient"), env)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("impatient"), env) as server:
+        yield server
 
 
 def test_a_slow_body_is_cut_off(impatient_server, fresh_upstream):
@@ -230,9 +229,8 @@ def test_a_304_only_comes_from_the_cache(upstream, fresh_upstream, tmp_path):
 @pytest.fixture(scope="module")
 def keyed_server(upstream, tmp_path_factory):
     env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS="key-a,key-b")
-    server = start_server(tmp_path_factory.mktemp("keyed"), env)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("keyed"), env) as server:
+        yield server
 
 
 def test_the_cache_is_per_api_key(keyed_server, fresh_upstream):

@@ -28,6 +28,7 @@ from c2pa_ca import make_credentials
 from fake_upstream import render
 from image_parts import coded_pixels
 
+from components.image_codec import sniff
 from components.image_results import ImageResults
 from components.provenance import Provenance, ProvenanceSettings
 from components.request import GenerationRequest
@@ -55,7 +56,7 @@ def results(provenance: Provenance) -> ImageResults:
 
 def finish_once(variant: ImageResults, request: GenerationRequest, raw: bytes) -> tuple[float, bytes]:
     started = time.process_time()
-    image = variant.finish(request, raw, time.monotonic())
+    image = variant.finish(request, raw, sniff(raw), time.monotonic())
     return time.process_time() - started, base64.b64decode(image.base64_image)
 
 

@@ -1,11 +1,13 @@
 """`HuggingFaceAPITextToImage`: text-to-image through Hugging Face Inference Providers or an inference endpoint."""
 
+import asyncio
 import ipaddress
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx2
 from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.utils import Secret, deserialize_secrets_inplace
@@ -117,7 +119,8 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         self._bytes: ByteBudget | None = None
         self._allowed_networks: tuple[Network, ...] = ()
         self._client: httpx2.Client | None = None
-        self._async_client: httpx2.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
 
     def _resolve(self) -> None:
         if self._results is not None:
@@ -154,22 +157,33 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             return (self._target.endpoint_url,)
         return (self._target.router_url, constants.ENDPOINT)
 
-    def _limits(self) -> httpx2.Limits:
+    def _max_connections(self) -> int:
         assert self._results is not None
-        n = self._results.settings.max_concurrency
-        return httpx2.Limits(max_connections=n, max_keepalive_connections=n)
+        return self._results.settings.max_concurrency
 
     def warm_up(self) -> None:
         """Resolve token and settings and open the blocking connection pool. Idempotent."""
         self._resolve()
         if self._client is None:
-            self._client = httpx2.Client(limits=self._limits(), timeout=None)
+            n = self._max_connections()
+            limits = httpx2.Limits(max_connections=n, max_keepalive_connections=n)
+            self._client = httpx2.Client(limits=limits, timeout=None, trust_env=False)
 
     async def warm_up_async(self) -> None:
-        """Resolve token and settings and open the async connection pool on the serving loop. Idempotent."""
+        """
+        Resolve token and settings and open the async connection pool on the running loop. Idempotent.
+
+        A pool belongs to the loop that opened it: run from another loop, the component opens a new one there.
+        """
         self._resolve()
-        if self._async_client is None:
-            self._async_client = httpx2.AsyncClient(limits=self._limits(), timeout=None)
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            self._session_loop = loop
+            connector = aiohttp.TCPConnector(limit=self._max_connections())
+            # Deadlines are the request's (`Bounds`), replies are read raw, and no proxy or netrc is read.
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False, trust_env=False
+            )
 
     def close(self) -> None:
         """Close the blocking connection pool."""
@@ -179,9 +193,9 @@ class HuggingFaceAPITextToImage(TextToImageBase):
 
     async def close_async(self) -> None:
         """Close the async connection pool."""
-        if self._async_client is not None:
-            await self._async_client.aclose()
-            self._async_client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def to_dict(self) -> dict[str, Any]:
         """Serialize the component; the token is stored as a reference to its environment variables."""
@@ -226,11 +240,11 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             return run_calls(self._client, self._calls(request), Bounds(deadline, lease, self._allowed_networks))
 
     async def _produce_async(self, request: GenerationRequest) -> bytes:
-        assert self._async_client is not None
+        assert self._session is not None
         deadline, budget = self._bounds()
         with budget.lease() as lease:
             bounds = Bounds(deadline, lease, self._allowed_networks)
-            return await run_calls_async(self._async_client, self._calls(request), bounds)
+            return await run_calls_async(self._session, self._calls(request), bounds)
 
 
 def _token_file() -> str | None:

@@ -1,6 +1,9 @@
 """
 Sends the `Call`s of one generation over pooled connections, each bounded the same way.
 
+The async path (the server's) runs on aiohttp, whose C parser reads a 512² reply for a third of the CPU that httpx2
+takes (bench/); the blocking path (`Pipeline.run`) runs on httpx2.
+
 Every call shares the request's deadline, reads its reply as a raw stream under a byte cap (per call, and the
 component's total in flight), asks for `Accept-Encoding: identity` and refuses any compressed reply instead of
 decoding it, follows no redirect, and turns every failure into a typed error. A URL taken from a reply is sent no
@@ -16,10 +19,11 @@ import math
 import re
 import socket
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import httpx2
 
 from components import progress
@@ -71,12 +75,14 @@ def run_calls(client: httpx2.Client, calls: Generator[Call, bytes, bytes], bound
     return step
 
 
-async def run_calls_async(client: httpx2.AsyncClient, calls: Generator[Call, bytes, bytes], bounds: Bounds) -> bytes:
-    """The async twin of `run_calls`."""
+async def run_calls_async(
+    session: aiohttp.ClientSession, calls: Generator[Call, bytes, bytes], bounds: Bounds
+) -> bytes:
+    """The async twin of `run_calls`, over an aiohttp session."""
     step = _step(calls, None, None)
     while isinstance(step, Call):
         try:
-            reply = await fetch_async(client, step, bounds)
+            reply = await fetch_async(session, step, bounds)
         except ImageGenerationError as e:
             step = _step(calls, None, e)
         else:
@@ -97,14 +103,14 @@ def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:
     while True:
         started, status = time.monotonic(), "error"
         try:
-            url, headers, extensions = _target(call, bounds, _resolve(call, bounds))
+            url, headers, sni_hostname = _target(call, _resolve(call, bounds))
             with client.stream(
-                call.method, url, json=call.json, headers=headers, extensions=extensions,
-                timeout=_remaining(bounds.deadline),
+                call.method, url, json=call.json, headers=headers, timeout=_remaining(bounds.deadline),
+                extensions={"sni_hostname": sni_hostname} if sni_hostname else {},
             ) as response:  # fmt: skip
                 status = response.status_code
-                reader = _Reader(call, bounds, response)
-                _raise_for_status(response, _error_body(response) if reader.error else b"")
+                reader = _Reader(call, bounds, status, response.headers)
+                _raise_for_status(status, response.headers, _error_body(response) if reader.error else b"")
                 for chunk in response.iter_raw():
                     reader.take(chunk)
                     _remaining(bounds.deadline)
@@ -121,28 +127,31 @@ def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:
         time.sleep(wait)  # the provider is loading the model: try again
 
 
-async def fetch_async(client: httpx2.AsyncClient, call: Call, bounds: Bounds) -> bytes:
-    """The async twin of `fetch`."""
+async def fetch_async(session: aiohttp.ClientSession, call: Call, bounds: Bounds) -> bytes:
+    """The async twin of `fetch`, over an aiohttp session (made with `auto_decompress=False`)."""
     while True:
         started, status = time.monotonic(), "error"
         try:
             async with asyncio.timeout(_remaining(bounds.deadline)):
-                url, headers, extensions = _target(call, bounds, await _resolve_async(call, bounds))
-                async with client.stream(
-                    call.method, url, json=call.json, headers=headers, extensions=extensions
-                ) as response:
-                    status = response.status_code
-                    reader = _Reader(call, bounds, response)
-                    _raise_for_status(response, await _error_body_async(response) if reader.error else b"")
-                    async for chunk in response.aiter_raw():
+                url, headers, sni_hostname = _target(call, await _resolve_async(call, bounds))
+                async with session.request(
+                    call.method, url, json=call.json, headers=headers, server_hostname=sni_hostname,
+                    allow_redirects=False,
+                ) as response:  # fmt: skip
+                    status = response.status
+                    reader = _Reader(call, bounds, status, response.headers)
+                    _raise_for_status(
+                        status, response.headers, await _error_body_async(response) if reader.error else b""
+                    )
+                    async for chunk in response.content.iter_any():
                         reader.take(chunk)
                     return reader.body()
         except UpstreamUnavailableError as e:
             wait = _loading_wait(e, call, bounds.deadline)
-        except (TimeoutError, httpx2.TimeoutException) as e:
+        except TimeoutError as e:
             status = "timeout"
             raise UpstreamTimeoutError("the upstream did not answer in time") from e
-        except (httpx2.TransportError, OSError) as e:
+        except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError("the upstream could not be reached") from e
         finally:
             progress.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
@@ -154,26 +163,29 @@ class _Reader:
     Collects a 2xx body under the call's cap and the request's byte lease.
 
     A declared `Content-Length` is taken from the lease at once, so a reply that cannot fit is refused before it is
-    read; a body of unknown length is counted as it arrives.
+    read; a body of unknown length is counted as it arrives. The chunks are joined once, at the end: each byte is
+    copied once, into a buffer of the body's exact size.
     """
 
-    def __init__(self, call: Call, bounds: Bounds, response: httpx2.Response) -> None:
-        self.error = not 200 <= response.status_code < 300
+    def __init__(self, call: Call, bounds: Bounds, status: int, headers: Mapping[str, str]) -> None:
+        self.error = not 200 <= status < 300
         self.max_bytes = call.max_bytes
         self.lease = bounds.lease
         self.counted = 0
-        self._body = bytearray()
+        self.size = 0
+        self._chunks: list[bytes] = []
         if self.error:
             return
-        if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        if headers.get("content-encoding", "identity").strip().lower() != "identity":
             raise InvalidImageError("the upstream sent a compressed reply, which is refused")
-        declared = response.headers.get("content-length", "")
+        declared = headers.get("content-length", "")
         if _DIGITS_RE.fullmatch(declared):
             self._count(int(declared))
 
     def take(self, chunk: bytes) -> None:
-        self._count(len(self._body) + len(chunk))
-        self._body += chunk
+        self._count(self.size + len(chunk))
+        self._chunks.append(chunk)
+        self.size += len(chunk)
 
     def _count(self, size: int) -> None:
         if size > self.max_bytes:
@@ -183,7 +195,7 @@ class _Reader:
             self.counted = size
 
     def body(self) -> bytes:
-        return bytes(self._body)
+        return b"".join(self._chunks)
 
 
 def _error_body(response: httpx2.Response) -> bytes:
@@ -196,25 +208,23 @@ def _error_body(response: httpx2.Response) -> bytes:
     return bytes(body[:_ERROR_BODY_BYTES])
 
 
-async def _error_body_async(response: httpx2.Response) -> bytes:
-    body = bytearray()
-    async for chunk in response.aiter_raw():
+async def _error_body_async(response: aiohttp.ClientResponse) -> bytes:
+    body = b""
+    while len(body) < _ERROR_BODY_BYTES and (chunk := await response.content.read(_ERROR_BODY_BYTES - len(body))):
         body += chunk
-        if len(body) >= _ERROR_BODY_BYTES:
-            break
-    return bytes(body[:_ERROR_BODY_BYTES])
+    return body
 
 
-def _target(call: Call, bounds: Bounds, address: Address | None) -> tuple[str, dict[str, str], dict]:
-    """URL, headers and extensions to send `call` with: to the checked address itself for a result URL."""
+def _target(call: Call, address: Address | None) -> tuple[str, dict[str, str], str | None]:
+    """URL, headers and TLS server name to send `call` with: to the checked address itself for a result URL."""
     headers = {**call.headers, "accept-encoding": "identity"}
     if address is None:
-        return call.url, headers, {}
+        return call.url, headers, None
     parts = urlsplit(call.url)
     host = f"[{address}]" if address.version == 6 else str(address)
     netloc = f"{host}:{parts.port}" if parts.port else host
     headers["host"] = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=netloc)), headers, {"sni_hostname": parts.hostname}
+    return urlunsplit(parts._replace(netloc=netloc)), headers, parts.hostname
 
 
 def _resolve(call: Call, bounds: Bounds) -> Address | None:
@@ -279,12 +289,10 @@ def _loading_wait(error: UpstreamUnavailableError, call: Call, deadline: float) 
     return wait
 
 
-def _raise_for_status(response: httpx2.Response, body: bytes) -> None:
-    status = response.status_code
+def _raise_for_status(status: int, headers: Mapping[str, str], body: bytes) -> None:
     if 200 <= status < 300:
         return
     error_json = _json_object(body)
-    headers = response.headers
     if status == 429:
         raise UpstreamRateLimitedError("the upstream is rate limiting", retry_after(headers, error_json))
     if status == 503:
@@ -306,7 +314,7 @@ def _json_object(body: bytes) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def retry_after(headers: httpx2.Headers, error_json: dict) -> int:
+def retry_after(headers: Mapping[str, str], error_json: dict) -> int:
     """
     Seconds to wait, from `Retry-After` (seconds or an HTTP date), else HF's `estimated_time`, else a default.
 

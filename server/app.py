@@ -1,4 +1,8 @@
-"""The service: Hayhooks' app reduced to the route inventory, with `HTTPGuard` in front, served by Uvicorn over h11."""
+"""
+The service: Hayhooks' app reduced to the route inventory, with `HTTPGuard` in front, served by Uvicorn.
+
+Uvicorn runs on uvloop with httptools, under a cap on the request head (`server.http_protocol`).
+"""
 
 import argparse
 from collections.abc import AsyncIterator
@@ -14,18 +18,19 @@ from hayhooks.settings import StartupDeployStrategy, settings
 from haystack.core.serialization import allow_deserialization_module
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
 from server import api_docs, image_store, jobs, mcp, metrics, openai_images, page, readiness
+from server.allocator import tune_allocator
 from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
-from server.origins import HostAllowList, OriginPolicy, configure_cors
+from server.http_protocol import CappedHttpToolsProtocol
+from server.origins import HostAllowList, OriginPolicy, configure_cors, cors_enabled
 from server.quota import Quota
 from server.responses import http_exception_handler, validation_error_handler
 from server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
 DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp, readiness)
-# Largest request line plus headers accepted (h11's incomplete-event cap); larger is a 400 before any route runs.
-MAX_HEADER_BYTES = 16 * 1024
 # Seconds an idle keep-alive connection stays open.
 KEEP_ALIVE_SECONDS = 5
 
@@ -36,13 +41,20 @@ def create_app() -> FastAPI:
 
     Also an app factory for `uvicorn --factory server.app:create_app`, e.g. with `--workers`.
     """
+    tune_allocator()
     jobs.configure_durable_mode()
     # Hayhooks prepares startup pipelines in parallel threads; two threads importing `components` modules at once can
     # deadlock on Python's import locks (seen with the wrapper and the JSON variant). Two pipelines gain nothing.
     settings.startup_deploy_strategy = StartupDeployStrategy.SEQUENTIAL
     allow_deserialization_module("components")  # our pipelines, the JSON variant's YAML included, name our components
     configure_cors(settings)
+    # Hayhooks' in-memory trace buffer feeds only its dashboard, which the inventory does not serve; spans still go to
+    # an OpenTelemetry exporter configured by the `OTEL_*` settings.
+    settings.tracing_enabled = settings.tracing_include_haystack_spans = False
+    settings.tracing_buffer_capacity = 1  # Hayhooks records each run there regardless; it sorts the buffer each time
     app = create_hayhooks_app()
+    if not cors_enabled(settings):  # Starlette's CORS middleware would still wrap every answer
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
     app.redoc_url = app.swagger_ui_oauth2_redirect_url = None  # FastAPI re-adds its doc routes when a pipeline deploys
     inventory = Inventory(durable=app.state.durable_mode)
     app.state.inventory = inventory
@@ -98,13 +110,13 @@ def main() -> None:
     intercept_stdlib_logging(
         settings.intercepted_loggers, access_log_excluded_path_prefixes=settings.access_log_excluded_path_prefixes
     )
-    # h11, not httptools: h11 caps the request head (httptools has no limit at all).
+    # httptools and uvloop (C) cost less CPU per request than h11 and asyncio; the protocol caps the request head.
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        http=CappedHttpToolsProtocol,
+        loop="uvloop",
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         log_config=None,
         timeout_graceful_shutdown=settings.graceful_shutdown_timeout,

@@ -19,8 +19,9 @@ COMPONENT = "text_to_image"
 
 
 async def run_pipeline(pipeline: Pipeline, **params: Any) -> list[ImageContent]:
-    """Run the image pipeline; returns its images (one per `n`, in seed order)."""
-    result = await pipeline.run_async({COMPONENT: params})
+    """Run the image pipeline; returns its images (one per `n`, in seed order). `None` means the default."""
+    # Haystack deep-copies every input several times per run: the defaults (`None`) are left out, not copied.
+    result = await pipeline.run_async({COMPONENT: {name: value for name, value in params.items() if value is not None}})
     return result[COMPONENT]["images"]
 
 

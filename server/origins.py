@@ -31,6 +31,11 @@ def configure_cors(settings: AppSettings) -> None:
             setattr(settings, name, list(value))
 
 
+def cors_enabled(settings: AppSettings) -> bool:
+    """Whether any origin is allowed cross-origin access (`HAYHOOKS_CORS_ALLOW_ORIGINS` or its regex)."""
+    return bool(settings.cors_allow_origins or settings.cors_allow_origin_regex)
+
+
 class HostAllowList:
     """
     The `Host` names the server answers to.

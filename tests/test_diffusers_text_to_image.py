@@ -223,6 +223,7 @@ def local_server(tiny_model, tmp_path_factory):
     env = server_env(
         IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(tiny_model),
         IMAGE_GENERATION_CACHE_BYTES="0", IMAGE_GENERATION_METRICS_KEY=METRICS_KEY,
+        HAYHOOKS_LOG_LEVEL="DEBUG",  # each image's "Generated ..." line
     )  # fmt: skip
     with running(tmp_path_factory.mktemp("local-server"), env, timeout=120) as server:
         yield server

@@ -32,6 +32,7 @@ def replicas(redis, upstream, tmp_path):
 
     def start(count: int = 1, **settings: str):
         env = server_env(
+            HAYHOOKS_LOG_LEVEL="DEBUG",  # "Generated ..." tells which replica did the work
             **settings,
             **durable_env(HAYHOOKS_DURABLE_STORE="redis", HAYHOOKS_DURABLE_REDIS_URL=redis.url),
             IMAGE_GENERATION_ENDPOINT=upstream.url,

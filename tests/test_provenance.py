@@ -29,6 +29,7 @@ from PIL import Image, PngImagePlugin
 
 from components import HuggingFaceAPITextToImage
 from components.errors import InvalidImageError
+from components.image_codec import sniff
 from components.image_results import ImageResults
 from components.request import GenerationRequest
 from components.settings import serving_settings
@@ -143,7 +144,8 @@ def finish(fmt: str, raw: bytes, size: tuple[int, int]) -> bytes:
         allowed_models=None, timeout=None, max_image_bytes=None, max_concurrency=None, max_queue=None,
         cache_max_bytes=None,
     )  # fmt: skip
-    image = ImageResults(settings, {"backend": "test"}, MODEL).finish(request(fmt, size), raw, time.monotonic())
+    results = ImageResults(settings, {"backend": "test"}, MODEL)
+    image = results.finish(request(fmt, size), raw, sniff(raw), time.monotonic())
     return base64.b64decode(image.base64_image)
 
 

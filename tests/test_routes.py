@@ -1,5 +1,6 @@
 """The route inventory: the app answers exactly the routes `server/routes.py` lists, in both of Hayhooks' modes."""
 
+import gc
 import json
 import re
 import urllib.error
@@ -64,6 +65,16 @@ def test_hayhooks_serves_routes_the_inventory_leaves_out(hayhooks_settings):
     unlisted = listed_routes(create_hayhooks_app()) - inventory_of(durable=False)
     assert {("POST", "/deploy_files"), ("POST", "/deploy-yaml"), ("GET", "/draw/{pipeline_name}")} <= unlisted
     assert {("POST", "/v1/files"), ("POST", "/v1/chat/completions"), ("GET", "/traces")} <= unlisted
+
+
+def test_startup_leaves_what_it_made_out_of_the_garbage_collector(hayhooks_settings):
+    """`gc.freeze()` after startup: a full collection no longer walks the app, the models and the modules."""
+    gc.unfreeze()
+    try:
+        with TestClient(create_app(), base_url="http://localhost"):
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
 
 
 def test_a_route_added_after_startup_is_not_reachable(hayhooks_settings, monkeypatch):

@@ -73,7 +73,7 @@ def upstream_process(latency: float, fmt: str) -> Iterator[Upstream]:
 
 
 SERVER_CORE, LOAD_CORE = 0, 1
-SIDE_BY_SIDE_BATCH = 50  # requests per server per round of `side_by_side_cpu`
+SIDE_BY_SIDE_BATCH = 200  # requests per server per round of `side_by_side_cpu`
 
 
 @dataclass(frozen=True)
@@ -403,8 +403,8 @@ def side_by_side_cpu(tmp: Path, codes: list[Code], rounds: int, pinned: bool) ->
     """
     CPU per request of each code at 512² and 1024², its servers up at once and measured in turns.
 
-    Each round sends 50 sequential requests to each server in turn, so that whatever else slows the machine during
-    the run slows every code alike; the CPU of all rounds is summed per code.
+    Each round sends `SIDE_BY_SIDE_BATCH` sequential requests to each server in turn, so that whatever else slows the
+    machine during the run slows every code alike; the CPU of all rounds is summed per code.
     """
     print("side by side: CPU per request, servers measured in turns", flush=True)
     figures: dict[str, dict] = {code.label: {} for code in codes}
@@ -448,7 +448,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--baseline", default="780552f", help="the commit to measure beside this code")
     args = parser.parse_args()
-    n, seconds, rss_requests, rounds = (40, 3.0, 500, 6) if args.quick else (200, 8.0, 2000, 16)
+    n, seconds, rss_requests, rounds = (40, 3.0, 500, 2) if args.quick else (200, 8.0, 2000, 6)
     report = Report()
     started = time.monotonic()
     pinned = pin_load_generator()

@@ -23,9 +23,11 @@ def hayhooks_settings(monkeypatch, upstream):
     monkeypatch.setenv("IMAGE_GENERATION_ENDPOINT", upstream.url)
     monkeypatch.setattr(settings, "pipelines_dir", str(ROOT / "served"))
     monkeypatch.setattr(settings, "durable_store", "memory")
-    for name in ("cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "cors_expose_headers",
-                 "tracing_enabled", "tracing_include_haystack_spans", "tracing_buffer_capacity"):  # fmt: skip
-        monkeypatch.setattr(settings, name, getattr(settings, name))  # create_app sets our values; undo after
+    for name in ("cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "cors_expose_headers"):
+        monkeypatch.setattr(settings, name, getattr(settings, name))  # create_app sets our defaults; undo after
+    for name in ("tracing_enabled", "tracing_include_haystack_spans", "tracing_buffer_capacity"):
+        # create_app sets these process-wide, in any earlier test too: start from Hayhooks' defaults, restore after
+        monkeypatch.setattr(settings, name, type(settings).model_fields[name].get_default())
     registry.clear()  # live mode deploys into Hayhooks' process-wide registry
     yield settings
     registry.clear()

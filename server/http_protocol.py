@@ -30,6 +30,8 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
             super().data_received(data)
             return
         super().data_received(data[:room])  # the head may end inside what fits
+        if self.transport.is_closing():  # the parser refused what fit: uvicorn has answered 400 already
+            return
         if self._in_head:
             message = "Request head too large."
             self.logger.warning(message)

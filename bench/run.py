@@ -291,11 +291,10 @@ def ms(values: list[float], q: float = 0.5) -> float:
     return pct(values, q) * 1000
 
 
-def latency_phase(report: Report, tmp: Path, n: int, cache_repeats: int, code: Code, pinned: bool) -> dict:
-    """Sequential latency and CPU per request at 512² and 1024², and the cache hit; returns the key figures."""
+def latency_phase(report: Report, tmp: Path, n: int, cache_repeats: int, code: Code, pinned: bool) -> None:
+    """Sequential latency and CPU per request at 512² and 1024², and the cache hit."""
     print(f"[{code.label}] latency: PNG upstream, no added latency, one client", flush=True)
     floors: dict[int, list[float]] = {}
-    figures = {}
     with upstream_process(0.0, "png") as upstream, server_process(upstream, tmp, code, pinned) as server:
         warm_upstream(upstream, (512, 1024))
         direct, ours = Target(upstream.url, direct=True), Target(server.url, direct=False)
@@ -308,7 +307,6 @@ def latency_phase(report: Report, tmp: Path, n: int, cache_repeats: int, code: C
             cpu_ms = (cpu_seconds(server.process.pid) - cpu) * 1000 / count
             up_cpu_ms = (cpu_seconds(upstream.process.pid) - up_cpu) * 1000 / count
             added = ms(lat) - ms(floor)
-            figures[f"cpu{size}"], figures[f"added{size}"] = cpu_ms, added
             what = f"[{code.label}] {size}² PNG→PNG"
             report.add(f"{what} p50 latency (server CPU per request)", f"{ms(floor):.1f} ms",
                        f"{ms(lat):.1f} ms ({cpu_ms:.1f} ms CPU)", "", "", f"{ms(lat) / ms(floor):.2f}x")  # fmt: skip
@@ -330,7 +328,6 @@ def latency_phase(report: Report, tmp: Path, n: int, cache_repeats: int, code: C
         report.add(f"[{code.label}] 512² cache-hit p50 latency (CPU per request)", f"{ms(floor):.1f} ms",
                    f"{ms(hits):.1f} ms ({cpu_ms:.1f} ms CPU)", "≤ 3 ms", "", f"{ms(hits) / ms(floor):.2f}x",
                    ok=ms(hits) <= 3)  # fmt: skip
-    return figures
 
 
 def default_reencode_cpu_ms(jpeg: bytes, reps: int) -> float:
@@ -360,7 +357,7 @@ def jpeg_phase(report: Report, tmp: Path, n: int, code: Code, pinned: bool) -> N
 
 
 def throughput_phase(report: Report, tmp: Path, seconds: float, rss_requests: int, code: Code, pinned: bool) -> dict:
-    """Requests per second at 16 and 64 clients against the floor, CPU per request, and memory growth."""
+    """Requests per second at 16 and 64 clients against the floor, and memory growth; returns the CPU per request."""
     print(f"[{code.label}] throughput: upstream latency 300 ms, 512², cache off", flush=True)
     figures = {}
     with (
@@ -385,7 +382,7 @@ def throughput_phase(report: Report, tmp: Path, seconds: float, rss_requests: in
             rate, done = asyncio.run(concurrent_count(ours, 512, clients, seconds=seconds))
             cpu_ms = (cpu_seconds(server.process.pid) - cpu) * 1000 / max(1, done)
             peak = upstream.stats()["max_in_flight"]
-            figures[f"rate{clients}"], figures[f"cpu_rate{clients}"] = rate / floor, cpu_ms
+            figures[f"cpu_rate{clients}"] = cpu_ms
             report.add(f"[{code.label}] throughput, {clients} clients (server CPU per request)", f"{floor:.0f} req/s",
                        f"{rate:.0f} req/s ({cpu_ms:.1f} ms CPU)", target, "", f"{rate / floor:.2f}x",
                        ok=rate / floor >= 0.85 if target else None)  # fmt: skip
@@ -457,11 +454,11 @@ def main() -> None:
         figures = {}
         codes = [extract(args.baseline, tmp), Code("this")]
         for code in codes:
-            figures[code.label] = latency_phase(report, tmp, n, n, code, pinned)
+            latency_phase(report, tmp, n, n, code, pinned)
             jpeg_phase(report, tmp, max(10, n // 4), code, pinned)
-            figures[code.label] |= throughput_phase(report, tmp, seconds, rss_requests, code, pinned)
+            figures[code.label] = throughput_phase(report, tmp, seconds, rss_requests, code, pinned)
         for label, cpu in side_by_side_cpu(tmp, codes, rounds, pinned).items():
-            figures[label] |= cpu  # replaces the sequential phases' figures: these are measured in turns
+            figures[label] |= cpu
         compare(report, figures["this"], figures[args.baseline], args.baseline)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     mode = "quick" if args.quick else "full"

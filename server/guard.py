@@ -93,14 +93,15 @@ class HTTPGuard:
         keyed = isinstance(row, Route) and row.auth == "api_key" and bool(self.api_keys)
         key = matching_key(headers.get("authorization", ""), self.api_keys) if keyed else None
         refusal = self._refusal_unread(scope, headers, row, key)
+        owner = key_id(key) if key is not None else None  # the key's cache scope and quota, hashed once
         if refusal is None and isinstance(row, Route) and self.quota is not None and _metered(row, key, self.api_keys):
-            send, retry_after = await limited_send(self.quota, key, scope.get("client"), send)
+            send, retry_after = await limited_send(self.quota, owner, scope.get("client"), send)
             if retry_after is not None:
                 retry = {"Retry-After": str(retry_after)}
                 refusal = error_response(row.errors, 429, "the rate limit is spent, retry later", retry)
         if refusal is None and isinstance(row, Route):
-            if key is not None:
-                CACHE_SCOPE.set(key_id(key))
+            if owner is not None:
+                CACHE_SCOPE.set(owner)
             if row.body is None:
                 await self.app(scope, receive, send)
             else:

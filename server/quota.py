@@ -11,7 +11,6 @@ Every answer carries OpenAI's headers: `x-ratelimit-limit-requests`, `x-ratelimi
 `image_generation_quota_store_errors_total` counted, and only the limit header is sent.
 """
 
-import hashlib
 import math
 import os
 import time
@@ -132,15 +131,15 @@ class Quota:
         return headers, reset if count > self.limit.requests else None
 
 
-def identity(key: bytes | None, client: tuple[str, int] | None) -> str:
-    """Whose quota a request takes from: its API key's hash, else its client address."""
-    if key is not None:
-        return "key:" + hashlib.sha256(key).hexdigest()[:32]
+def identity(key_id: str | None, client: tuple[str, int] | None) -> str:
+    """Whose quota a request takes from: its API key's id (`server.guard.key_id`), else its client address."""
+    if key_id is not None:
+        return "key:" + key_id
     return "address:" + (client[0] if client else "unknown")
 
 
 async def limited_send(
-    quota: Quota, key: bytes | None, client: tuple[str, int] | None, send: Send
+    quota: Quota, key_id: str | None, client: tuple[str, int] | None, send: Send
 ) -> tuple[Send, int | None]:
     """
     Take one request from its quota.
@@ -148,7 +147,7 @@ async def limited_send(
     Returns `send` with the limit headers added to the answer, and the seconds to wait when the quota is spent (else
     None).
     """
-    headers, retry_after = await quota.take(identity(key, client))
+    headers, retry_after = await quota.take(identity(key_id, client))
 
     async def send_with_limits(message: Message) -> None:
         if message["type"] == "http.response.start":

@@ -87,7 +87,9 @@ class Code:
         pin = ["taskset", "-c", str(SERVER_CORE)] if pinned else []
         if self.root is None:
             return [*pin, str(Path(sys.executable).with_name("image-generation-server"))]
-        entry = "server.app" if (self.root / "server" / "app.py").exists() else "components.server"  # after the layout
+        # The HTTP package was components.server, then server, now image_generation_server.
+        packages = [p for p in ("image_generation_server", "server") if (self.root / p / "app.py").exists()]
+        entry = f"{packages[0]}.app" if packages else "components.server"
         return [*pin, sys.executable, "-c", f"from {entry} import main; main()"]
 
     def env(self) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """
 Hayhooks wrapper: `POST /image_generation/run` answers with the image itself.
 
-In Hayhooks' durable mode the wrapper also runs jobs (`POST /image_generation/run-durable`, see `server/jobs.py`). A
+In Hayhooks' durable mode the wrapper also runs jobs (`POST /image_generation/run-durable`, see `image_generation_server/jobs.py`). A
 wrapper with a durable run cannot be loaded by a live server, so the durable class is chosen here, at import, from
 Hayhooks' settings: one folder serves both modes.
 """
@@ -17,11 +17,11 @@ from haystack.core.serialization import allow_deserialization_module
 from starlette.datastructures import Headers
 
 from components.request import OutputFormat
-from server.generation import run_pipeline
-from server.jobs import jobs_mixin
-from server.log import configure_server_log
-from server.params import Guidance, ModelId, Seed, Size, Steps, Text
-from server.responses import http_error, image_response
+from image_generation_server.generation import run_pipeline
+from image_generation_server.jobs import jobs_mixin
+from image_generation_server.log import configure_server_log
+from image_generation_server.params import Guidance, ModelId, Seed, Size, Steps, Text
+from image_generation_server.responses import http_error, image_response
 
 # IMAGE_GENERATION_BACKEND -> the serialized pipeline that serves it. Both take the same inputs.
 PIPELINE_FILES = {
@@ -33,7 +33,7 @@ PIPELINE_FILES = {
 class LivePipelineWrapper(BasePipelineWrapper):
     """Serves the configured backend's pipeline; the image bytes go out as the response body, never through a file."""
 
-    # Hayhooks' own MCP tool would answer `str(Response)`: the image is served to MCP clients by server/mcp.py.
+    # Hayhooks' own MCP tool would answer `str(Response)`: the image is served to MCP clients by image_generation_server/mcp.py.
     skip_mcp = True
 
     def setup(self) -> None:

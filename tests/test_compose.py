@@ -300,7 +300,7 @@ SETTING = re.compile(r"\b(?:IMAGE_GENERATION_[A-Z0-9_]+|HF_TOKEN_FILE)\b")
 
 
 def _code_files() -> list[Path]:
-    return [*ROOT.glob("components/*.py"), *ROOT.glob("server/*.py"), *ROOT.glob("pipelines/*.py")]
+    return [*ROOT.glob("components/*.py"), *ROOT.glob("image_generation_server/*.py"), *ROOT.glob("pipelines/*.py")]
 
 
 def _settings_read_by_the_code() -> set[str]:

@@ -21,7 +21,7 @@ from fake_upstream import Fault
 from hostile_upstream import gzip_bomb, padded_png, pixel_bomb_png, png
 
 from components.errors import ImageGenerationError
-from server.responses import http_error
+from image_generation_server.responses import http_error
 
 MAX_IMAGE_BYTES = 100_000  # a 64x64 test image is ~12 KB, a 512x512 one ~470 KB
 MAX_INFLIGHT_BYTES = 150_000  # room for one 90 KB reply being read, not two

@@ -116,7 +116,7 @@ def test_several_workers_add_up_in_multiprocess_mode(upstream, fresh_upstream, t
         HAYHOOKS_PIPELINES_DIR=str(ROOT / "served"),
     )
     port = free_port()
-    argv = [str(HAYHOOKS.with_name("uvicorn")), "--factory", "server.app:create_app", "--workers", "2",
+    argv = [str(HAYHOOKS.with_name("uvicorn")), "--factory", "image_generation_server.app:create_app", "--workers", "2",
             "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     server = launch(argv, ROOT, env, tmp_path / "uvicorn.log", port, timeout=120)
     try:

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from playwright.sync_api import expect
 
-from server.app import create_app
+from image_generation_server.app import create_app
 
 
 def serve(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory, **settings: str) -> Iterator[Server]:

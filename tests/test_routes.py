@@ -1,4 +1,4 @@
-"""The route inventory: the app answers exactly the routes `server/routes.py` lists, in both of Hayhooks' modes."""
+"""The route inventory: the app answers exactly the routes `image_generation_server/routes.py` lists, in both of Hayhooks' modes."""
 
 import gc
 import json
@@ -13,8 +13,8 @@ from hayhooks import create_app as create_hayhooks_app
 from hayhooks.server.pipelines.registry import registry
 from hayhooks.settings import settings
 
-from server.app import create_app
-from server.routes import ROUTES, Inventory, listed_routes
+from image_generation_server.app import create_app
+from image_generation_server.routes import ROUTES, Inventory, listed_routes
 
 
 @pytest.fixture

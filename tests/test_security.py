@@ -113,7 +113,7 @@ def test_configured_hosts(upstream, tmp_path):
 def test_haystack_telemetry_is_off_in_the_server():
     """The server package turns it off before Haystack is imported, whatever starts it (serve.sh, uvicorn)."""
     env = {k: v for k, v in server_env().items() if k != "HAYSTACK_TELEMETRY_ENABLED"}
-    code = "import server.app, haystack.telemetry._telemetry as t; print(t.telemetry)"
+    code = "import image_generation_server.app, haystack.telemetry._telemetry as t; print(t.telemetry)"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "None"
 

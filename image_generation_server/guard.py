@@ -15,10 +15,10 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components.result_cache import CACHE_SCOPE
-from server.origins import HostAllowList, OriginPolicy
-from server.quota import Quota, limited_send
-from server.responses import clip, error_response
-from server.routes import Inventory, Route
+from image_generation_server.origins import HostAllowList, OriginPolicy
+from image_generation_server.quota import Quota, limited_send
+from image_generation_server.responses import clip, error_response
+from image_generation_server.routes import Inventory, Route
 
 API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
 BODY_TIMEOUT_ENV = "IMAGE_GENERATION_BODY_TIMEOUT"
@@ -44,7 +44,7 @@ def body_timeout_from_env() -> float:
 
 class HTTPGuard:
     """
-    Applies each route's row of the inventory (`server/routes.py`) before the route runs.
+    Applies each route's row of the inventory (`image_generation_server/routes.py`) before the route runs.
 
     In order, each refusal costing nothing: 400 for a `Host` the server does not answer to (DNS rebinding), 404/405
     for a route no row lists, 403 for a state-changing request from another browser origin (CSRF), 412 for

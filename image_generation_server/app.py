@@ -1,7 +1,7 @@
 """
 The service: Hayhooks' app reduced to the route inventory, with `HTTPGuard` in front, served by Uvicorn.
 
-Uvicorn runs on uvloop with httptools, under a cap on the request head (`server.http_protocol`).
+Uvicorn runs on uvloop with httptools, under a cap on the request head (`image_generation_server.http_protocol`).
 """
 
 import argparse
@@ -22,13 +22,13 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from server import api_docs, image_store, jobs, mcp, metrics, openai_images, page, readiness
-from server.allocator import tune_allocator
-from server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
-from server.http_protocol import CappedHttpToolsProtocol
-from server.origins import HostAllowList, OriginPolicy, configure_cors, cors_enabled
-from server.quota import Quota
-from server.responses import http_exception_handler, validation_error_handler
-from server.routes import Inventory, prune
+from image_generation_server.allocator import tune_allocator
+from image_generation_server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
+from image_generation_server.http_protocol import CappedHttpToolsProtocol
+from image_generation_server.origins import HostAllowList, OriginPolicy, configure_cors, cors_enabled
+from image_generation_server.quota import Quota
+from image_generation_server.responses import http_exception_handler, validation_error_handler
+from image_generation_server.routes import Inventory, prune
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
 DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp, readiness)
@@ -40,7 +40,7 @@ def create_app() -> FastAPI:
     """
     Hayhooks' app, configured by its `HAYHOOKS_*` settings, with only the inventory's routes and `HTTPGuard` added.
 
-    Also an app factory for `uvicorn --factory server.app:create_app`, e.g. with `--workers`.
+    Also an app factory for `uvicorn --factory image_generation_server.app:create_app`, e.g. with `--workers`.
     """
     tune_allocator()
     jobs.configure_durable_mode()

@@ -23,7 +23,7 @@ from hayhooks import log
 from hayhooks.settings import settings as hayhooks_settings
 
 from components.settings import resolve
-from server.responses import etag_matches
+from image_generation_server.responses import etag_matches
 
 DIR_ENV = "IMAGE_GENERATION_IMAGE_DIR"
 BYTES_ENV = "IMAGE_GENERATION_IMAGE_BYTES"

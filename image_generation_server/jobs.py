@@ -28,10 +28,10 @@ from components import errors, progress
 from components.request import MAX_IMAGES, OutputFormat
 from components.result_cache import CACHE_SCOPE
 from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
-from server.generation import COMPONENT, run_pipeline
-from server.guard import api_keys_from_env, key_id, matching_key
-from server.image_store import ImageStore
-from server.params import Guidance, ModelId, Seed, Size, Steps, Text
+from image_generation_server.generation import COMPONENT, run_pipeline
+from image_generation_server.guard import api_keys_from_env, key_id, matching_key
+from image_generation_server.image_store import ImageStore
+from image_generation_server.params import Guidance, ModelId, Seed, Size, Steps, Text
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
 REVISION = "1"

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from hayhooks import log
 
 from components.errors import PipelineNotServedError
-from server.generation import COMPONENT, served_pipeline
+from image_generation_server.generation import COMPONENT, served_pipeline
 
 PROBE_TIMEOUT = 2.0
 REUSE_SECONDS = 5.0

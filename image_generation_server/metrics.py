@@ -35,7 +35,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components import progress
-from server.routes import Inventory, Route
+from image_generation_server.routes import Inventory, Route
 
 METRICS_KEY_ENV = "IMAGE_GENERATION_METRICS_KEY"
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -149,7 +149,7 @@ class RequestMetrics:
 
 
 def route_template(inventory: Inventory, scope: Scope) -> str:
-    """The path template of the inventory row (`server/routes.py`) for this request, `unmatched` when none lists it."""
+    """The path template of the inventory row (`image_generation_server/routes.py`) for this request, `unmatched` when none lists it."""
     row = inventory.match(scope["method"], scope["path"].removeprefix(scope.get("root_path", "")))
     return row.path if isinstance(row, Route) else "unmatched"
 

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from components.image_codec import recompress
 from components.request import MAX_IMAGES, OutputFormat
-from server.generation import generate, served_models
-from server.params import Guidance, ModelId, Seed, Steps, Text
-from server.responses import classify, openai_error
+from image_generation_server.generation import generate, served_models
+from image_generation_server.params import Guidance, ModelId, Seed, Steps, Text
+from image_generation_server.responses import classify, openai_error
 
 PREFIX = "/v1/"
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,3}x[1-9][0-9]{1,3})$"
@@ -200,9 +200,9 @@ async def list_models(request: Request) -> Any:
 
 def install(app: FastAPI) -> None:
     """
-    Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which `server.routes.prune` removes.
+    Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which `image_generation_server.routes.prune` removes.
 
-    Validation errors here come in OpenAI's envelope through the app's handler (`server.responses`), by the route's
+    Validation errors here come in OpenAI's envelope through the app's handler (`image_generation_server.responses`), by the route's
     row in the inventory.
     """
     app.state.started = int(time.time())

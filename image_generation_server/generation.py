@@ -3,7 +3,7 @@ The one runner every door uses: the image pipeline that Hayhooks deployed, run o
 
 The native route's wrapper calls `run_pipeline` on its own pipeline; the other doors (OpenAI images, MCP) reach the
 same wrapper, and so the same pipeline instance, cache, coalescing and admission queue, through Hayhooks' registry.
-Failures are raised as they come; each door maps them with `server.responses.classify`.
+Failures are raised as they come; each door maps them with `image_generation_server.responses.classify`.
 """
 
 from typing import Any

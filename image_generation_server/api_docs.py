@@ -7,8 +7,8 @@ FastAPI does not list).
 
 from typing import Any
 
-from server.generation import PIPELINE_NAME
-from server.mcp import MCP_PATH, TOOL
+from image_generation_server.generation import PIPELINE_NAME
+from image_generation_server.mcp import MCP_PATH, TOOL
 
 DETAIL = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}

@@ -3,6 +3,6 @@
 import os
 
 # Haystack decides when it is first imported whether to send usage telemetry; this package is imported before it
-# (by `image-generation-server` and `uvicorn --factory image_generation_server.app:create_app`), so the service sends none unless
+# (by `image-generation-server` and `uvicorn --factory`), so the service sends none unless
 # the environment asks for it.
 os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from server import api_docs, image_store, jobs, mcp, metrics, openai_images, page, readiness
+from image_generation_server import api_docs, image_store, jobs, mcp, metrics, openai_images, page, readiness
 from image_generation_server.allocator import tune_allocator
 from image_generation_server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol

@@ -3,7 +3,7 @@ MCP at `/mcp`: the tool `generate_image`, which answers with the images themselv
 
 The official `mcp` SDK's streamable HTTP transport, stateless (any replica answers any call; no sticky sessions) with
 plain JSON replies, runs inside the server's app: its session manager runs in the app's lifespan, the tool runs the
-one image pipeline through `image_generation_server.generation`, its errors carry the same messages as HTTP, and `HTTPGuard` asks for
+one image pipeline through `generation`, its errors carry the same messages as HTTP, and `HTTPGuard` asks for
 the same API keys. Hayhooks' own MCP tool for the wrapper is turned off (`skip_mcp`): it could only return text.
 """
 

@@ -149,7 +149,7 @@ class RequestMetrics:
 
 
 def route_template(inventory: Inventory, scope: Scope) -> str:
-    """The path template of the inventory row (`image_generation_server/routes.py`) for this request, `unmatched` when none lists it."""
+    """The path template of the inventory row (`routes.py`) for this request, `unmatched` when none lists it."""
     row = inventory.match(scope["method"], scope["path"].removeprefix(scope.get("root_path", "")))
     return row.path if isinstance(row, Route) else "unmatched"
 

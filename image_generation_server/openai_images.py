@@ -200,9 +200,9 @@ async def list_models(request: Request) -> Any:
 
 def install(app: FastAPI) -> None:
     """
-    Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which `image_generation_server.routes.prune` removes.
+    Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which `routes.prune` removes.
 
-    Validation errors here come in OpenAI's envelope through the app's handler (`image_generation_server.responses`), by the route's
+    Validation errors here come in OpenAI's envelope through the app's handler (`responses`), by the route's
     row in the inventory.
     """
     app.state.started = int(time.time())

@@ -1,7 +1,7 @@
 """
 The web page at `/` and Swagger's `/docs`, both working offline.
 
-The page is plain HTML, CSS and JavaScript from `image_generation_server/static/` (no build step, nothing from a CDN) and uses only
+The page is plain HTML, CSS and JavaScript from `static/` (no build step, nothing from a CDN) and uses only
 the public API. Every file is read once at startup and served with a strong ETag (`If-None-Match` gets a 304) and a
 strict Content-Security-Policy: no inline script or style, requests only to this server. `/docs` is FastAPI's
 Swagger UI with its assets served from here (the pinned `fastapi-offline` package ships them), under its own policy

@@ -132,7 +132,7 @@ class Quota:
 
 
 def identity(key_id: str | None, client: tuple[str, int] | None) -> str:
-    """Whose quota a request takes from: its API key's id (`image_generation_server.guard.key_id`), else its client address."""
+    """Whose quota a request takes from: its API key's id (`guard.key_id`), else its client address."""
     if key_id is not None:
         return "key:" + key_id
     return "address:" + (client[0] if client else "unknown")

@@ -75,7 +75,7 @@ ROUTES: tuple[Route, ...] = (
     # the pipelines' run routes: the wrapper, and the JSON variant (served/image_generation_json.yml)
     Route("POST", "/image_generation/run", "api_key", RUN_BODY),
     Route("POST", "/image_generation_json/run", "api_key", RUN_BODY),
-    # jobs (image_generation_server/jobs.py): Hayhooks' durable routes of the image pipeline; with API keys on, a job is its key's own.
+    # jobs (jobs.py): Hayhooks' durable routes of the image pipeline; with API keys on, a job is its key's own.
     # `resume` stays because Hayhooks links to it in every job; an image job never waits for input (409).
     Route("POST", "/image_generation/run-durable", "api_key", RUN_BODY, durable=True),
     Route("GET", "/image_generation/executions", "api_key", durable=True),
@@ -85,9 +85,9 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST", "/image_generation/executions/{execution_id}/resume", "api_key", Body(1024, closed=False), durable=True
     ),
-    # stored images (image_generation_server/image_store.py): the unguessable name is the credential, so that an <img> can load it
+    # stored images (image_store.py): the unguessable name is the credential, so that an <img> can load it
     Route("GET", "/images/{name}", "capability"),
-    # the OpenAI-compatible door (image_generation_server/openai_images.py); its model list replaces Hayhooks' (chat models)
+    # the OpenAI-compatible door (openai_images.py); its model list replaces Hayhooks' (chat models)
     Route("POST", "/v1/images/generations", "api_key", RUN_BODY, errors="openai"),
     Route("GET", "/v1/models", "api_key", errors="openai"),
     # the MCP door (image_generation_server/mcp.py): stateless JSON-RPC over POST; its SDK checks the body's shape

@@ -1,9 +1,9 @@
 """
 Hayhooks wrapper: `POST /image_generation/run` answers with the image itself.
 
-In Hayhooks' durable mode the wrapper also runs jobs (`POST /image_generation/run-durable`, see `image_generation_server/jobs.py`). A
-wrapper with a durable run cannot be loaded by a live server, so the durable class is chosen here, at import, from
-Hayhooks' settings: one folder serves both modes.
+In Hayhooks' durable mode the wrapper also runs jobs (`POST /image_generation/run-durable`, see
+`image_generation_server.jobs`). A wrapper with a durable run cannot be loaded by a live server, so the durable class
+is chosen here, at import, from Hayhooks' settings: one folder serves both modes.
 """
 
 import os
@@ -33,7 +33,7 @@ PIPELINE_FILES = {
 class LivePipelineWrapper(BasePipelineWrapper):
     """Serves the configured backend's pipeline; the image bytes go out as the response body, never through a file."""
 
-    # Hayhooks' own MCP tool would answer `str(Response)`: the image is served to MCP clients by image_generation_server/mcp.py.
+    # Hayhooks' own MCP tool would answer `str(Response)`: image_generation_server.mcp serves the image to MCP clients.
     skip_mcp = True
 
     def setup(self) -> None:

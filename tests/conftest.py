@@ -94,7 +94,7 @@ def start_server(
     server = launch(command or [str(SERVER)], cwd, env, tmp_dir / f"server-{port}.log", port, timeout)
     if deployed and "image_generation" not in server.pipelines:
         stop_server(server)
-        raise RuntimeError(f"the server is up without image_generation:\n{image_generation_server.log()}")
+        raise RuntimeError(f"the server is up without image_generation:\n{server.log()}")
     return server
 
 
@@ -107,7 +107,7 @@ def launch(argv: list[str], cwd: Path, env: dict[str, str], log_path: Path, port
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}:\n{image_generation_server.log()}")
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{server.log()}")
         try:
             with urllib.request.urlopen(f"{server.url}/status", timeout=1) as r:
                 server.pipelines = json.load(r).get("pipelines", [])
@@ -115,7 +115,7 @@ def launch(argv: list[str], cwd: Path, env: dict[str, str], log_path: Path, port
         except OSError:
             time.sleep(0.1)
     stop_server(server)
-    raise RuntimeError(f"the server did not answer /status in {timeout}s:\n{image_generation_server.log()}")
+    raise RuntimeError(f"the server did not answer /status in {timeout}s:\n{server.log()}")
 
 
 @contextmanager

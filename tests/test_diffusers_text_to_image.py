@@ -305,7 +305,7 @@ def test_missing_model_folder_is_a_clear_startup_error(tmp_path):
     try:
         with urllib.request.urlopen(f"{server.url}/status", timeout=5) as response:
             assert "image_generation" not in json.load(response)["pipelines"]
-        assert f"the diffusers model folder {missing} does not exist" in image_generation_server.log()
+        assert f"the diffusers model folder {missing} does not exist" in server.log()
     finally:
         stop_server(server)
 

@@ -105,7 +105,7 @@ def test_prompts_are_logged_only_truncated(server, fresh_upstream):
     marker = "q" * 2000
     assert post(server, {**SMALL, "prompt": marker})[0] == 200
     assert post_raw(server, json.dumps({"prompt": "z" * 60_000}).encode())[0] == 422
-    log = image_generation_server.log()
+    log = server.log()
     assert "q" * 65 not in log
     assert "z" * 65 not in log
 

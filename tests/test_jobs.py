@@ -224,7 +224,15 @@ def test_store_sweeper_enforces_budget_and_age(tmp_path):
 def test_memory_store_refuses_several_workers(tmp_path):
     env = server_env(**durable_env(), HAYHOOKS_PIPELINES_DIR=str(ROOT / "served"))
     log = tmp_path / "uvicorn.log"
-    argv = [str(HAYHOOKS.with_name("uvicorn")), "--factory", "image_generation_server.app:create_app", "--workers", "2", "--port", "0"]
+    argv = [
+        str(HAYHOOKS.with_name("uvicorn")),
+        "--factory",
+        "image_generation_server.app:create_app",
+        "--workers",
+        "2",
+        "--port",
+        "0",
+    ]
     with log.open("wb") as out:
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:  # uvicorn's supervisor restarts the workers that refuse; each says why

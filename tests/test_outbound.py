@@ -36,7 +36,7 @@ def hf_shaped_token() -> str:
 def hub() -> Iterator[ScriptedServer]:
     """The fake Hub on 127.0.0.1; its `/admin` path stands for something inside that must never be fetched."""
     with ScriptedServer("127.0.0.1") as server:
-        image_generation_server.routes["/admin"] = Reply(body=png(64, 64, "admin"), headers={"Content-Type": "image/png"})
+        server.routes["/admin"] = Reply(body=png(64, 64, "admin"), headers={"Content-Type": "image/png"})
         yield server
 
 
@@ -288,10 +288,10 @@ def test_stored_login_is_never_used(hub, upstream, tmp_path):
     assert len(hub.hits) == 1 and len(upstream.requests) == 1
     assert "authorization" not in hub.hits[0].headers
     assert "authorization" not in upstream.requests[0].headers
-    assert stored not in image_generation_server.log()
+    assert stored not in server.log()
     assert (
         "No Hugging Face token (HF_API_TOKEN, HF_TOKEN or HF_TOKEN_FILE) and no IMAGE_GENERATION_ENDPOINT"
-        in image_generation_server.log()
+        in server.log()
     )
 
 

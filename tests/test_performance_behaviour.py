@@ -177,7 +177,7 @@ def minor_faults(pid: int) -> int:
 
 def test_image_buffers_reuse_memory_instead_of_faulting_in_new_pages(servers, fresh_upstream):
     """
-    `image_generation_server/allocator.py`: a 1024² request allocates and frees its 2 MB image several times over. With glibc's
+    `allocator.py`: a 1024² request allocates and frees its 2 MB image several times over. With glibc's
     defaults each of those buffers was fresh memory, about 1,400 page faults per request; kept memory is reused.
     """
     server = servers["uncached"]

@@ -1,4 +1,4 @@
-"""The route inventory: the app answers exactly the routes `image_generation_server/routes.py` lists, in both of Hayhooks' modes."""
+"""The route inventory: the app answers exactly the routes of the inventory lists, in both of Hayhooks' modes."""
 
 import gc
 import json

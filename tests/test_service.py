@@ -172,7 +172,7 @@ def test_token_goes_only_to_the_configured_endpoint(server, fresh_upstream, tmp_
     curl(server, {"prompt": "auth", "width": 64, "height": 64, "model": "someone/else"}, tmp_path / "a.png")
     [seen] = fresh_upstream.requests
     assert seen.headers["authorization"] == f"Bearer {TEST_TOKEN}"
-    assert TEST_TOKEN not in image_generation_server.log()
+    assert TEST_TOKEN not in server.log()
 
 
 def test_a_request_logs_one_line_and_never_its_prompt(server, fresh_upstream, tmp_path):
@@ -180,7 +180,7 @@ def test_a_request_logs_one_line_and_never_its_prompt(server, fresh_upstream, tm
     prompt = "a lighthouse nobody may read about in the log"
     headers = curl(server, {"prompt": prompt, "width": 64, "height": 64}, tmp_path / "logged.png")
     assert headers["status"] == "200"
-    lines = [line for line in image_generation_server.log().splitlines() if headers["x-request-id"] in line]
+    lines = [line for line in server.log().splitlines() if headers["x-request-id"] in line]
     assert len(lines) == 1, lines
     assert '"POST /image_generation/run HTTP/1.1" 200' in lines[0]
-    assert "lighthouse" not in image_generation_server.log()
+    assert "lighthouse" not in server.log()

@@ -1,0 +1,256 @@
+"""
+The service's settings: every `IMAGE_GENERATION_*` variable, read once at startup, validated, and passed down.
+
+`load_settings()` reads the environment (an empty variable means the default) and fails with a `SettingsError` that
+names the variable. The app factory (`image_generation_server.app.create_app`) loads them and hands them to each
+door, the guard and the pipeline wrapper; no other module reads our variables. Settings that change what a component
+does are applied to the served pipeline's component init parameters (`component_overrides`), so that the pipeline
+that runs is the YAML plus what the operator set. Hayhooks' own `HAYHOOKS_*` settings and the Hugging Face token
+(`HF_API_TOKEN`, `HF_TOKEN`, `HF_TOKEN_FILE`) are not ours: Hayhooks and the component's `Secret` read them.
+`docs/configuration.md` shows these fields as a table (`scripts/configuration_table.py` writes it).
+"""
+
+import ipaddress
+import math
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "IMAGE_GENERATION_"
+HF_ROUTER_URL = "https://router.huggingface.co"
+RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A comma-separated list in the environment (`a,b`), not JSON.
+CommaList = Annotated[tuple[str, ...], NoDecode]
+Networks = Annotated[tuple[Network, ...], NoDecode]
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names its variable (and never repeats a secret's value)."""
+
+
+def http_url(value: str) -> str:
+    """`value` if it is an absolute http(s) URL with a host, without a trailing slash; else `ValueError`."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL with a host")
+    return value.rstrip("/")
+
+
+class Settings(BaseSettings):
+    """Every `IMAGE_GENERATION_*` setting. A field's variable is the prefix plus its name in capitals."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True, validate_default=True
+    )
+
+    # The pipeline
+    backend: Literal["huggingface_api", "local"] = Field(
+        "huggingface_api", description="The pipeline served: `huggingface_api` (HF Inference) or `local` (diffusers)."
+    )
+    local_model: str | None = Field(
+        None,
+        description="`local` backend: the diffusers model, a Hub id or a folder (default: the pipeline's, "
+        "stabilityai/sd-turbo).",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="An HF-protocol text-to-image server URL (a dedicated Inference Endpoint, a self-hosted one): "
+        'every request is POSTed there as `{"inputs": prompt, "parameters": {...}}`, and `model` is only checked and '
+        "recorded (default: Hugging Face Inference Providers).",
+    )
+    router_url: str = Field(
+        HF_ROUTER_URL,
+        description="Base URL of the Inference Providers router: a proxy in front of it, or a test double.",
+    )
+    models: CommaList | None = Field(
+        None, description="Comma-separated Hub model ids a request may ask for (default: any Hub model id)."
+    )
+    timeout: float = Field(
+        120.0, description='Deadline for one image in seconds, retries of "model loading" 503s included.'
+    )
+    max_image_bytes: int = Field(
+        32 * 1024 * 1024,
+        description="Largest upstream reply accepted, in bytes (read as a stream, cut at the cap; a 2048² PNG is "
+        "about 12 MB).",
+    )
+    max_inflight_bytes: int = Field(
+        512 * 1024 * 1024,
+        description="Bytes of upstream replies all requests may hold at once while reading them; beyond, 503 with "
+        "`Retry-After`. This, not concurrency times the per-image cap, bounds memory.",
+    )
+    result_url_allow: Networks = Field(
+        (),
+        description="Comma-separated networks (`10.1.0.0/16`) a provider's result URL may point into although "
+        "private or loopback (default: none).",
+    )
+    # Serving: admission, the seeded-result cache
+    max_concurrency: int = Field(64, description="Upstream calls (or local generations) at once per replica.")
+    max_queue: int = Field(256, description="Requests that may wait for a slot per replica; more are answered 503.")
+    cache_bytes: int = Field(
+        256 * 1024 * 1024, description="Byte budget of the in-process seeded-result cache; 0 disables it."
+    )
+    cache_redis_url: str | None = Field(
+        None,
+        description="Redis sharing seeded results between replicas (default: the jobs' Redis when Hayhooks' durable "
+        "store is Redis, else none).",
+    )
+    # HTTP
+    api_keys: CommaList = Field(
+        (), repr=False, description="Comma-separated API keys accepted as `Authorization: Bearer <key>` on every "
+        "route the inventory marks `api_key`: the run routes (the JSON variant included), jobs, `/v1/*` and `/mcp` "
+        "(default: none, auth off)."
+    )  # fmt: skip
+    body_timeout: float = Field(20.0, description="Seconds a client has to send a whole request body; 408 after.")
+    rate_limit: str | None = Field(
+        None,
+        description="Requests per window for each API key (or client address with keys off), e.g. `60/minute`; "
+        "counted in `HAYHOOKS_DURABLE_REDIS_URL`'s Redis when that is set (default: no quota).",
+    )
+    allowed_hosts: CommaList = Field(
+        (),
+        description="Comma-separated `Host` names the server answers to (`*.example.com` matches subdomains, `*` "
+        "anything; see [Security](security.md)) (default: the loopback names and the bind address).",
+    )
+    ui: bool = Field(True, description="The web page at `/`; `false` turns it off (the API and `/docs` stay).")
+    metrics_key: str | None = Field(
+        None, repr=False, description="Serve `GET /metrics` to scrapers sending this key as a Bearer token "
+        "(default: metrics off)."
+    )  # fmt: skip
+    # Jobs' images
+    image_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "image-generation-images",
+        description="The image store: where job (and OpenAI `url`) images are kept (a volume in compose).",
+    )
+    image_bytes: int = Field(
+        1024**3, description="Byte budget of the image store; beyond it the oldest images are deleted."
+    )
+    image_max_age: float = Field(24 * 3600.0, description="Seconds an image is kept in the image store.")
+    # What goes into every image
+    embed_parameters: bool = Field(
+        False,
+        description="Embed the prompt and parameters in every image: PNG `parameters` chunk, XMP prompt, C2PA action "
+        "parameters ([why off](provenance.md)).",
+    )
+    c2pa_cert: Path | None = Field(
+        None,
+        description="Path of the PEM certificate chain that signs C2PA Content Credentials; needs the `c2pa` extra "
+        "(default: no signing).",
+    )
+    c2pa_key: Path | None = Field(
+        None, repr=False, description="C2PA signing: the PEM private key's file path (a Docker secret), never the key."
+    )
+    c2pa_tsa_url: str | None = Field(None, description="C2PA signing: an RFC 3161 timestamp authority URL.")
+
+    @field_validator("models", "api_keys", "allowed_hosts", "result_url_allow", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(name.lower() for name in value)
+
+    @field_validator("models")
+    @classmethod
+    def _no_empty_list(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return value or None
+
+    @field_validator("endpoint", "router_url", "c2pa_tsa_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value)
+
+    @field_validator("timeout", "body_timeout", "image_max_age")
+    @classmethod
+    def _positive_seconds(cls, value: float) -> float:
+        if not 0 < value < math.inf:
+            raise ValueError("must be a positive number of seconds")
+        return value
+
+    @field_validator("max_image_bytes", "max_inflight_bytes", "max_concurrency", "image_bytes")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @field_validator("max_queue", "cache_bytes")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            rate_limit(value)
+        return value
+
+    @field_validator("c2pa_key", mode="before")
+    @classmethod
+    def _key_path(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().startswith("-----"):
+            raise ValueError("must be the path of a key file (or a Docker secret), not a key")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.max_inflight_bytes < self.max_image_bytes:
+            raise ValueError(f"{ENV_PREFIX}MAX_INFLIGHT_BYTES must be at least {ENV_PREFIX}MAX_IMAGE_BYTES")
+        if (self.c2pa_cert is None) != (self.c2pa_key is None):
+            raise ValueError(f"{ENV_PREFIX}C2PA_CERT and {ENV_PREFIX}C2PA_KEY must be set together")
+        return self
+
+    @property
+    def quota(self) -> tuple[int, int] | None:
+        """The rate limit as (requests, period in seconds), or None without one."""
+        return None if self.rate_limit is None else rate_limit(self.rate_limit)
+
+
+SECRET_FIELDS = frozenset(name for name, field in Settings.model_fields.items() if field.repr is False)
+
+
+def rate_limit(raw: str) -> tuple[int, int]:
+    """`<count>/<second|minute|hour|day>` (`60/minute`) as (requests, period in seconds)."""
+    count, _, unit = raw.strip().partition("/")
+    if not count.strip().isdigit() or int(count) < 1 or unit.strip().lower() not in RATE_PERIODS:
+        raise ValueError("must look like 60/minute (second, minute, hour or day)")
+    return int(count), RATE_PERIODS[unit.strip().lower()]
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field."""
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(**values: Any) -> Settings:
+    """
+    The settings from the environment (`values`, by field name, win over it).
+
+    :raises SettingsError: Naming each invalid variable, with its value unless it is a secret.
+    """
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        problems = []
+        for error in e.errors(include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else ""
+            message = error["msg"].removeprefix("Value error, ")
+            if not field:
+                problems.append(message)
+            elif field in SECRET_FIELDS:
+                problems.append(f"{env_name(field)}: {message}")
+            else:
+                problems.append(f"{env_name(field)}={error['input']!r}: {message}")
+        raise SettingsError("; ".join(problems)) from None

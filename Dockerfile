@@ -49,12 +49,12 @@ RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
       && pip --python /opt/venv/bin/python install --requirement /tmp/extras.txt; \
     fi
 
-# ---- wheel: our packages (components, server), the only layer a code change rebuilds ----
+# ---- wheel: our packages (components, image_generation_server), the only layer a code change rebuilds ----
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY components ./components
-COPY server ./server
+COPY image_generation_server ./image_generation_server
 RUN --mount=type=cache,id=pip-cache,target=/root/.cache/pip \
     pip wheel --disable-pip-version-check --no-deps --wheel-dir /dist .
 

@@ -26,7 +26,7 @@ from image_generation_server.allocator import tune_allocator
 from image_generation_server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol
 from image_generation_server.origins import HostAllowList, OriginPolicy, configure_cors, cors_enabled
-from image_generation_server.quota import Quota
+from image_generation_server.quota import Quota, trusted_proxies_from_env
 from image_generation_server.responses import http_exception_handler, validation_error_handler
 from image_generation_server.routes import Inventory, prune
 
@@ -110,6 +110,7 @@ def create_app() -> FastAPI:
 def main() -> None:
     """Serve on `HAYHOOKS_HOST:HAYHOOKS_PORT` the pipelines in `HAYHOOKS_PIPELINES_DIR`."""
     argparse.ArgumentParser(description=main.__doc__).parse_args()  # settings come from the environment only
+    trusted_proxies = trusted_proxies_from_env()
     app = create_app()
     intercept_stdlib_logging(
         settings.intercepted_loggers, access_log_excluded_path_prefixes=settings.access_log_excluded_path_prefixes
@@ -121,6 +122,9 @@ def main() -> None:
         port=settings.port,
         http=CappedHttpToolsProtocol,
         loop="uvloop",
+        # Uvicorn believes `X-Forwarded-For` from 127.0.0.1 unless told otherwise: only the listed proxies are.
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=list(trusted_proxies) or None,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         log_config=None,
         timeout_graceful_shutdown=settings.graceful_shutdown_timeout,

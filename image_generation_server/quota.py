@@ -1,7 +1,10 @@
 """
 Per-key request quotas: `IMAGE_GENERATION_RATE_LIMIT` requests per window for each API key, or client address.
 
-With API keys off, each client address has its own quota. Counts live in Redis when `HAYHOOKS_DURABLE_REDIS_URL` is
+With API keys off, each client address has its own quota: the address the connection comes from, or the one a trusted
+proxy forwards (`IMAGE_GENERATION_TRUSTED_PROXIES`; none by default, so that a forged `X-Forwarded-For` changes
+nothing). An address is validated before it names a quota: anything that is not an IP address counts as `unknown`, and
+an IPv6 address counts as its /64 (one subscriber's network), so that no header value becomes a key of its own. Counts live in Redis when `HAYHOOKS_DURABLE_REDIS_URL` is
 set, so that replicas share them, else in this process. Windows are fixed and aligned to the clock (a minute starts
 at :00), so that every replica agrees on them.
 
@@ -11,6 +14,7 @@ Every answer carries OpenAI's headers: `x-ratelimit-limit-requests`, `x-ratelimi
 `image_generation_quota_store_errors_total` counted, and only the limit header is sent.
 """
 
+import ipaddress
 import math
 import os
 import time
@@ -25,6 +29,8 @@ from redis.exceptions import RedisError
 from starlette.types import Message, Send
 
 RATE_LIMIT_ENV = "IMAGE_GENERATION_RATE_LIMIT"
+TRUSTED_PROXIES_ENV = "IMAGE_GENERATION_TRUSTED_PROXIES"
+IPV6_SUBSCRIBER_PREFIX = 64  # one IPv6 client is its /64: a subscriber gets at least that many addresses
 REDIS_URL_ENV = "HAYHOOKS_DURABLE_REDIS_URL"
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 MAX_MEMORY_IDENTITIES = 65536  # the in-process counter forgets the least recently seen beyond this
@@ -131,11 +137,45 @@ class Quota:
         return headers, reset if count > self.limit.requests else None
 
 
+def trusted_proxies_from_env() -> tuple[str, ...]:
+    """
+    The proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed (`IMAGE_GENERATION_TRUSTED_PROXIES`).
+
+    Comma-separated IP addresses or networks (`10.0.0.0/8`); none by default: forwarded headers are then ignored.
+    """
+    raw = os.environ.get(TRUSTED_PROXIES_ENV, "")
+    entries = tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"{TRUSTED_PROXIES_ENV} must list IP addresses or networks, such as 10.0.0.0/8") from None
+    return entries
+
+
+def client_address(client: tuple[str, int] | None) -> str:
+    """The client's address as a quota counts it: an IP address, an IPv6 one as its /64 network, else `unknown`."""
+    try:
+        address = ipaddress.ip_address(client[0]) if client else None
+    except ValueError:
+        address = None
+    if address is None:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/{IPV6_SUBSCRIBER_PREFIX}", strict=False))
+    return str(address)
+
+
 def identity(key_id: str | None, client: tuple[str, int] | None) -> str:
-    """Whose quota a request takes from: its API key's id (`guard.key_id`), else its client address."""
+    """
+    Whose quota (and share of jobs and streams) a request takes from: its API key's id (`guard.key_id`), else its
+    client address (`client_address`): at most 64 characters either way.
+    """
     if key_id is not None:
         return "key:" + key_id
-    return "address:" + (client[0] if client else "unknown")
+    return "address:" + client_address(client)
 
 
 async def limited_send(

@@ -5,6 +5,7 @@ import urllib.request
 
 import pytest
 from conftest import post, post_raw, server_env, start_server, stop_server
+from redis import Redis
 from redis_server import RedisServer
 from scrape import METRICS_KEY, scraped, value
 
@@ -93,3 +94,46 @@ def test_replicas_share_one_quota_in_redis_and_let_requests_through_when_it_is_d
     assert "x-ratelimit-remaining-requests" not in headers
     assert "Quota store unreachable" in b.log()
     assert value(scraped(b), "image_generation_quota_store_errors_total") == 1
+
+
+def forwarded_for(address: str) -> dict[str, str]:
+    return {"X-Forwarded-For": address}
+
+
+def test_a_forged_x_forwarded_for_changes_nothing_by_default(start, fresh_upstream):
+    """Issue 22: each new header value was a fresh quota, and the access log recorded the forged address."""
+    server = start()
+    answers = [post_raw(server, json.dumps(BODY).encode(), forwarded_for(f"203.0.113.{i}")) for i in range(LIMIT + 1)]
+    assert [status for status, _, _ in answers] == [200] * LIMIT + [429]  # one client, one quota
+    assert "203.0.113." not in server.log()
+    assert "127.0.0.1:" in server.log()  # the access log names the connection's address
+
+
+def test_a_trusted_proxy_forwards_addresses_and_junk_is_bounded(start, redis, fresh_upstream):
+    """With the proxy listed, each forwarded address has its own quota; a value that is no address names no key."""
+    server = start(IMAGE_GENERATION_TRUSTED_PROXIES="127.0.0.1", HAYHOOKS_DURABLE_REDIS_URL=redis.url)
+    for i in range(LIMIT + 1):
+        status, headers, _ = post_raw(server, json.dumps(BODY).encode(), forwarded_for(f"203.0.113.{i}"))
+        assert (status, remaining(headers)) == (200, LIMIT - 1)
+    assert "203.0.113.3" in server.log()
+    junk = [post_raw(server, json.dumps(BODY).encode(), forwarded_for(f"{i}" * 12000)) for i in range(LIMIT + 1)]
+    assert [status for status, _, _ in junk] == [200] * LIMIT + [429]  # all of them are one `unknown` client
+    # IPv6 clients count by their /64.
+    v6 = [post_raw(server, json.dumps(BODY).encode(), forwarded_for(f"2001:db8::{i}")) for i in range(LIMIT + 1)]
+    assert [status for status, _, _ in v6] == [200] * LIMIT + [429]
+    keys = redis_keys(redis)
+    assert keys and max(len(key) for key in keys) < 120
+
+
+def redis_keys(server: RedisServer) -> list[bytes]:
+    client = Redis.from_url(server.url)
+    try:
+        return client.keys("*")
+    finally:
+        client.close()
+
+
+def test_trusted_proxies_must_be_addresses(upstream, tmp_path):
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_TRUSTED_PROXIES="proxy.example")
+    with pytest.raises(RuntimeError, match="IMAGE_GENERATION_TRUSTED_PROXIES must list IP addresses"):
+        start_server(tmp_path, env)

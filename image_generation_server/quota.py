@@ -4,9 +4,10 @@ Per-key request quotas: `IMAGE_GENERATION_RATE_LIMIT` requests per window for ea
 With API keys off, each client address has its own quota: the address the connection comes from, or the one a trusted
 proxy forwards (`IMAGE_GENERATION_TRUSTED_PROXIES`; none by default, so that a forged `X-Forwarded-For` changes
 nothing). An address is validated before it names a quota: anything that is not an IP address counts as `unknown`, and
-an IPv6 address counts as its /64 (one subscriber's network), so that no header value becomes a key of its own. Counts live in Redis when `HAYHOOKS_DURABLE_REDIS_URL` is
-set, so that replicas share them, else in this process. Windows are fixed and aligned to the clock (a minute starts
-at :00), so that every replica agrees on them.
+an IPv6 address counts as its /64 (one subscriber's network), so that no header value becomes a key of its own.
+
+Counts live in Redis when `HAYHOOKS_DURABLE_REDIS_URL` is set, so that replicas share them, else in this process.
+Windows are fixed and aligned to the clock (a minute starts at :00), so that every replica agrees on them.
 
 Every answer carries OpenAI's headers: `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests` and
 `x-ratelimit-reset-requests` (the time until the window ends, such as `12s`). Past the limit the answer is 429 with
@@ -170,8 +171,9 @@ def client_address(client: tuple[str, int] | None) -> str:
 
 def identity(key_id: str | None, client: tuple[str, int] | None) -> str:
     """
-    Whose quota (and share of jobs and streams) a request takes from: its API key's id (`guard.key_id`), else its
-    client address (`client_address`): at most 64 characters either way.
+    Whose quota (and share of jobs and streams) a request takes from.
+
+    Its API key's id (`guard.key_id`), else its client address (`client_address`): at most 64 characters either way.
     """
     if key_id is not None:
         return "key:" + key_id

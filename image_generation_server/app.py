@@ -26,9 +26,10 @@ from image_generation_server.allocator import tune_allocator
 from image_generation_server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol
 from image_generation_server.origins import HostAllowList, OriginPolicy, configure_cors, cors_enabled
-from image_generation_server.quota import Quota, trusted_proxies_from_env
+from image_generation_server.quota import Quota
 from image_generation_server.responses import http_exception_handler, validation_error_handler
 from image_generation_server.routes import Inventory, prune
+from image_generation_server.settings import load_settings
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
 DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp, readiness)
@@ -110,7 +111,7 @@ def create_app() -> FastAPI:
 def main() -> None:
     """Serve on `HAYHOOKS_HOST:HAYHOOKS_PORT` the pipelines in `HAYHOOKS_PIPELINES_DIR`."""
     argparse.ArgumentParser(description=main.__doc__).parse_args()  # settings come from the environment only
-    trusted_proxies = trusted_proxies_from_env()
+    trusted_proxies = [str(network) for network in load_settings().trusted_proxies]
     app = create_app()
     intercept_stdlib_logging(
         settings.intercepted_loggers, access_log_excluded_path_prefixes=settings.access_log_excluded_path_prefixes
@@ -124,7 +125,7 @@ def main() -> None:
         loop="uvloop",
         # Uvicorn believes `X-Forwarded-For` from 127.0.0.1 unless told otherwise: only the listed proxies are.
         proxy_headers=bool(trusted_proxies),
-        forwarded_allow_ips=list(trusted_proxies) or None,
+        forwarded_allow_ips=trusted_proxies or None,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         log_config=None,
         timeout_graceful_shutdown=settings.graceful_shutdown_timeout,

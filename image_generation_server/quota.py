@@ -30,7 +30,6 @@ from redis.exceptions import RedisError
 from starlette.types import Message, Send
 
 RATE_LIMIT_ENV = "IMAGE_GENERATION_RATE_LIMIT"
-TRUSTED_PROXIES_ENV = "IMAGE_GENERATION_TRUSTED_PROXIES"
 IPV6_SUBSCRIBER_PREFIX = 64  # one IPv6 client is its /64: a subscriber gets at least that many addresses
 REDIS_URL_ENV = "HAYHOOKS_DURABLE_REDIS_URL"
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -136,22 +135,6 @@ class Quota:
             (b"x-ratelimit-reset-requests", f"{reset}s".encode()),
         ]
         return headers, reset if count > self.limit.requests else None
-
-
-def trusted_proxies_from_env() -> tuple[str, ...]:
-    """
-    The proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed (`IMAGE_GENERATION_TRUSTED_PROXIES`).
-
-    Comma-separated IP addresses or networks (`10.0.0.0/8`); none by default: forwarded headers are then ignored.
-    """
-    raw = os.environ.get(TRUSTED_PROXIES_ENV, "")
-    entries = tuple(entry.strip() for entry in raw.split(",") if entry.strip())
-    for entry in entries:
-        try:
-            ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            raise ValueError(f"{TRUSTED_PROXIES_ENV} must list IP addresses or networks, such as 10.0.0.0/8") from None
-    return entries
 
 
 def client_address(client: tuple[str, int] | None) -> str:

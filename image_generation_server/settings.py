@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         description="Requests per window for each API key (or client address with keys off), e.g. `60/minute`; "
         "counted in `HAYHOOKS_DURABLE_REDIS_URL`'s Redis when that is set (default: no quota).",
     )
+    trusted_proxies: Networks = Field(
+        (),
+        description="Comma-separated addresses or networks (`10.0.0.0/8`) of the reverse proxies whose "
+        "`X-Forwarded-For` and `X-Forwarded-Proto` are believed (default: none, forwarded headers are ignored; see "
+        "[Security](security.md#behind-a-reverse-proxy-the-client-address)).",
+    )
     allowed_hosts: CommaList = Field(
         (),
         description="Comma-separated `Host` names the server answers to (`*.example.com` matches subdomains, `*` "
@@ -147,7 +153,7 @@ class Settings(BaseSettings):
     )
     c2pa_tsa_url: str | None = Field(None, description="C2PA signing: an RFC 3161 timestamp authority URL.")
 
-    @field_validator("models", "api_keys", "allowed_hosts", "result_url_allow", mode="before")
+    @field_validator("models", "api_keys", "allowed_hosts", "result_url_allow", "trusted_proxies", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -207,7 +207,7 @@ function shellQuote(text) {
 export function curlCommand(params) {
   const body = nativeBody(params);
   const lines = [
-    `curl -X POST ${shellQuote(new URL("image_generation/run", document.baseURI).href)}`,
+    `curl --fail-with-body -X POST ${shellQuote(new URL("image_generation/run", document.baseURI).href)}`,
     "-H 'Content-Type: application/json'",
   ];
   if (apiKey()) lines.push('-H "Authorization: Bearer $IMAGE_GENERATION_API_KEY"');

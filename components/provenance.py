@@ -7,6 +7,7 @@ The XMP is always there and costs a few hundred bytes. The prompt and the genera
 
 import importlib.metadata
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ SERVICE_NAME = "hayhooks-image-generation"
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 PARAMETERS_KEYWORD = "parameters"  # AUTOMATIC1111's PNG text chunk
 _XML_TEXT = {'"': "&quot;", "\r": "&#13;"}
+# What XML 1.0 cannot hold, even escaped: C0 controls other than tab, newline and return, surrogates, U+FFFE, U+FFFF.
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def service_version() -> str:
@@ -129,7 +132,7 @@ def c2pa_manifest(version: str, model: str, parameters: dict[str, Any] | None) -
 def xmp_packet(creator_tool: str, model: str, prompt: str | None) -> bytes:
     """An XMP packet saying the image was made by a trained model (IPTC digital source type), by what, and from what."""
     prompt_xml = (
-        f"<Iptc4xmpExt:AIPromptInformation>{escape(prompt, _XML_TEXT)}</Iptc4xmpExt:AIPromptInformation>"
+        f"<Iptc4xmpExt:AIPromptInformation>{xml_text(prompt)}</Iptc4xmpExt:AIPromptInformation>"
         if prompt is not None
         else ""
     )
@@ -141,9 +144,14 @@ def xmp_packet(creator_tool: str, model: str, prompt: str | None) -> bytes:
         ' xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"'
         ' xmlns:xmp="http://ns.adobe.com/xap/1.0/"'
         f' Iptc4xmpExt:DigitalSourceType="{TRAINED_ALGORITHMIC_MEDIA}"'
-        f' Iptc4xmpExt:AISystemUsed="{escape(model, _XML_TEXT)}"'
-        f' xmp:CreatorTool="{escape(creator_tool, _XML_TEXT)}">'
+        f' Iptc4xmpExt:AISystemUsed="{xml_text(model)}"'
+        f' xmp:CreatorTool="{xml_text(creator_tool)}">'
         f"{prompt_xml}"
         "</rdf:Description></rdf:RDF></x:xmpmeta>"
         '<?xpacket end="r"?>'
     ).encode()
+
+
+def xml_text(value: str) -> str:
+    """`value` escaped for XML text or an attribute, each character XML cannot hold (U+FFFE, U+FFFF) as U+FFFD."""
+    return escape(_NOT_XML_CHAR.sub("\ufffd", value), _XML_TEXT)

@@ -24,6 +24,9 @@ MAX_IMAGES = 10
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 # C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
 PROMPT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]*$"
+# What ends a line for a reader of the `parameters` text (the others are refused in prompts): a prompt's line breaks
+# would let it write lines of its own, such as `Negative prompt:` or `Steps:`.
+_LINE_BREAKS = re.compile("[\r\n\u2028\u2029]+")
 _MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 _PROMPT_RE = re.compile(PROMPT_PATTERN)
 
@@ -80,10 +83,14 @@ class GenerationRequest:
         return astuple(self)
 
     def parameters_text(self) -> str:
-        """The generation parameters in AUTOMATIC1111's `parameters` text format."""
-        lines = [self.prompt]
+        """
+        The generation parameters in AUTOMATIC1111's `parameters` text format.
+
+        The prompts are written on one line each (their line breaks as spaces), so that no prompt adds a line.
+        """
+        lines = [_LINE_BREAKS.sub(" ", self.prompt)]
         if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
+            lines.append(f"Negative prompt: {_LINE_BREAKS.sub(' ', self.negative_prompt)}")
         fields = []
         if self.num_inference_steps is not None:
             fields.append(f"Steps: {self.num_inference_steps}")

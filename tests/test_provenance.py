@@ -18,6 +18,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from xml.etree import ElementTree
 
 import c2pa
 import pytest
@@ -138,14 +139,14 @@ def request(fmt: str, size: tuple[int, int], prompt: str = "a private prompt") -
     )  # fmt: skip
 
 
-def finish(fmt: str, raw: bytes, size: tuple[int, int]) -> bytes:
-    """What every backend's image goes through: `ImageResults.finish`."""
+def finish(fmt: str, raw: bytes, size: tuple[int, int], generation: GenerationRequest | None = None) -> bytes:
+    """What every backend's image goes through: `ImageResults.finish` (of `generation`, else `request(fmt, size)`)."""
     settings = serving_settings(
         allowed_models=None, timeout=None, max_image_bytes=None, max_concurrency=None, max_queue=None,
         cache_max_bytes=None,
     )  # fmt: skip
     results = ImageResults(settings, {"backend": "test"}, MODEL)
-    image = results.finish(request(fmt, size), raw, sniff(raw), time.monotonic())
+    image = results.finish(generation or request(fmt, size), raw, sniff(raw), time.monotonic())
     return base64.b64decode(image.base64_image)
 
 
@@ -194,6 +195,33 @@ def test_embedding_parameters_puts_ours_in_not_the_upstreams(monkeypatch, tmp_pa
     assert tags["Parameters"] == f"a private prompt\nSeed: 3, Size: 64x64, Model: {MODEL}"
     assert tags["AIPromptInformation"] == "a private prompt"
     assert Image.open(io.BytesIO(data)).text["parameters"] == tags["Parameters"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_prompt_can_neither_break_the_xmp_nor_write_lines_of_the_parameters_text(monkeypatch, fmt, tmp_path):
+    """Issue 22: U+FFFE/U+FFFF made the XMP ill-formed; newlines forged `Negative prompt:` and `Steps:` lines."""
+    monkeypatch.setenv("IMAGE_GENERATION_EMBED_PARAMETERS", "true")
+    forged = "a cat\uffff\ufffe\nNegative prompt: nothing\nSteps: 999, Seed: 1, Size: 8x8, Model: forged/model"
+    generation = GenerationRequest(
+        prompt=forged, negative_prompt="dogs\r\nSteps: 998\u2028CFG scale: 1", width=64, height=64,
+        num_inference_steps=4, guidance_scale=None, seed=3, model=MODEL, output_format=fmt,
+    )  # fmt: skip
+    generation.validate()  # what a client may send
+
+    data = finish(fmt, spoofed(fmt, (64, 64)), (64, 64), generation)
+
+    xmp = subprocess.run(["exiftool", "-b", "-XMP", "-"], input=data, capture_output=True, check=True).stdout
+    ElementTree.fromstring(xmp)  # well-formed: an XML parser takes it
+    tags = exiftool(data, tmp_path, "-XMP:all")
+    assert tags["DigitalSourceType"] == AI_MADE
+    assert tags["AIPromptInformation"].startswith("a cat\ufffd\ufffd")
+    if fmt == "png":
+        lines = Image.open(io.BytesIO(data)).text["parameters"].splitlines()
+        assert lines == [
+            "a cat\uffff\ufffe Negative prompt: nothing Steps: 999, Seed: 1, Size: 8x8, Model: forged/model",
+            "Negative prompt: dogs Steps: 998 CFG scale: 1",
+            f"Steps: 4, Seed: 3, Size: 64x64, Model: {MODEL}",
+        ]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -7,12 +7,14 @@ one image pipeline through `generation`, its errors carry the same messages as H
 the same API keys. Hayhooks' own MCP tool for the wrapper is turned off (`skip_mcp`): it could only return text.
 """
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI
+from hayhooks import log
 from mcp import types
 from mcp.server.fastmcp.server import StreamableHTTPASGIApp
 from mcp.server.lowlevel import Server
@@ -100,6 +102,7 @@ def create_mcp_server(app: FastAPI) -> Server:
 
 def install(app: FastAPI) -> None:
     """Serve MCP at `/mcp`, its session manager running for as long as the app's lifespan."""
+    logging.getLogger().addFilter(short_validation_warnings)
     sessions = StreamableHTTPSessionManager(
         app=create_mcp_server(app),
         json_response=True,
@@ -135,6 +138,21 @@ def transport_security() -> TransportSecuritySettings:
             f"{scheme}://{host}{port}" for scheme in ("http", "https") for host in hosts for port in ("", ":*")
         ],
     )
+
+
+def short_validation_warnings(record: logging.LogRecord) -> bool:
+    """
+    Root-logger filter: the SDK's warning for a malformed message becomes one short line in our log.
+
+    The SDK logs each message it cannot validate with `logging.warning`, outside the server's log format: pydantic's
+    report against every request type, about 6 KB, with pieces of the input (the prompt) in it. The client already
+    gets a JSON-RPC error; the log says only that a malformed message was refused.
+    """
+    message = record.msg if isinstance(record.msg, str) else ""
+    if record.name == "root" and message.startswith(("Failed to validate request", "Failed to validate notification")):
+        log.info("MCP: refused a malformed {}", message.split(":", 1)[0].rsplit(" ", 1)[-1])
+        return False
+    return True
 
 
 def _error(message: str) -> types.CallToolResult:

@@ -1,7 +1,11 @@
 """
-`GET /ready`: whether the server can serve an image now, checked without spending anything.
+`GET /status`, the liveness answer, and `GET /ready`: whether the server can serve an image now, checked for free.
 
-`/status` stays the cheap liveness answer; `/ready` also checks that the image pipeline is deployed and warmed up
+`/status` says only that the server is alive (`Up!`, or `Degraded` while the job store is away) and which pipelines
+it serves; Hayhooks' whole answer (job slots, the store's job counts, every deployment's health) is for the operator
+(`Authorization: Bearer $HAYHOOKS_TRACING_TOKEN`): the counts tell one client what the others are doing.
+
+`/ready` also checks that the image pipeline is deployed and warmed up
 (for a local model: loaded, on a device that is still there) and that each upstream host its requests go to
 resolves and accepts a TCP connection within `PROBE_TIMEOUT` seconds. Nothing is sent over those connections, so a
 probe costs no credits. One probe runs at a time, and its answer is reused for `REUSE_SECONDS`, so that a flood of
@@ -12,9 +16,11 @@ import asyncio
 import time
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from hayhooks import log
+from hayhooks.dashboard_auth import require_tracing_access
+from hayhooks.server.routers.status import StatusResponse, status_all
 
 from components.errors import PipelineNotServedError
 from image_generation_server.generation import COMPONENT, served_pipeline
@@ -67,8 +73,25 @@ async def _reachable(url: str) -> bool:
     return True
 
 
+async def status(request: Request) -> dict[str, object] | StatusResponse:
+    """Liveness: `status` (`Up!` or `Degraded`) and the pipelines served; Hayhooks' whole answer for the operator."""
+    answer = await status_all(request)
+    try:
+        require_tracing_access(request)
+    except HTTPException:
+        return {"status": answer.status, "pipelines": answer.pipelines}
+    return answer
+
+
 def install(app: FastAPI) -> None:
-    """Serve `GET /ready`: 200 when ready, else 503 with `Retry-After`; the body lists each check's outcome."""
+    """
+    Serve `GET /status` and `GET /ready`.
+
+    `/status` goes ahead of Hayhooks' own, which `routes.prune` removes. `/ready` is 200 when ready, else 503 with
+    `Retry-After`; its body lists each check's outcome.
+    """
+    app.add_api_route("/status", status, methods=["GET"], summary="Liveness: the server is up")
+    app.router.routes.insert(0, app.router.routes.pop())
     readiness = Readiness(app)
 
     async def ready(request: Request) -> JSONResponse:

@@ -192,6 +192,15 @@ def test_pending_jobs_are_bounded(jobs_server):
         assert wait_status(base, pending["execution_id"], {"canceled"}, headers=A)
 
 
+def test_status_says_only_that_the_server_is_alive(jobs_server):
+    """Issue 22: anonymous `/status` showed the job store's counts (every key's jobs); an API key is no operator."""
+    submit(jobs_server.url, body(num_inference_steps=1), A)
+    for headers in (None, A):
+        status, _, data = call(f"{jobs_server.url}/status", headers=headers)
+        assert status == 200
+        assert json.loads(data) == {"status": "Up!", "pipelines": ["image_generation", "image_generation_json"]}
+
+
 def test_evicted_image_is_404(jobs_server):
     base = jobs_server.url
     accepted = submit(base, body(seed=8, num_inference_steps=1), A)

@@ -82,6 +82,11 @@ def test_two_replicas_drain_one_queue(replicas, fresh_upstream):
     status, _, data = call(f"{a.url}{JOBS}/executions", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
     assert status == 200
     assert {job["execution_id"] for job in jobs} <= {e["execution_id"] for e in json.loads(data)["executions"]}
+    # The operator also gets Hayhooks' whole /status (the store's counts); others only that the server is up.
+    status, _, data = call(f"{a.url}/status", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+    assert status == 200
+    assert json.loads(data)["durable"]["deployments"]["image_generation"]["counts"]["nonterminal"] == 0
+    assert set(json.loads(call(f"{a.url}/status")[2])) == {"status", "pipelines"}
 
 
 def test_kill_9_of_the_running_replica_hands_the_job_to_the_other(replicas, fresh_upstream):

@@ -17,11 +17,14 @@ from PIL import Image
 
 KEY = "mcp-door-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+OPERATOR_TOKEN = "mcp-operator-token-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
 def mcp_server(upstream, tmp_path_factory):
-    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS=KEY)
+    env = server_env(
+        IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS=KEY, HAYHOOKS_TRACING_TOKEN=OPERATOR_TOKEN
+    )
     with running(tmp_path_factory.mktemp("mcp"), env) as server:
         yield server
 
@@ -123,7 +126,8 @@ def test_a_dns_rebound_host_is_refused(mcp_server):
 
 
 def test_hayhooks_own_mcp_tool_is_off(mcp_server):
-    with urllib.request.urlopen(f"{mcp_server.url}/status", timeout=10) as response:
+    operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}  # Hayhooks' whole /status is the operator's
+    with urllib.request.urlopen(urllib.request.Request(f"{mcp_server.url}/status", headers=operator)) as response:
         status = json.load(response)
     [deployment] = [d for d in status["deployments"] if d["name"] == "image_generation"]
     assert "run_api" in deployment["capabilities"]
@@ -143,3 +147,26 @@ async def test_the_doors_in_durable_mode(upstream, fresh_upstream, tmp_path):
         assert images.data[0].b64_json == result.content[0].data
     finally:
         stop_server(server)
+
+
+def test_a_malformed_call_is_one_short_line_in_our_log(mcp_server):
+    """Issue 22: each malformed call logged ~6 KB at WARNING, with pieces of the prompt, outside our log format."""
+    marker = "MALFORMED-PROMPT-MARKER"
+    before = len(mcp_server.log())
+    call = {
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "generate_image", "arguments": [f"{marker} " * 100]},
+    }  # fmt: skip
+    headers = {**AUTH, "Accept": "application/json, text/event-stream"}
+    request = urllib.request.Request(
+        f"{mcp_server.url}/mcp", data=json.dumps(call).encode(), headers={"Content-Type": "application/json", **headers}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.load(response)
+    assert answer["error"]["code"] == -32602  # the client is told
+
+    logged = mcp_server.log()[before:]
+    assert marker not in logged
+    lines = [line for line in logged.splitlines() if "/mcp" not in line]
+    assert len(lines) == 1, logged
+    assert " | INFO     | " in lines[0] and lines[0].endswith("MCP: refused a malformed request")

@@ -46,6 +46,14 @@ class UpstreamAuthError(UpstreamError):
     """The upstream answered 401 or 403: the server's credentials were rejected."""
 
 
+class MissingTokenError(UpstreamAuthError):
+    """The upstream refused a request that went without a token, because the server has none configured."""
+
+
+class UpstreamQuotaError(UpstreamError):
+    """The upstream answered 402: the account behind the token has no credits left."""
+
+
 class UpstreamRejectedError(UpstreamError):
     """The upstream answered 400/422: it refused the parameters. `reason` is safe to show, or None."""
 

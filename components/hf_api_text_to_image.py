@@ -4,6 +4,9 @@ import asyncio
 import ipaddress
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from haystack.utils import Secret, deserialize_secrets_inplace
 from huggingface_hub import constants
 
 from components.admission import ByteBudget
+from components.errors import MissingTokenError, UpstreamAuthError
 from components.hf_providers import (
     HF_ROUTER_URL,
     ProviderMappings,
@@ -88,7 +92,8 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         :param num_inference_steps: Default number of denoising steps; `None` lets the model decide.
         :param guidance_scale: Default guidance scale; `None` lets the model decide.
         :param output_format: Default image format: `png`, `jpeg` or `webp`.
-        :param allowed_models: Model ids a run may ask for; else `IMAGE_GENERATION_MODELS`; else any Hub id.
+        :param allowed_models: Model ids a run may ask for; else `IMAGE_GENERATION_MODELS`; else any Hub id, or with
+            an endpoint only `model` (it serves one model, whatever a request names).
         :param timeout: Deadline in seconds for one image, retries included; else `IMAGE_GENERATION_TIMEOUT`.
         :param max_image_bytes: Largest upstream reply accepted; else `IMAGE_GENERATION_MAX_IMAGE_BYTES`.
         :param max_concurrency: Upstream calls at once; else `IMAGE_GENERATION_MAX_CONCURRENCY`.
@@ -144,6 +149,10 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             allowed_models=self.allowed_models, timeout=self.timeout, max_image_bytes=self.max_image_bytes,
             max_concurrency=self.max_concurrency, max_queue=self.max_queue, cache_max_bytes=self.cache_max_bytes,
         )  # fmt: skip
+        if endpoint_url is not None and settings.allowed_models is None:
+            # An endpoint serves one model, whatever a request names: `model` may only be that one, so that the marks
+            # never name a model that did not make the image.
+            settings = replace(settings, allowed_models=frozenset((self.model,)))
         if inflight < settings.max_image_bytes:
             raise ValueError("IMAGE_GENERATION_MAX_INFLIGHT_BYTES must be at least IMAGE_GENERATION_MAX_IMAGE_BYTES")
         backend = "endpoint" if endpoint_url else self.provider
@@ -236,15 +245,26 @@ class HuggingFaceAPITextToImage(TextToImageBase):
     def _produce(self, request: GenerationRequest) -> bytes:
         assert self._client is not None
         deadline, budget = self._bounds()
-        with budget.lease() as lease:
+        with budget.lease() as lease, self._token_refusals():
             return run_calls(self._client, self._calls(request), Bounds(deadline, lease, self._allowed_networks))
 
     async def _produce_async(self, request: GenerationRequest) -> bytes:
         assert self._session is not None
         deadline, budget = self._bounds()
-        with budget.lease() as lease:
+        with budget.lease() as lease, self._token_refusals():
             bounds = Bounds(deadline, lease, self._allowed_networks)
             return await run_calls_async(self._session, self._calls(request), bounds)
+
+    @contextmanager
+    def _token_refusals(self) -> Iterator[None]:
+        """A 401/403 to a request sent without a token says so: the fix is a token, not a different one."""
+        assert self._target is not None
+        try:
+            yield
+        except UpstreamAuthError as e:
+            if self._target.token is None:
+                raise MissingTokenError("the upstream refused a request sent without a token") from e
+            raise
 
 
 def _token_file() -> str | None:

@@ -34,6 +34,7 @@ from components.errors import (
     UpstreamAuthError,
     UpstreamError,
     UpstreamNotFoundError,
+    UpstreamQuotaError,
     UpstreamRateLimitedError,
     UpstreamRejectedError,
     UpstreamTimeoutError,
@@ -301,6 +302,8 @@ def _raise_for_status(status: int, headers: Mapping[str, str], body: bytes) -> N
         raise UpstreamNotFoundError(f"the upstream answered {status}")
     if status in (401, 403):
         raise UpstreamAuthError("upstream rejected the credentials")
+    if status == 402:
+        raise UpstreamQuotaError("the upstream answered 402")
     if status in (400, 422):
         raise UpstreamRejectedError("the upstream rejected the parameters", safe_reason(error_json))
     raise UpstreamError(f"the upstream answered {status}")  # 3xx included: redirects are never followed

@@ -2,8 +2,9 @@
 The image store: generated images kept in a directory (shared by every replica), served at `GET /images/{id}.{ext}`.
 
 Ids are 128 random bits, so an image URL is a capability: whoever holds it may fetch the image, without an API key
-(`<img>` tags and OpenAI `url` clients send none). A sweeper deletes images past the age limit, then the oldest ones
-until the directory fits its byte budget; a deleted (or never stored) image is a 404.
+(`<img>` tags and OpenAI `url` clients send none), and delete it (`DELETE /images/{id}.{ext}`). A sweeper deletes
+images past the age limit, then the oldest ones until the directory fits its byte budget; a deleted (or never
+stored) image is a 404.
 """
 
 import asyncio
@@ -83,6 +84,16 @@ class ImageStore:
         except FileNotFoundError:
             return None
 
+    def delete(self, name: str) -> bool:
+        """Delete the image file `name` (`{id}.{ext}`); False when there was no such image (any more)."""
+        if NAME.fullmatch(name) is None:
+            return False
+        try:
+            (self.directory / name).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def sweep(self) -> int:
         """Delete images past the age limit, then the oldest until the rest fit the budget; returns how many."""
         try:
@@ -113,7 +124,7 @@ class ImageStore:
 
 
 def install(app: FastAPI) -> None:
-    """Serve `GET /images/{id}.{ext}` from the store, and run its sweeper while the app runs."""
+    """Serve `GET` and `DELETE /images/{id}.{ext}` from the store, and run its sweeper while the app runs."""
     store = ImageStore.from_env()
     app.state.image_store = store
 
@@ -128,6 +139,18 @@ def install(app: FastAPI) -> None:
         if etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         return Response(data, media_type=FORMATS[name.rpartition(".")[2]], headers=headers)
+
+    @app.delete("/images/{name}", tags=["images"], status_code=204)
+    async def delete_image(name: str) -> Response:
+        """
+        Delete a generated image now, before the sweeper would.
+
+        Whoever holds its URL may (the web page does, as soon as the browser has the image); every replica answers 404
+        for it from then on.
+        """
+        if not await asyncio.to_thread(store.delete, name):
+            raise HTTPException(404, "no such image (it may have expired)")
+        return Response(status_code=204)
 
     serve = app.router.lifespan_context
 

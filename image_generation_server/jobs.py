@@ -32,6 +32,7 @@ from image_generation_server.generation import COMPONENT, run_pipeline
 from image_generation_server.guard import api_keys_from_env, key_id, matching_key
 from image_generation_server.image_store import ImageStore
 from image_generation_server.params import Guidance, ModelId, Seed, Size, Steps, Text
+from image_generation_server.responses import classify
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
 REVISION = "1"
@@ -183,7 +184,7 @@ async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             watch.result()  # raises the cancellation
-        return await _unwrapped(work)
+        return await _unwrapped(work, publisher)
     finally:
         work.cancel()
         watch.cancel()
@@ -205,8 +206,14 @@ async def _generate(pipeline: Pipeline, store: ImageStore, request: JobRequest) 
     return JobResult(images=images)
 
 
-async def _unwrapped(work: "asyncio.Future[JobResult]") -> JobResult:
-    """The job's result; a failure is re-raised as our own error (its class names the failure in the job's error)."""
+async def _unwrapped(work: "asyncio.Future[JobResult]", publisher: "_ProgressPublisher") -> JobResult:
+    """
+    The job's result; a failure is re-raised as our own error (its class names the failure in the job's error).
+
+    Hayhooks records a failed job's error as its class name and "Durable execution failed", so the sentence a person
+    can act on (what every other door answers, with its status and Retry-After) goes first into the job's progress
+    and its stream, as a `failed` event.
+    """
     try:
         return await work
     except Exception as e:
@@ -218,6 +225,10 @@ async def _unwrapped(work: "asyncio.Future[JobResult]") -> JobResult:
         if cause is None:
             raise
         log.warning("Job failed: {}", type(cause).__name__)
+        if isinstance(cause, errors.ImageGenerationError):
+            failure = classify(cause)
+            event = {"phase": "failed", "error": type(cause).__name__, "status": failure.status}
+            await publisher.publish({**event, "message": failure.message, "retry_after": failure.retry_after})
         raise cause from None
 
 
@@ -293,4 +304,6 @@ def _message(event: dict[str, Any]) -> str:
         return f"step {event['step']} of {event['steps']}"
     if phase == "stored":
         return f"stored image {event['image']} of {event['images']}"
+    if phase == "failed":
+        return event["message"]
     return {"sent": "sent upstream"}.get(phase, phase)

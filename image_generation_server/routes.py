@@ -85,8 +85,10 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST", "/image_generation/executions/{execution_id}/resume", "api_key", Body(1024, closed=False), durable=True
     ),
-    # stored images (image_store.py): the unguessable name is the credential, so that an <img> can load it
+    # stored images (image_store.py): the unguessable name is the credential, so that an <img> can load it and
+    # whoever has it (the page, once the browser holds the image) can delete it
     Route("GET", "/images/{name}", "capability"),
+    Route("DELETE", "/images/{name}", "capability"),
     # the OpenAI-compatible door (openai_images.py); its model list replaces Hayhooks' (chat models)
     Route("POST", "/v1/images/generations", "api_key", RUN_BODY, errors="openai"),
     Route("GET", "/v1/models", "api_key", errors="openai"),

@@ -61,15 +61,18 @@ class Settings(BaseSettings):
     endpoint: str | None = Field(
         None,
         description="An HF-protocol text-to-image server URL (a dedicated Inference Endpoint, a self-hosted one): "
-        'every request is POSTed there as `{"inputs": prompt, "parameters": {...}}`, and `model` is only checked and '
-        "recorded (default: Hugging Face Inference Providers).",
+        'every request is POSTed there as `{"inputs": prompt, "parameters": {...}}`; it serves one model, so a '
+        "request's `model` must be omitted or one of `IMAGE_GENERATION_MODELS`, else the pipeline's model (default: "
+        "Hugging Face Inference Providers).",
     )
     router_url: str = Field(
         HF_ROUTER_URL,
         description="Base URL of the Inference Providers router: a proxy in front of it, or a test double.",
     )
     models: CommaList | None = Field(
-        None, description="Comma-separated Hub model ids a request may ask for (default: any Hub model id)."
+        None,
+        description="Comma-separated Hub model ids a request may ask for (default: any Hub model id; with "
+        "`IMAGE_GENERATION_ENDPOINT`, only the pipeline's model).",
     )
     timeout: float = Field(
         120.0, description='Deadline for one image in seconds, retries of "model loading" 503s included.'

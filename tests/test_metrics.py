@@ -34,11 +34,12 @@ def post_to(server, path: str, body: dict) -> int:
 
 def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
     body = {"prompt": PROMPT, "width": 512, "height": 512}
-    # 7 successes: 3 plain, 1 with a model outside the served set, 2 with the same pinned seed (a miss, then a hit),
-    # 1 JPEG at 1024x768; then 2 identical pinned requests at once, one of which joins the other's upstream call.
-    for _ in range(3):
+    # 7 successes: 4 plain, 2 with the same pinned seed (a miss, then a hit), 1 JPEG at 1024x768; then 2 identical
+    # pinned requests at once, one of which joins the other's upstream call. A model the endpoint does not serve is
+    # refused before the pipeline.
+    for _ in range(4):
         assert post(metrics_server, body)[0] == 200
-    assert post(metrics_server, {**body, "model": "someone/unlisted-model"})[0] == 200
+    assert post(metrics_server, {**body, "model": "someone/unlisted-model"})[0] == 422
     for _ in range(2):
         assert post(metrics_server, {**body, "seed": 7})[0] == 200
     assert post(metrics_server, {**body, "width": 1024, "height": 768, "output_format": "jpeg"})[0] == 200
@@ -58,7 +59,7 @@ def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
     fresh_upstream.latency = 0.0
     # 2 more images through the OpenAI door, in one request.
     assert post_to(metrics_server, "/v1/images/generations", {"prompt": PROMPT, "size": "512x512", "n": 2}) == 200
-    # 2 refusals before the pipeline (a size out of range, an unknown field) and 1 upstream 429.
+    # 2 more refusals before the pipeline (a size out of range, an unknown field) and 1 upstream 429.
     assert post(metrics_server, {**body, "width": 100})[0] == 422
     assert post(metrics_server, {**body, "colour": "blue"})[0] == 422
     fresh_upstream.fail_next(Fault(status=429, headers={"Retry-After": "3"}))
@@ -70,10 +71,10 @@ def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
     parsed = samples(text)
     requests = "image_generation_http_requests_total"
     assert value(parsed, requests, route=RUN, door="native", status="200") == 9
-    assert value(parsed, requests, route=RUN, door="native", status="422") == 2
+    assert value(parsed, requests, route=RUN, door="native", status="422") == 3
     assert value(parsed, requests, route=RUN, door="native", status="429") == 1
     assert value(parsed, requests, route="/metrics", door="other", status="401") == 1
-    assert value(parsed, "image_generation_http_request_duration_seconds_count", door="native") == 12
+    assert value(parsed, "image_generation_http_request_duration_seconds_count", door="native") == 13
     assert value(parsed, requests, route="/v1/images/generations", door="openai", status="200") == 1
 
     upstream_calls = len(fresh_upstream.requests)  # 3 + 1 + 1 + 1 + 1 (the pair) + 2 (OpenAI) + 1 (the 429)
@@ -93,8 +94,7 @@ def test_metrics_count_a_scripted_mix_exactly(metrics_server, fresh_upstream):
     assert value(parsed, "image_generation_coalesced_requests_total") == 1
 
     images = "image_generation_images_total"
-    assert value(parsed, images, model=DEFAULT_MODEL, size="512x512", format="png") == 7
-    assert value(parsed, images, model="other", size="512x512", format="png") == 1
+    assert value(parsed, images, model=DEFAULT_MODEL, size="512x512", format="png") == 8
     assert value(parsed, images, model=DEFAULT_MODEL, size="1024x1024", format="jpeg") == 1
     assert sum(v for (name, _), v in parsed.items() if name == images) == 9
     # Nothing a client sent is a label: no prompt, no unserved model id.

@@ -13,14 +13,18 @@ export function setApiKey(key) {
   else sessionStorage.removeItem(KEY);
 }
 
-/** A refused request: the server's own message, the parameter it names (if any) and Retry-After in seconds. */
+/**
+ * A refused request: the server's own message, the parameter it names (if any), Retry-After in seconds, and for a
+ * failed job the failure's kind (the server's error class, such as "MissingTokenError").
+ */
 export class ApiError extends Error {
-  constructor(status, message, param, retryAfter) {
+  constructor(status, message, param, retryAfter, kind = null) {
     super(message);
     this.name = "ApiError";
     this.status = status;
     this.param = param;
     this.retryAfter = retryAfter;
+    this.kind = kind;
   }
 }
 
@@ -178,15 +182,19 @@ export async function runJob(params, n, signal, onProgress) {
   signal.addEventListener("abort", cancel, { once: true });
   const stream = await fetch(`${execution}/stream`, { headers: headers({ Accept: "text/event-stream" }), signal });
   if (!stream.ok) throw await failure(stream);
+  let why = null; // the job's "failed" progress event: the sentence /run would have answered, with its status
   for await (const { event, data } of serverSentEvents(stream)) {
-    if (event === "chunk") onProgress(data.payload);
+    if (event === "chunk" && data.payload?.phase === "failed") why = data.payload;
+    else if (event === "chunk") onProgress(data.payload);
     else if (event === "completed") return fetchImages(data.result.images, params, signal);
+    else if (event === "failed" && why) throw new ApiError(why.status, why.message, null, why.retry_after, why.error);
     else if (event === "failed") throw new ApiError(502, data.error?.message || "the job failed", null, null);
     else if (event === "canceled") throw new DOMException("the job was cancelled", "AbortError");
   }
   throw new ApiError(502, "the job's progress stream ended early", null, null);
 }
 
+/** The job's images as blobs; once the browser holds them, the server's copies are deleted (its URLs then 404). */
 async function fetchImages(images, params, signal) {
   const blobs = await Promise.all(
     images.map(async (image) => {
@@ -195,6 +203,11 @@ async function fetchImages(images, params, signal) {
       return { blob: await response.blob(), seed: image.seed };
     }),
   );
+  await Promise.all(
+    images.map((image) =>
+      fetch(new URL(image.url, document.baseURI), { method: "DELETE", headers: headers() }).catch(() => null),
+    ),
+  ); // a copy the page failed to delete is swept when it expires
   const [first] = images;
   return { format: first?.format ?? params.output_format, width: first?.width, height: first?.height, images: blobs };
 }

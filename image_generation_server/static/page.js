@@ -192,8 +192,31 @@ function failed(error) {
     askForKey(() => form.requestSubmit());
     return;
   }
-  showError(error.message, error.param);
+  const next = nextStep(error);
+  const sentence = error.message.charAt(0).toUpperCase() + error.message.slice(1);
+  showError(next ? `${sentence}. ${next}` : sentence, error.param);
   if (error.retryAfter !== null && [429, 503].includes(error.status)) countdown(error.retryAfter);
+}
+
+// What a person can do about a failure: by its kind where the server names it (a job), else by its status.
+const NEXT_STEP_OF_KIND = {
+  MissingTokenError:
+    "Whoever runs the server sets HF_TOKEN to a Hugging Face token with the permission “Make calls to Inference " +
+    "Providers” (or starts it with ./scripts/serve.sh --demo to try it without one).",
+  UpstreamAuthError:
+    "Whoever runs the server checks its Hugging Face token: valid, and with the permission “Make calls to " +
+    "Inference Providers”.",
+  UpstreamQuotaError: "The account behind the server's token needs more Inference Providers credits.",
+};
+const NEXT_STEP_OF_STATUS = {
+  429: "Generate comes back when the countdown ends.",
+  502: "Try again in a moment; if it keeps failing, the server's log says more.",
+  503: "Generate comes back when the countdown ends.",
+  504: "Try again, or ask for a smaller image or fewer steps.",
+};
+
+function nextStep(error) {
+  return NEXT_STEP_OF_KIND[error.kind] ?? NEXT_STEP_OF_STATUS[error.status] ?? "";
 }
 
 /** Generate stays off until Retry-After has passed, with the seconds left shown on it. */

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import pybase64
 from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.lazy_imports import LazyImport
 from haystack.utils import ComponentDevice
@@ -17,13 +18,14 @@ from components import progress
 from components.errors import GenerationTimeoutError, ImageGenerationError, InvalidRequestError
 from components.image_codec import encode
 from components.image_results import ImageResults
+from components.previews import LatentPreviewer, preview_steps
 from components.request import MAX_STEPS, GenerationRequest, OutputFormat
 from components.settings import resolve, serving_settings
 from components.text_to_image_base import TextToImageBase
 
 with LazyImport(message="Run 'pip install \".[local]\"' to use the local diffusers backend.") as torch_import:
     import torch
-    from diffusers import AutoPipelineForText2Image
+    from diffusers import AutoencoderTiny, AutoPipelineForText2Image
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class LoadedModel:
 
 
 _LOADED: dict[tuple[str, str, str, bool], LoadedModel] = {}
+_DECODERS: dict[tuple[str, str, str], Any] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -84,6 +87,22 @@ def _load(model: str, device: str, dtype: Dtype, cpu_offload: bool) -> LoadedMod
     return LoadedModel(pipeline, device, threading.Lock(), size_multiple(pipeline), interruptible)
 
 
+def load_decoder(model: str, device: str, dtype: Dtype) -> "AutoencoderTiny":
+    """The tiny autoencoder (TAESD) for previews, loaded on first use: one copy per process."""
+    key = (model, device, dtype)
+    with _LOAD_LOCK:
+        if key not in _DECODERS:
+            folder = Path(model).expanduser()
+            if not folder.is_dir() and model.startswith(("/", ".", "~")):
+                raise ValueError(f"the preview decoder folder {model} does not exist")
+            try:
+                decoder = AutoencoderTiny.from_pretrained(str(folder) if folder.is_dir() else model)
+            except (OSError, ValueError) as e:
+                raise RuntimeError(f"could not load the preview decoder {model}: {e}") from e
+            _DECODERS[key] = decoder.to(device, pick_dtype(dtype, device)).eval()
+        return _DECODERS[key]
+
+
 def pick_dtype(dtype: Dtype, device: str) -> "torch.dtype":
     """`auto`: bfloat16 (else float16) on a GPU, float32 on the CPU."""
     if dtype != "auto":
@@ -121,6 +140,10 @@ class DiffusersTextToImage(TextToImageBase):
     weights are loaded once per process in `warm_up()`; generations on one device run one at a time, off the event
     loop, and stop at the next denoising step when their deadline passes or their caller goes away.
 
+    When whoever runs it asks for previews (`components.progress.reporting_to(callback, previews=n)`), it reports
+    `n` small images of the generation in progress, at evenly spaced steps (`components.previews`); the final image
+    is the same bytes either way.
+
     Usage:
     ```python
     generator = DiffusersTextToImage(model="stabilityai/sd-turbo")
@@ -147,6 +170,7 @@ class DiffusersTextToImage(TextToImageBase):
         timeout: float | None = None,
         max_queue: int | None = None,
         cache_max_bytes: int | None = None,
+        preview_decoder: str | None = None,
     ) -> None:
         """
         Create the component; nothing is imported from the Hub or loaded until `warm_up()`.
@@ -167,6 +191,9 @@ class DiffusersTextToImage(TextToImageBase):
         :param max_queue: Requests that may wait for the device; else `IMAGE_GENERATION_MAX_QUEUE`.
         :param cache_max_bytes: Byte budget of the seeded-result cache, 0 to disable; else
             `IMAGE_GENERATION_CACHE_BYTES`.
+        :param preview_decoder: Hub id or local folder of a tiny autoencoder (`AutoencoderTiny`, e.g. TAESD for SD
+            1.x/2.x, TAESDXL, TAESD3, TAEF1) that decodes previews; `None` projects the latents to RGB with no extra
+            weights.
         """
         torch_import.check()
         if device is not None and not isinstance(device, ComponentDevice):
@@ -191,7 +218,9 @@ class DiffusersTextToImage(TextToImageBase):
         self.timeout = timeout
         self.max_queue = max_queue
         self.cache_max_bytes = cache_max_bytes
+        self.preview_decoder = preview_decoder
         self._loaded: LoadedModel | None = None
+        self._previewer: LatentPreviewer | None = None
 
     def warm_up(self) -> None:
         """Load the model (once per process, whichever instance asks first) and resolve the settings. Idempotent."""
@@ -205,6 +234,8 @@ class DiffusersTextToImage(TextToImageBase):
             allowed_models=[name], timeout=self.timeout, max_image_bytes=None, max_concurrency=1,
             max_queue=self.max_queue, cache_max_bytes=self.cache_max_bytes,
         )  # fmt: skip
+        decoder = load_decoder(self.preview_decoder, device, self.dtype) if self.preview_decoder else None
+        self._previewer = LatentPreviewer(loaded.pipeline, decoder)
         self._loaded = loaded
         self.defaults = replace(self.defaults, model=name)
         self._results = ImageResults(
@@ -242,6 +273,7 @@ class DiffusersTextToImage(TextToImageBase):
             timeout=self.timeout,
             max_queue=self.max_queue,
             cache_max_bytes=self.cache_max_bytes,
+            preview_decoder=self.preview_decoder,
         )
 
     @classmethod
@@ -277,7 +309,8 @@ class DiffusersTextToImage(TextToImageBase):
         loaded, timeout = self._loaded, self._results.settings.timeout
         with loaded.lock:
             deadline = time.monotonic() + timeout
-            stop = _StepWatch(request, cancel, deadline)
+            previews = progress.previews_wanted()
+            stop = _StepWatch(request, cancel, deadline, self._previewer if previews else None, previews)
             generator = torch.Generator("cpu" if loaded.device == "mps" else loaded.device)
             kwargs = {
                 "prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
@@ -313,13 +346,23 @@ class _StepWatch:
     The `callback_on_step_end` of one generation: reports each step, and interrupts on cancel or past the deadline.
 
     Each step goes to the progress callback set for this generation, if any (an exception it raises stops the
-    generation there); every 10% of the steps also goes to the log.
+    generation there), and so do the previews asked for, at their steps; every 10% of the steps also goes to the log.
     """
 
-    def __init__(self, request: GenerationRequest, cancel: threading.Event, deadline: float) -> None:
-        self.seed = request.seed
+    def __init__(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event,
+        deadline: float,
+        previewer: LatentPreviewer | None = None,
+        previews: int = 0,
+    ) -> None:
+        self.request = request
         self.cancel = cancel
         self.deadline = deadline
+        self.previewer = previewer
+        self.previews = previews
+        self.preview_at: list[int] | None = None  # the preview steps, in order, once the number of steps is known
         self.steps_done = 0
         self.reason: str | None = None
 
@@ -327,8 +370,13 @@ class _StepWatch:
         self.steps_done = step + 1
         total = getattr(pipeline, "num_timesteps", None) or self.steps_done
         if self.steps_done == total or self.steps_done % max(1, total // 10) == 0:
-            logger.info("Seed {seed}: step {step}/{total}", seed=self.seed, step=self.steps_done, total=total)
+            logger.info("Seed {seed}: step {step}/{total}", seed=self.request.seed, step=self.steps_done, total=total)
         progress.report({"phase": "step", "step": self.steps_done, "steps": total})
+        if self.previewer is not None:
+            if self.preview_at is None:
+                self.preview_at = sorted(preview_steps(total, self.previews))
+            if self.steps_done in self.preview_at:
+                self._preview(tensors.get("latents"), self.preview_at.index(self.steps_done), total)
         if self.cancel.is_set():
             self.reason = "cancelled"
         elif time.monotonic() > self.deadline:
@@ -336,3 +384,21 @@ class _StepWatch:
         if self.reason is not None:
             pipeline._interrupt = True
         return tensors
+
+    def _preview(self, latents: Any, index: int, total: int) -> None:
+        """Report preview `index` of the latents at this step; a preview that fails is skipped, never the image."""
+        assert self.previewer is not None
+        request = self.request
+        try:
+            image = self.previewer(latents, request.width, request.height)
+            data = encode(image, request.output_format)
+        except Exception as e:  # a preview is a courtesy: the generation goes on without it
+            logger.warning("Preview at step {step} failed: {error}", step=self.steps_done, error=type(e).__name__)
+            return
+        progress.report(
+            {
+                "phase": "preview", "index": index, "previews": len(self.preview_at or ()), "step": self.steps_done,
+                "steps": total, "image": pybase64.b64encode_as_string(data),
+                "mime_type": f"image/{request.output_format}", "width": image.width, "height": image.height,
+            }
+        )  # fmt: skip

@@ -3,7 +3,8 @@ Progress of the generation running in this context: whoever runs it may set a ca
 
 Events are small JSON-safe dicts: `{"phase": "queued"}`, `{"phase": "sent"}` (API backend: the request went
 upstream), `{"phase": "generating"}` (local backend: the device is ours), `{"phase": "step", "step": k, "steps": n}`
-(local backend, once per denoising step), `{"phase": "received"}` (the image bytes are here). The callback runs in the
+(local backend, once per denoising step), `{"phase": "preview", ...}` (local backend, when previews are asked for:
+see `reporting_to`), `{"phase": "received"}` (the image bytes are here). The callback runs in the
 thread that reports (the event loop, or a worker thread: context variables follow `asyncio.to_thread`); an exception
 it raises, such as a cancellation, stops the generation.
 
@@ -29,6 +30,7 @@ from typing import Any
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 _callback: ContextVar[ProgressCallback | None] = ContextVar("image_generation_progress", default=None)
+_previews: ContextVar[int] = ContextVar("image_generation_previews", default=0)
 _observers: list[ProgressCallback] = []
 
 
@@ -47,11 +49,24 @@ def report(event: dict[str, Any]) -> None:
         callback(event)
 
 
+def previews_wanted() -> int:
+    """How many previews the callback set in this context asked for (0 without one)."""
+    return _previews.get() if _callback.get() is not None else 0
+
+
 @contextmanager
-def reporting_to(callback: ProgressCallback) -> Iterator[None]:
-    """Send the progress of generations run inside this block to `callback`."""
-    token = _callback.set(callback)
+def reporting_to(callback: ProgressCallback, previews: int = 0) -> Iterator[None]:
+    """
+    Send the progress of generations run inside this block to `callback`.
+
+    With `previews`, a backend that can show a generation in progress (the local one) also reports that many
+    `{"phase": "preview", "index": i, "previews": n, "step": k, "steps": total, "image": <base64>, "mime_type": ...,
+    "width": w, "height": h}` events per image, at evenly spaced steps (fewer when there are too few steps): a small
+    image of the latents at that step, in the request's output format. A backend that cannot sends none.
+    """
+    token, wanted = _callback.set(callback), _previews.set(previews)
     try:
         yield
     finally:
+        _previews.reset(wanted)
         _callback.reset(token)

@@ -88,6 +88,7 @@ def test_to_dict():
             "timeout": 30,
             "max_queue": None,
             "cache_max_bytes": None,
+            "preview_decoder": None,
         },
     }
 

@@ -6,12 +6,15 @@ same wrapper, and so the same pipeline instance, cache, coalescing and admission
 Failures are raised as they come; each door maps them with `image_generation_server.responses.classify`.
 """
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
 from haystack import Pipeline
 from haystack.dataclasses import ImageContent
 
+from components import progress
 from components.errors import PipelineNotServedError
 
 PIPELINE_NAME = "image_generation"  # the folder the wrapper is deployed from, hence its route /image_generation/run
@@ -37,6 +40,40 @@ def served_pipeline(app: FastAPI) -> Pipeline:
 async def generate(app: FastAPI, **params: Any) -> list[ImageContent]:
     """Run the served image pipeline: `params` are the component's run inputs (`prompt`, ..., `n`)."""
     return await run_pipeline(served_pipeline(app), **params)
+
+
+async def generate_watched(
+    app: FastAPI, phases: frozenset[str], previews: int = 0, **params: Any
+) -> AsyncIterator[dict[str, Any] | list[ImageContent]]:
+    """
+    Run the served image pipeline like `generate`, yielding its progress events of `phases`, then its images.
+
+    Events come as they happen (see `components.progress`; `previews` asks the backend for that many `preview`
+    events per image). A failure is raised where the images would come. Closing the iterator early cancels the
+    generation (a local one stops at its next step). The events are bounded by the generation: its steps and previews.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def report(event: dict[str, Any]) -> None:  # on the event loop, or in the thread that generates
+        if event["phase"] in phases:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    with progress.reporting_to(report, previews=previews):  # the task inherits it
+        task = asyncio.ensure_future(generate(app, **params))
+    try:
+        while not task.done():
+            event = asyncio.ensure_future(events.get())
+            await asyncio.wait((event, task), return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                event.cancel()
+                break
+            yield event.result()
+        while not events.empty():  # reported before the generation ended (same loop, first in first out)
+            yield events.get_nowait()
+        yield await task
+    finally:
+        task.cancel()
 
 
 def served_models(app: FastAPI) -> list[str]:

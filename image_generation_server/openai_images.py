@@ -8,18 +8,22 @@ route says 422). `HTTPGuard` applies the same API keys, body cap and cancel-on-d
 """
 
 import asyncio
+import json
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import pybase64
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import StreamingResponse
+from haystack.dataclasses import ImageContent
 from pydantic import BaseModel, ConfigDict, Field
 
 from components.image_codec import recompress
 from components.request import MAX_IMAGES, OutputFormat
-from image_generation_server.generation import generate, served_models
-from image_generation_server.params import Guidance, ModelId, Seed, Steps, Text
+from image_generation_server.generation import generate, generate_watched, served_models
+from image_generation_server.params import Guidance, ModelId, PartialImages, Seed, Steps, Text
 from image_generation_server.responses import classify, openai_error
 
 PREFIX = "/v1/"
@@ -95,6 +99,16 @@ class ImageGenerationRequest(BaseModel):
     seed: Seed | None = Field(None, description="Seed of the first image, 0 to 4294967295 (extension).")
     num_inference_steps: Steps | None = Field(None, description="Denoising steps, 1 to 150 (extension).")
     guidance_scale: Guidance | None = Field(None, description="Guidance scale, 0 to 50 (extension).")
+    stream: bool | None = Field(
+        None,
+        description="Answer with server-sent events (`image_generation.partial_image`, then "
+        "`image_generation.completed`) instead of JSON; one image (`n` 1), as base64.",
+    )
+    partial_images: PartialImages | None = Field(
+        None,
+        description="With `stream`: previews to send before the image, 0 to 3 (default 0). The local backend sends "
+        "them at evenly spaced steps (fewer with very few steps); the Hugging Face API backend sends none.",
+    )
 
 
 class ImageData(BaseModel):
@@ -141,12 +155,19 @@ class Refused(Exception):
 
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible images"])
+STREAM_EVENT = {
+    "type": "object",
+    "description": "`event: image_generation.partial_image` or `event: image_generation.completed` (OpenAI's "
+    "`ImageGenPartialImageEvent` and `ImageGenCompletedEvent`), or `event: error` with OpenAI's error body.",
+}
+STREAMED = {"description": "The images; with `stream`, server-sent events", "content": {
+    "text/event-stream": {"schema": STREAM_EVENT}}}  # fmt: skip
 
 
 @router.post(
     "/images/generations",
     response_model=ImagesResponse,
-    responses=ERROR_RESPONSES,
+    responses={200: STREAMED, **ERROR_RESPONSES},
     response_model_exclude_none=True,
     summary="Generate images (OpenAI Images API)",
 )
@@ -154,12 +175,16 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     """
     Generate `n` images from a prompt, as OpenAI's `images.generate` does; each comes back as base64, or as a URL.
 
-    Works with OpenAI's SDKs and OpenAI-compatible clients (set their base URL to this server's `/v1`).
+    Works with OpenAI's SDKs and OpenAI-compatible clients (set their base URL to this server's `/v1`). With
+    `stream`, the answer is OpenAI's server-sent events: up to `partial_images` previews, then the image, which is
+    the same bytes as without `stream`.
     """
     try:
         params = _pipeline_params(body)
     except Refused as e:
         return openai_error(400, str(e), param=e.param)
+    if body.stream:
+        return await _streamed(body, params, request)
     try:
         images = await generate(request.app, **params)
     except Exception as e:
@@ -210,8 +235,71 @@ def install(app: FastAPI) -> None:
     app.router.routes.insert(0, app.router.routes.pop())
 
 
+async def _streamed(body: ImageGenerationRequest, params: dict[str, Any], request: Request) -> Any:
+    """
+    OpenAI's image stream: a partial image event per preview, then the completed event, or `event: error`.
+
+    Nothing is sent until the first preview or the image is there, so that a refusal or a failure before that is an
+    ordinary error response with its status (422 → 400, 429, 503...). A client that disconnects cancels the
+    generation (the guard cancels the route, which closes the generation's iterator).
+    """
+    watched = generate_watched(request.app, frozenset({"preview"}), previews=body.partial_images or 0, **params)
+    try:
+        first = await anext(watched)
+    except Exception as e:
+        failure = classify(e)
+        return openai_error(failure.status, failure.message, param=_param_of(failure), headers=failure.headers)
+    common = {"background": "opaque", "quality": "auto"}
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            item: dict[str, Any] | list[ImageContent] = first
+            while isinstance(item, dict):
+                yield _sse("image_generation.partial_image", {
+                    "type": "image_generation.partial_image", "b64_json": item["image"],
+                    "partial_image_index": item["index"], "created_at": int(time.time()), "size": body.size or "auto",
+                    "output_format": item["mime_type"].removeprefix("image/"), **common,
+                })  # fmt: skip
+                item = await anext(watched)
+            [image] = item
+            data = image.base64_image
+            if body.output_compression is not None:
+                [data] = await asyncio.to_thread(_recompressed, [data], image.meta["format"], body.output_compression)
+            yield _sse("image_generation.completed", {
+                "type": "image_generation.completed", "b64_json": data, "created_at": int(time.time()),
+                "size": f"{image.meta['width']}x{image.meta['height']}", "output_format": image.meta["format"],
+                "usage": NO_USAGE, **common,
+            })  # fmt: skip
+        except Exception as e:
+            failure = classify(e)
+            error = {"message": failure.message, "type": "server_error", "param": _param_of(failure), "code": None}
+            yield _sse("error", {"type": "error", "error": error})
+        finally:
+            await watched.aclose()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+# OpenAI reports tokens for its GPT image models; a diffusion model has none to report.
+NO_USAGE = {
+    "input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+    "total_tokens": 0,
+}  # fmt: skip
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
 def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
     """The component's run inputs for `body`, or `Refused` for a setting this server cannot honour."""
+    if body.stream:
+        if body.n != 1:
+            raise Refused("n", "stream=true sends one image: set n to 1")
+        if body.response_format == "url":
+            raise Refused("response_format", "stream=true sends the image as base64: leave response_format out")
+    elif body.partial_images:
+        raise Refused("partial_images", "partial_images applies with stream=true only")
     if body.quality not in (None, "auto", "standard"):
         raise Refused("quality", f"quality={body.quality!r} is not offered; set num_inference_steps instead")
     if body.background == "transparent":

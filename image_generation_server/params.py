@@ -9,6 +9,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from components.previews import MAX_PREVIEWS
 from components.request import (
     MAX_GUIDANCE,
     MAX_MODEL_ID_CHARS,
@@ -30,3 +31,4 @@ Guidance = Annotated[
 ]
 Steps = Annotated[int, Field(strict=True, ge=1, le=MAX_STEPS)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)]
+PartialImages = Annotated[int, Field(strict=True, ge=0, le=MAX_PREVIEWS)]

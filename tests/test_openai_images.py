@@ -12,7 +12,9 @@ import openai
 import pytest
 from conftest import post_raw, running, server_env
 from fake_upstream import Fault
+from openai.types import ImageGenCompletedEvent, ImageGenStreamEvent
 from PIL import Image
+from pydantic import TypeAdapter
 
 KEY = "openai-door-test-key"
 SMALL = {"prompt": "a fox in the snow", "size": "64x64"}
@@ -112,6 +114,10 @@ def test_extensions_reach_the_upstream(client, fresh_upstream):
         ({"extra_body": {"sed": 3}}, "sed"),
         ({"extra_body": {"seed": -1}}, "seed"),
         ({"prompt": ""}, "prompt"),
+        ({"partial_images": 2}, "partial_images"),  # without stream
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+        ({"stream": True, "n": 2}, "n"),
+        ({"stream": True, "response_format": "url"}, "response_format"),
     ],
 )
 def test_bad_requests_are_400_naming_the_field_and_cost_nothing_upstream(client, fresh_upstream, kwargs, param):
@@ -122,6 +128,24 @@ def test_bad_requests_are_400_naming_the_field_and_cost_nothing_upstream(client,
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
     assert 0 < len(error["message"]) < 200
     assert fresh_upstream.requests == []
+
+
+def test_a_stream_from_the_api_backend_is_the_completed_event_alone(client, fresh_upstream):
+    """The Hugging Face API returns only the final image: no partial images, as OpenAI allows."""
+    plain = client.images.generate(**SMALL, extra_body={"seed": 4})
+    events = list(client.images.generate(**SMALL, stream=True, partial_images=2, extra_body={"seed": 4}))
+    [completed] = events
+    completed = TypeAdapter(ImageGenStreamEvent).validate_python(completed.model_dump())
+    assert isinstance(completed, ImageGenCompletedEvent)
+    assert completed.b64_json == plain.data[0].b64_json
+    assert (completed.size, completed.output_format, completed.background) == ("64x64", "png", "opaque")
+
+
+def test_a_stream_failing_before_any_event_is_an_ordinary_error(client, fresh_upstream):
+    fresh_upstream.fail_next(Fault(status=429, headers={"Retry-After": "7"}))
+    with pytest.raises(openai.RateLimitError) as raised:
+        list(client.images.generate(**SMALL, stream=True, partial_images=1))
+    assert raised.value.response.headers["retry-after"] == "7"
 
 
 def test_wrong_key_is_an_authentication_error(openai_server, fresh_upstream):

@@ -1,0 +1,70 @@
+"""Live previews through the doors, on a real server with the local backend (the tiny model): OpenAI's stream."""
+
+import base64
+import io
+import sys
+
+import httpx
+import openai
+import pytest
+from conftest import ROOT, running, server_env
+from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent, ImageGenStreamEvent
+from PIL import Image
+from pydantic import TypeAdapter
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from tiny_diffusers import build
+
+STEPS = 6
+REQUEST = {"prompt": "a lighthouse at dusk", "size": "64x64"}
+EXTRA = {"seed": 21, "num_inference_steps": STEPS}
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory):
+    """The local backend on the tiny model, the seeded cache off (each request generates)."""
+    model = build(tmp_path_factory.mktemp("models") / "tiny-sd")
+    env = server_env(
+        IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(model), IMAGE_GENERATION_CACHE_BYTES="0"
+    )
+    with running(tmp_path_factory.mktemp("streaming"), env, timeout=120) as server:
+        yield server
+
+
+@pytest.fixture
+def client(local_server):
+    with openai.OpenAI(base_url=f"{local_server.url}/v1", api_key="unused", max_retries=0, timeout=120) as sdk:
+        yield sdk
+
+
+def test_openai_stream_sends_partials_then_the_same_image(client):
+    plain = client.images.generate(**REQUEST, extra_body=EXTRA)
+    events = list(client.images.generate(**REQUEST, stream=True, partial_images=2, extra_body=EXTRA))
+
+    parsed = [TypeAdapter(ImageGenStreamEvent).validate_python(event.model_dump()) for event in events]
+    *partials, completed = parsed
+    assert [type(event) for event in partials] == [ImageGenPartialImageEvent] * 2  # steps 2 and 4 of 6
+    assert [event.partial_image_index for event in partials] == [0, 1]
+    assert isinstance(completed, ImageGenCompletedEvent)
+    assert completed.b64_json == plain.data[0].b64_json  # same seed, same bytes, streamed or not
+    for event in partials:
+        assert (event.size, event.output_format, event.background, event.quality) == ("64x64", "png", "opaque", "auto")
+        assert Image.open(io.BytesIO(base64.b64decode(event.b64_json))).format == "PNG"
+    assert partials[0].b64_json != partials[1].b64_json
+    assert (completed.size, completed.output_format) == ("64x64", "png")
+
+
+def test_stream_events_are_openai_server_sent_events(local_server):
+    """The wire itself: `event:` names equal to each payload's `type`, JSON data, and the content type."""
+    body = {**REQUEST, **EXTRA, "stream": True, "partial_images": 1, "output_format": "webp"}
+    with httpx.stream("POST", f"{local_server.url}/v1/images/generations", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = response.read().decode()
+    blocks = [block for block in text.split("\n\n") if block]
+    names = [block.split("\n")[0].removeprefix("event: ") for block in blocks]
+    assert names == ["image_generation.partial_image", "image_generation.completed"]
+    for name, block in zip(names, blocks, strict=True):
+        data = TypeAdapter(ImageGenStreamEvent).validate_json(block.split("\n")[1].removeprefix("data: "))
+        assert data.type == name
+        assert data.output_format == "webp"

@@ -26,17 +26,24 @@ def tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[], model_max_length=77)
 
 
-def build(folder: Path, seed: int = 0) -> Path:
-    """Save the tiny pipeline in `folder` (created if needed) and return it."""
+def build(folder: Path, seed: int = 0, vae_scale_factor: int = 2) -> Path:
+    """
+    Save the tiny pipeline in `folder` (created if needed) and return it.
+
+    `vae_scale_factor` (2, 4 or 8) is how much smaller than the image its latent is: 8 as in Stable Diffusion, for
+    benchmarks at real sizes (a 512² image is a 64² latent); 2, the default, keeps tests of tiny images cheap.
+    """
     torch.manual_seed(seed)
+    vae_blocks = {2: 2, 4: 3, 8: 4}[vae_scale_factor]
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=HIDDEN, norm_num_groups=4, attention_head_dim=2,
     )  # fmt: skip
     vae = AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, *(16,) * (vae_blocks - 1)), in_channels=3, out_channels=3, latent_channels=4,
+        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
     )  # fmt: skip
     tok = tokenizer()
     text_encoder = CLIPTextModel(

@@ -6,6 +6,7 @@ Uvicorn runs on uvloop with httptools, under a cap on the request head (`image_g
 
 import argparse
 import gc
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -111,8 +112,11 @@ def create_app() -> FastAPI:
 def main() -> None:
     """Serve on `HAYHOOKS_HOST:HAYHOOKS_PORT` the pipelines in `HAYHOOKS_PIPELINES_DIR`."""
     argparse.ArgumentParser(description=main.__doc__).parse_args()  # settings come from the environment only
-    trusted_proxies = [str(network) for network in load_settings().trusted_proxies]
-    app = create_app()
+    try:
+        trusted_proxies = [str(network) for network in load_settings().trusted_proxies]
+        app = create_app()
+    except ValueError as e:  # a setting the server cannot start with; the message names it
+        sys.exit(f"image-generation-server: {e}")
     intercept_stdlib_logging(
         settings.intercepted_loggers, access_log_excluded_path_prefixes=settings.access_log_excluded_path_prefixes
     )

@@ -55,7 +55,7 @@ class HTTPGuard:
     the local generation. With API keys on, the request's cache scope is its key's hash, so that callers with
     different keys never share cached or coalesced results. With a quota (`IMAGE_GENERATION_RATE_LIMIT`), each keyed
     route that takes a body takes one request from the caller's quota (429 past it), and every answer carries the
-    limit headers.
+    limit headers. A `HEAD` on a GET route is answered by the route as a GET, with its status and headers only.
     """
 
     def __init__(  # noqa: PLR0913
@@ -102,7 +102,9 @@ class HTTPGuard:
         if refusal is None and isinstance(row, Route):
             if owner is not None:
                 CACHE_SCOPE.set(owner)
-            if row.body is None:
+            if scope["method"] == "HEAD":  # a GET row's route, answered without its body
+                await self.app({**scope, "method": "GET"}, receive, _headers_only(send))
+            elif row.body is None:
                 await self.app(scope, receive, send)
             else:
                 await self._run_with_body(scope, receive, send, headers, row)
@@ -173,6 +175,19 @@ class HTTPGuard:
                 for (method, path), model in json_bodies(schema).items()
             }
         return self._fields.get(f"{row.method.lower()} {row.path}")
+
+
+def _headers_only(send: Send) -> Send:
+    """`send` for a `HEAD` answered by a GET route: the status and headers (`Content-Length` included), no body."""
+
+    async def send_headers(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                return
+            message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await send(message)
+
+    return send_headers
 
 
 def _metered(row: Route, key: bytes | None, api_keys: tuple[bytes, ...]) -> bool:

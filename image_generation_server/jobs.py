@@ -33,6 +33,7 @@ from image_generation_server.guard import api_keys_from_env, key_id, matching_ke
 from image_generation_server.image_store import ImageStore
 from image_generation_server.params import Guidance, ModelId, Seed, Size, Steps, Text
 from image_generation_server.responses import classify
+from image_generation_server.settings import load_settings
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
 REVISION = "1"
@@ -104,7 +105,7 @@ class Jobs:
         """Set up the wrapper, then bind the component's validation to job requests and open the image store."""
         super().setup()  # type: ignore[misc]
         JobRequest.check = self.pipeline.get_component(COMPONENT).validate_request
-        self.image_store = ImageStore.from_env()
+        self.image_store = ImageStore.from_settings(load_settings())
 
     async def run_durable_async(self, context: DurableContext, request: JobRequest) -> JobResult:
         """

@@ -187,20 +187,20 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
         return await _streamed(body, params, request)
     try:
         images = await generate(request.app, **params)
-    except Exception as e:
+        output_format = images[0].meta["format"]
+        data = [image.base64_image for image in images]
+        if body.output_compression is not None:
+            data = await asyncio.to_thread(_recompressed, data, output_format, body.output_compression)
+        seeds = [image.meta["seed"] for image in images]
+        if body.response_format == "url":
+            store, origin = request.app.state.image_store, f"{request.url.scheme}://{request.url.netloc}"
+            stored = [await asyncio.to_thread(store.put, pybase64.b64decode(b64), output_format) for b64 in data]
+            items = [ImageData(url=origin + image.url, seed=seed) for image, seed in zip(stored, seeds, strict=True)]
+        else:
+            items = [ImageData(b64_json=b64, seed=seed) for b64, seed in zip(data, seeds, strict=True)]
+    except Exception as e:  # the store's failures too (not writable, an image over its budget): a 503
         failure = classify(e)
         return openai_error(failure.status, failure.message, param=_param_of(failure), headers=failure.headers)
-    output_format = images[0].meta["format"]
-    data = [image.base64_image for image in images]
-    if body.output_compression is not None:
-        data = await asyncio.to_thread(_recompressed, data, output_format, body.output_compression)
-    seeds = [image.meta["seed"] for image in images]
-    if body.response_format == "url":
-        store, origin = request.app.state.image_store, f"{request.url.scheme}://{request.url.netloc}"
-        stored = [await asyncio.to_thread(store.put, pybase64.b64decode(b64), output_format) for b64 in data]
-        items = [ImageData(url=origin + image.url, seed=seed) for image, seed in zip(stored, seeds, strict=True)]
-    else:
-        items = [ImageData(b64_json=b64, seed=seed) for b64, seed in zip(data, seeds, strict=True)]
     return ImagesResponse(
         created=int(time.time()),
         data=items,

@@ -12,7 +12,6 @@ that runs is the YAML plus what the operator set. Hayhooks' own `HAYHOOKS_*` set
 
 import ipaddress
 import math
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -132,12 +131,17 @@ class Settings(BaseSettings):
         "(default: metrics off)."
     )  # fmt: skip
     # Jobs' images
-    image_dir: Path = Field(
-        Path(tempfile.gettempdir()) / "image-generation-images",
-        description="The image store: where job (and OpenAI `url`) images are kept (a volume in compose).",
+    image_dir: Path | None = Field(
+        None,
+        description="The image store: where job (and OpenAI `url`) images are kept. It must be the server user's own "
+        "folder, a real one (not a link), that group and others cannot write into; the server refuses to start "
+        "otherwise (see [Security](security.md)). Default: the user's cache folder (`~/.cache/image-generation/images` "
+        "without `XDG_CACHE_HOME`), made `0700`; a volume in compose.",
     )
     image_bytes: int = Field(
-        1024**3, description="Byte budget of the image store; beyond it the oldest images are deleted."
+        1024**3,
+        description="Byte budget of the image store, held when an image is written: the oldest images are deleted "
+        "first to make room; an image larger than the whole budget is a 503.",
     )
     image_max_age: float = Field(24 * 3600.0, description="Seconds an image is kept in the image store.")
     # What goes into every image

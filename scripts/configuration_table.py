@@ -33,7 +33,7 @@ def table() -> str:
     """The Markdown table of every setting: variable, default, meaning."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = "`$TMPDIR/image-generation-images`" if name == "image_dir" else shown(field.get_default())
+        default = "`$XDG_CACHE_HOME/image-generation/images`" if name == "image_dir" else shown(field.get_default())
         rows.append(f"| `{env_name(name)}` | {default} | {field.description} |")
     return "\n".join(rows)
 

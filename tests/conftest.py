@@ -162,7 +162,8 @@ def server(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
     """A real hayhooks server whose upstream is the fake, shared by the session."""
     tmp = tmp_path_factory.mktemp("server")
     (tmp / "tmp").mkdir()
-    with running(tmp, server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, TMPDIR=str(tmp / "tmp"))) as srv:
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, TMPDIR=str(tmp / "tmp"), XDG_CACHE_HOME=str(tmp / "cache"))
+    with running(tmp, env) as srv:
         yield srv
 
 

@@ -1,6 +1,7 @@
 """The route inventory: the app answers exactly the routes of the inventory lists, in both of Hayhooks' modes."""
 
 import gc
+import http.client
 import json
 import re
 import urllib.error
@@ -123,3 +124,25 @@ SERVED_BY_DEFAULT = [row for row in ROUTES if row.durable is not True and row.pa
 def test_a_running_server_answers_every_row(server, fresh_upstream, row):
     path = concrete(row.path).replace("/static/x", "/static/page.js")
     assert request(server, row.method, path) not in NOT_SERVED  # a route's own 404 (no such image) names its cause
+
+
+def exchange(server, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("row", [row for row in SERVED_BY_DEFAULT if row.method == "GET"], ids=lambda row: row.path)
+def test_head_answers_every_get_route_as_get_does_without_a_body(server, fresh_upstream, row):
+    """HEAD was a 405 on the GET routes FastAPI declares (issue 22): now the same status and headers, no body."""
+    path = concrete(row.path).replace("/static/x", "/static/page.js")
+    status, headers, body = exchange(server, "GET", path)
+    head_status, head_headers, head_body = exchange(server, "HEAD", path)
+    assert (head_status, head_body) == (status, b"")
+    assert head_headers["content-type"] == headers["content-type"]
+    assert head_headers.get("content-length") == headers.get("content-length", str(len(body)))

@@ -191,7 +191,8 @@ def test_busy_upstream_counts_down_from_retry_after(page, browser_log, page_serv
     assert answer.value.status == 429
     expect(page.locator("#generate")).to_have_text(re.compile(r"^Retry in \d+ s$"))
     assert page.is_disabled("#generate")
-    assert page.inner_text("#error") == answer.value.json()["error"]["message"]
+    message = answer.value.json()["error"]["message"]
+    assert page.inner_text("#error") == f"{message}. Generate comes back when the countdown ends."
 
 
 def test_copy_as_curl_reproduces_the_same_bytes(page, page_server, fresh_upstream, tmp_path):

@@ -85,7 +85,8 @@ function clearErrors() {
   for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
 }
 
-function showError(text, param) {
+/** The server's sentence at its field (if it names one), and above the results with what to do next (if known). */
+function showError(text, param, next = "") {
   const field = FIELD_OF[param] ?? param;
   const message = field && $(`${field}-error`);
   if (message) {
@@ -95,7 +96,7 @@ function showError(text, param) {
     for (const input of inputs) input?.setAttribute("aria-invalid", "true");
     inputs[0]?.focus();
   }
-  $("error").textContent = text;
+  $("error").textContent = next ? `${text}. ${next}` : text;
   $("error").hidden = false;
 }
 
@@ -192,9 +193,7 @@ function failed(error) {
     askForKey(() => form.requestSubmit());
     return;
   }
-  const next = nextStep(error);
-  const sentence = error.message.charAt(0).toUpperCase() + error.message.slice(1);
-  showError(next ? `${sentence}. ${next}` : sentence, error.param);
+  showError(error.message, error.param, nextStep(error));
   if (error.retryAfter !== null && [429, 503].includes(error.status)) countdown(error.retryAfter);
 }
 

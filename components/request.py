@@ -1,11 +1,24 @@
-"""One text-to-image request: its limits, its validation, its cache key and its A1111-style parameters text."""
+"""
+One text-to-image request: each parameter's type, limits and description, defined once, and its validation.
+
+`GenerationParameters` is what every door takes (the native route, jobs, OpenAI's images API, the MCP tool); a
+parameter left out (`None`) means the pipeline's default, which is the component's init parameter in the pipeline
+YAML and nowhere else. A door takes the model whole (`Batch` adds `n`), or `CommonParameters` plus its own shape of
+the rest (OpenAI's `size` for width and height). The pydantic types are strict (no string for a number, no boolean,
+no Infinity) and carry the limits the OpenAPI schema publishes; string lengths and float ranges are checked by the
+component (`GenerationRequest.validate`), so that every door refuses them with the component's own message.
+`GenerationRequest` is a request resolved by the component: every default applied, the seed fixed.
+"""
 
 import re
 import secrets
 from dataclasses import astuple, dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from components.errors import InvalidRequestError
+from components.previews import MAX_PREVIEWS
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
@@ -29,6 +42,78 @@ PROMPT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]*$"
 _LINE_BREAKS = re.compile("[\r\n\u2028\u2029]+")
 _MODEL_ID_RE = re.compile(MODEL_ID_PATTERN)
 _PROMPT_RE = re.compile(PROMPT_PATTERN)
+
+Text = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX_PROMPT_CHARS})]
+Size = Annotated[int, Field(strict=True, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_MULTIPLE)]
+Steps = Annotated[int, Field(strict=True, ge=1, le=MAX_STEPS)]
+# Strict: a string ("7") or a boolean is a 422, not a number; Infinity and NaN are too.
+Guidance = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, json_schema_extra={"minimum": 0, "maximum": MAX_GUIDANCE})
+]
+Seed = Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)]
+ModelId = Annotated[str, Field(json_schema_extra={"maxLength": MAX_MODEL_ID_CHARS, "pattern": MODEL_ID_PATTERN})]
+ImageCount = Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)]
+PartialImages = Annotated[int, Field(strict=True, ge=0, le=MAX_PREVIEWS)]
+DEFAULT = "the pipeline's default when omitted"
+
+
+class CommonParameters(BaseModel):
+    """The parameters every door takes under the same name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Text = Field(description=f"What to draw, 1 to {MAX_PROMPT_CHARS} characters.")
+    negative_prompt: Text | None = Field(
+        None, description=f"What to keep out of the image, up to {MAX_PROMPT_CHARS} characters."
+    )
+    num_inference_steps: Steps | None = Field(None, description=f"Denoising steps, 1 to {MAX_STEPS}; {DEFAULT}.")
+    guidance_scale: Guidance | None = Field(None, description=f"Guidance scale, 0 to {MAX_GUIDANCE:g}; {DEFAULT}.")
+    seed: Seed | None = Field(
+        None, description=f"Seed, 0 to {MAX_SEED}; the server picks one when omitted (pass it back to reproduce)."
+    )
+    model: ModelId | None = Field(
+        None, description=f"Hugging Face Hub model id (`namespace/name`), one the server serves; {DEFAULT}."
+    )
+    output_format: OutputFormat | None = Field(None, description=f"`png`, `jpeg` or `webp`; {DEFAULT}.")
+
+
+class GenerationParameters(CommonParameters):
+    """The parameters of one image, as the native route and the JSON variant take them."""
+
+    width: Size | None = Field(
+        None, description=f"Width in pixels, a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}; {DEFAULT}."
+    )
+    height: Size | None = Field(
+        None, description=f"Height in pixels, a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}; {DEFAULT}."
+    )
+
+
+class Batch(BaseModel):
+    """How many images one call makes."""
+
+    n: ImageCount = Field(
+        1, description=f"How many images, 1 to {MAX_IMAGES}; image i is the image that seed `seed + i` gives alone."
+    )
+
+
+class Streaming(BaseModel):
+    """Whether the answer is a stream of server-sent events, and how many previews it carries."""
+
+    stream: bool | None = Field(
+        None,
+        description="Answer with server-sent events (`image_generation.partial_image`, then "
+        "`image_generation.completed`) instead of JSON; one image (`n` 1), as base64.",
+    )
+    partial_images: PartialImages | None = Field(
+        None,
+        description=f"With `stream`: previews to send before the image, 0 to {MAX_PREVIEWS} (default 0). The local "
+        "backend sends them at evenly spaced steps (fewer with very few steps); the Hugging Face API backend sends "
+        "none.",
+    )
+
+
+class BatchParameters(Batch, GenerationParameters):
+    """The parameters of `n` images: a job, the MCP tool."""
 
 
 def random_seed(highest: int = MAX_SEED) -> int:

@@ -13,7 +13,7 @@ import contextlib
 import multiprocessing
 import os
 import time
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import pybase64
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -21,17 +21,16 @@ from hayhooks import log
 from hayhooks.durable import DurableContext, DurableExecutionCancelledError
 from hayhooks.settings import settings as hayhooks_settings
 from haystack import Pipeline
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components import errors, progress
-from components.request import MAX_IMAGES, OutputFormat
+from components.request import BatchParameters
 from components.result_cache import CACHE_SCOPE
 from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
 from image_generation_server.generation import COMPONENT, run_pipeline
 from image_generation_server.guard import api_keys_from_env, key_id, matching_key
 from image_generation_server.image_store import ImageStore
-from image_generation_server.params import Guidance, ModelId, Seed, Size, Steps, Text
 from image_generation_server.responses import classify
 from image_generation_server.settings import load_settings
 
@@ -48,24 +47,10 @@ JOB_EVENTS = {
 }  # fmt: skip
 
 
-class JobRequest(BaseModel):
-    """The body of `POST /{name}/run-durable`: the fields of `/run`, with the same limits, plus `n`."""
+class JobRequest(BatchParameters):
+    """The body of `POST /{name}/run-durable`: the parameters of `/run`, with the same limits, plus `n`."""
 
-    model_config = ConfigDict(extra="forbid")
     check: ClassVar[Any] = None  # the component's own validation, bound when the wrapper is set up
-
-    prompt: Text = Field(description="What to draw, 1 to 2000 characters.")
-    width: Size = Field(512, description="Width in pixels, a multiple of 8 from 64 to 2048.")
-    height: Size = Field(512, description="Height in pixels, a multiple of 8 from 64 to 2048.")
-    negative_prompt: Text | None = Field(None, description="What to keep out of the image, up to 2000 characters.")
-    num_inference_steps: Steps | None = Field(None, description="Denoising steps, 1 to 150; the model's default.")
-    guidance_scale: Guidance | None = Field(None, description="Guidance scale, 0 to 50; the model's default.")
-    seed: Seed | None = Field(None, description="Seed of the first image; the server picks one when omitted.")
-    model: ModelId | None = Field(None, description="Hugging Face Hub model id (`namespace/name`).")
-    output_format: OutputFormat = Field("png", description="`png` (default), `jpeg` or `webp`.")
-    n: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)] = Field(
-        1, description=f"How many images, 1 to {MAX_IMAGES}, with seeds `seed`, `seed+1`, ..."
-    )
 
     @model_validator(mode="after")
     def _within_limits(self) -> "JobRequest":

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import FastAPI
 from hayhooks import log
@@ -20,12 +20,11 @@ from mcp.server.fastmcp.server import StreamableHTTPASGIApp
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.routing import Route
 
-from components.request import MAX_IMAGES, OutputFormat
+from components.request import BatchParameters
 from image_generation_server.generation import generate
-from image_generation_server.params import Guidance, ModelId, Seed, Size, Steps, Text
 from image_generation_server.responses import classify, validation_message
 from image_generation_server.routes import MAX_BODY_BYTES
 
@@ -35,30 +34,18 @@ ALLOWED_HOSTS_ENV = "IMAGE_GENERATION_ALLOWED_HOSTS"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 DESCRIPTION = """\
-Generate images from a text prompt and get them back as images (PNG by default).
+Generate images from a text prompt and get them back as images.
 
 Write the prompt as a description of the picture: subject, setting, style, lighting. Each image is followed by a
 text line with its seed, size and model; call again with that seed (and the same other arguments) to get exactly the
 same image, or change the prompt and keep the seed for a variation. `n` images come with seeds seed, seed+1, ...
-Sizes are multiples of 8 from 64 to 2048 (512x512 by default); larger images take longer. On failure the result is an
-error whose text says what to change (a parameter out of range) or when to retry (the server or model is busy)."""
+Sizes are multiples of 8 from 64 to 2048; larger images take longer. What is left out (size, format, steps, model)
+takes the server's defaults. On failure the result is an error whose text says what to change (a parameter out of
+range) or when to retry (the server or model is busy)."""
 
 
-class GenerateImageArguments(BaseModel):
+class GenerateImageArguments(BatchParameters):
     """The tool's arguments: the native route's parameters plus `n`, with the same limits."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: Text = Field(description="What to draw, 1 to 2000 characters.")
-    width: Size | None = Field(None, description="Width in pixels, a multiple of 8 from 64 to 2048; default 512.")
-    height: Size | None = Field(None, description="Height in pixels, a multiple of 8 from 64 to 2048; default 512.")
-    n: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)] = Field(1, description="How many images, 1 to 10.")
-    negative_prompt: Text | None = Field(None, description="What to keep out of the image.")
-    num_inference_steps: Steps | None = Field(None, description="Denoising steps, 1 to 150; the model's default.")
-    guidance_scale: Guidance | None = Field(None, description="Guidance scale, 0 to 50; the model's default.")
-    seed: Seed | None = Field(None, description="Seed of the first image, 0 to 4294967295; random when omitted.")
-    model: ModelId | None = Field(None, description="Model id (`namespace/name`); the server's default when omitted.")
-    output_format: OutputFormat | None = Field(None, description="`png` (default), `jpeg` or `webp`.")
 
 
 def create_mcp_server(app: FastAPI) -> Server:

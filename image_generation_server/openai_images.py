@@ -18,12 +18,11 @@ import pybase64
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from haystack.dataclasses import ImageContent
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from components.image_codec import recompress
-from components.request import MAX_IMAGES, OutputFormat
+from components.request import Batch, CommonParameters, Streaming
 from image_generation_server.generation import generate, generate_watched, served_models
-from image_generation_server.params import Guidance, ModelId, PartialImages, Seed, Steps, Text
 from image_generation_server.responses import classify, openai_error
 
 PREFIX = "/v1/"
@@ -62,16 +61,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's `images.generate` body, with this server's extensions."""
+class ImageGenerationRequest(Streaming, Batch, CommonParameters):
+    """
+    OpenAI's `images.generate` body: the parameters every door takes, `n`, and OpenAI's own fields.
 
-    model_config = ConfigDict(extra="forbid")
+    `model` is one that `GET /v1/models` lists; `negative_prompt`, `seed`, `num_inference_steps` and
+    `guidance_scale` are this server's extensions. `size` stands for `width` and `height`.
+    """
 
-    prompt: Text = Field(description="What to draw, 1 to 2000 characters.")
-    model: ModelId | None = Field(None, description="A model that `GET /v1/models` lists; the default when omitted.")
-    n: Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)] = Field(
-        1, description="How many images, 1 to 10; image i has seed `seed + i`."
-    )
     size: Annotated[str, Field(pattern=SIZE_PATTERN)] | None = Field(
         None, description="`WIDTHxHEIGHT`, each a multiple of 8 from 64 to 2048, or `auto` (the default size)."
     )
@@ -79,7 +76,6 @@ class ImageGenerationRequest(BaseModel):
         None,
         description="`b64_json` (the default), or `url`: a link to the image store, no API key needed to fetch it.",
     )
-    output_format: OutputFormat | None = Field(None, description="`png` (default), `jpeg` or `webp`.")
     output_compression: Annotated[int, Field(strict=True, ge=0, le=100)] | None = Field(
         None, description="JPEG/WebP quality, 0 to 100."
     )
@@ -94,20 +90,6 @@ class ImageGenerationRequest(BaseModel):
     )
     user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = Field(
         None, description="An end-user id; accepted and not stored."
-    )
-    negative_prompt: Text | None = Field(None, description="What to keep out of the image (extension).")
-    seed: Seed | None = Field(None, description="Seed of the first image, 0 to 4294967295 (extension).")
-    num_inference_steps: Steps | None = Field(None, description="Denoising steps, 1 to 150 (extension).")
-    guidance_scale: Guidance | None = Field(None, description="Guidance scale, 0 to 50 (extension).")
-    stream: bool | None = Field(
-        None,
-        description="Answer with server-sent events (`image_generation.partial_image`, then "
-        "`image_generation.completed`) instead of JSON; one image (`n` 1), as base64.",
-    )
-    partial_images: PartialImages | None = Field(
-        None,
-        description="With `stream`: previews to send before the image, 0 to 3 (default 0). The local backend sends "
-        "them at evenly spaced steps (fewer with very few steps); the Hugging Face API backend sends none.",
     )
 
 

@@ -21,7 +21,19 @@ from string import Template
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 
-from components.request import MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
+from components.errors import PipelineNotServedError
+from components.request import (
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    OUTPUT_FORMATS,
+    SIZE_MULTIPLE,
+    GenerationRequest,
+)
+from image_generation_server.generation import COMPONENT, served_pipeline
 from image_generation_server.responses import etag_matches
 
 UI_ENV = "IMAGE_GENERATION_UI"
@@ -41,6 +53,7 @@ DOCS_CSP = (
     "default-src 'none'; script-src 'self' {scripts}; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+FORMAT_LABELS = {name: "WebP" if name == "webp" else name.upper() for name in OUTPUT_FORMATS}
 INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 
 
@@ -81,18 +94,8 @@ def install(app: FastAPI) -> None:
     _install_docs(app)
     if not ui_enabled():
         return
-    limits = {
-        "min_size": MIN_SIZE,
-        "max_size": MAX_SIZE,
-        "size_multiple": SIZE_MULTIPLE,
-        "max_steps": MAX_STEPS,
-        "max_guidance": f"{MAX_GUIDANCE:g}",
-        "max_seed": MAX_SEED,
-        "max_prompt_chars": MAX_PROMPT_CHARS,
-    }
-    page = Asset(
-        Template((STATIC / "index.html").read_text()).substitute(limits).encode(), MEDIA_TYPES[".html"], PAGE_CSP
-    )
+    template = Template((STATIC / "index.html").read_text())
+    page: list[Asset] = []  # rendered at the first request, once the pipeline is deployed, then kept
     assets = {
         path.name: Asset(path.read_bytes(), MEDIA_TYPES[path.suffix], PAGE_CSP)
         for path in sorted(STATIC.iterdir())
@@ -104,7 +107,17 @@ def install(app: FastAPI) -> None:
             raise HTTPException(404, "Not Found")
         return assets[name].response(request)
 
-    app.add_api_route("/", _endpoint(page), methods=["GET"], include_in_schema=False)
+    async def index(request: Request) -> Response:
+        if page:
+            return page[0].response(request)
+        try:
+            defaults = served_pipeline(app).get_component(COMPONENT).defaults
+        except PipelineNotServedError:  # not (yet) deployed: the fields start empty, which means the defaults
+            return _render(template, None).response(request)
+        page.append(_render(template, defaults))
+        return page[0].response(request)
+
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/static/{name}", static, methods=["GET"], include_in_schema=False)
 
 
@@ -133,6 +146,28 @@ def _install_docs(app: FastAPI) -> None:
     }
     for suffix, asset in docs.items():
         app.add_api_route(docs_url + suffix, _endpoint(asset), methods=["GET"], include_in_schema=False)
+
+
+def _render(template: Template, defaults: GenerationRequest | None) -> Asset:
+    """The page with the request model's limits, its form filled with the served pipeline's defaults."""
+    chosen = defaults.output_format if defaults else None
+    formats = "".join(
+        f'<option value="{name}"{" selected" if name == chosen else ""}>{label}</option>'
+        for name, label in FORMAT_LABELS.items()
+    )
+    values = {
+        "min_size": MIN_SIZE,
+        "max_size": MAX_SIZE,
+        "size_multiple": SIZE_MULTIPLE,
+        "max_steps": MAX_STEPS,
+        "max_guidance": f"{MAX_GUIDANCE:g}",
+        "max_seed": MAX_SEED,
+        "max_prompt_chars": MAX_PROMPT_CHARS,
+        "width": defaults.width if defaults else "",
+        "height": defaults.height if defaults else "",
+        "format_options": formats,
+    }
+    return Asset(template.substitute(values).encode(), MEDIA_TYPES[".html"], PAGE_CSP)
 
 
 def _endpoint(asset: Asset) -> Callable[[Request], Awaitable[Response]]:

@@ -8,6 +8,7 @@ is chosen here, at import, from Hayhooks' settings: one folder serves both modes
 
 import os
 from pathlib import Path
+from typing import Any
 
 from fastapi import Response
 from hayhooks import BasePipelineWrapper
@@ -16,12 +17,12 @@ from haystack import Pipeline
 from haystack.core.serialization import allow_deserialization_module
 from starlette.datastructures import Headers
 
-from components.request import OutputFormat
+from components.request import GenerationParameters
 from image_generation_server.generation import run_pipeline
 from image_generation_server.jobs import jobs_mixin
 from image_generation_server.log import configure_server_log
-from image_generation_server.params import Guidance, ModelId, Seed, Size, Steps, Text
 from image_generation_server.responses import http_error, image_response
+from image_generation_server.signature import takes
 
 # IMAGE_GENERATION_BACKEND -> the serialized pipeline that serves it. Both take the same inputs.
 PIPELINE_FILES = {
@@ -46,51 +47,22 @@ class LivePipelineWrapper(BasePipelineWrapper):
         self.pipeline = Pipeline.loads(PIPELINE_FILES[backend].read_text())
         self.pipeline.warm_up()  # settings errors and model loading fail here, at startup, not on a request
 
-    async def run_api_async(  # noqa: PLR0913
-        self,
-        prompt: Text,
-        width: Size = 512,
-        height: Size = 512,
-        negative_prompt: Text | None = None,
-        num_inference_steps: Steps | None = None,
-        guidance_scale: Guidance | None = None,
-        seed: Seed | None = None,
-        model: ModelId | None = None,
-        output_format: OutputFormat = "png",
-        headers: Headers | None = None,
-    ) -> Response:
+    @takes(GenerationParameters)
+    async def run_api_async(self, headers: Headers | None = None, **params: Any) -> Response:
         """
         Generate an image from a text prompt and return it as the response body.
 
-        One image per call: for several at once (`n`), use `POST /v1/images/generations` or the MCP tool.
+        One image per call: for several at once (`n`), use `POST /v1/images/generations` or the MCP tool. A parameter
+        left out takes the pipeline's default (the component's init parameters in the pipeline YAML).
 
         The response carries `X-Seed` (the seed used; pass it back to reproduce the image) and `ETag` (answered with
         304 on a matching `If-None-Match`). The image is marked as AI-generated (IPTC digital source type in XMP; C2PA
         Content Credentials when the server signs).
         Errors: 401 missing API key (when keys are configured), 413 body over 64 KB, 422 bad input or unknown field
         (nothing is sent upstream), 429/503 with `Retry-After`, 502 upstream failure, 504 upstream timeout.
-
-        Args:
-            prompt: What to draw, 1 to 2000 characters.
-            width: Width in pixels, a multiple of 8 from 64 to 2048.
-            height: Height in pixels, a multiple of 8 from 64 to 2048.
-            negative_prompt: What to keep out of the image, up to 2000 characters.
-            num_inference_steps: Denoising steps, 1 to 150; the model's default when omitted.
-            guidance_scale: Guidance scale, 0 to 50; the model's default when omitted.
-            seed: Seed from 0 to 4294967295; the server picks one when omitted.
-            model: Hugging Face Hub model id (`namespace/name`); the server's default
-                (black-forest-labs/FLUX.1-schnell with the API backend) when omitted.
-            output_format: `png` (default), `jpeg` or `webp`.
-            headers: The request's headers, passed by Hayhooks (not part of the body).
-
         """
-        inputs = {
-            "prompt": prompt, "width": width, "height": height, "negative_prompt": negative_prompt,
-            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
-            "model": model, "output_format": output_format,
-        }  # fmt: skip
         try:
-            [image] = await run_pipeline(self.pipeline, **inputs)
+            [image] = await run_pipeline(self.pipeline, **params)
         except Exception as e:
             raise http_error(e) from None
         return image_response(image, headers)

@@ -101,3 +101,34 @@ def test_byte_budget_refuses_past_its_total_and_returns_leases():
             second.take(50)
         assert budget.in_use == 60
     assert budget.in_use == 0
+
+
+async def test_a_slot_handed_over_as_its_waiter_is_cancelled_is_passed_on():
+    """The waiter is cancelled after the hand-over ran but before it woke: it must give the slot back."""
+    gate = AdmissionGate(max_concurrency=1, max_queue=1)
+    holder = gate.slot_async()
+    await holder.__aenter__()
+    waiter = asyncio.create_task(gate.slot_async().__aenter__())
+    await asyncio.sleep(0.05)  # queued
+    await holder.__aexit__(None, None, None)  # hands the slot over (scheduled on this loop)
+    await asyncio.sleep(0)  # the hand-over runs; the waiter is woken but has not run yet
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    async with asyncio.timeout(2), gate.slot_async():  # a lost slot would queue this forever
+        pass
+
+
+async def test_a_slot_on_its_way_to_a_cancelled_waiter_is_passed_on():
+    """The waiter is cancelled while the hand-over is still scheduled: the hand-over must give the slot back."""
+    gate = AdmissionGate(max_concurrency=1, max_queue=1)
+    holder = gate.slot_async()
+    await holder.__aenter__()
+    waiter = asyncio.create_task(gate.slot_async().__aenter__())
+    await asyncio.sleep(0.05)  # queued
+    await holder.__aexit__(None, None, None)  # the hand-over is scheduled, not yet run
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    async with asyncio.timeout(2), gate.slot_async():
+        pass

@@ -10,18 +10,25 @@ routes only such tokens through the router, and is built at run time.
 
 import base64
 import io
+import ipaddress
 import json
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
 import pytest
 from conftest import Server, free_port, post, running, server_env, start_server, stop_server
 from fake_upstream import Fault
 from hostile_upstream import Reply, ScriptedServer, gzip_bomb, hub_model, json_with_url, png
 from PIL import Image
+
+from components.admission import ByteBudget
+from components.hf_providers import Call
+from components.hf_transport import Bounds, fetch_async
 
 SMALL = {"width": 64, "height": 64}
 DEADLINE = 3
@@ -227,6 +234,44 @@ def test_result_url_pointing_inside_is_refused(auto_server, hub, fresh, where):
     assert code == 502
     assert "/admin" not in hub.paths()
     assert "127.0.0.1" not in body.decode()
+
+
+class Rebinding(aiohttp.abc.AbstractResolver):
+    """A DNS answer that differs from the one checked: every name the session resolves points at `host:port`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.asked: list[str] = []
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list:
+        self.asked.append(host)
+        return [{"hostname": host, "host": self.host, "port": self.port, "family": socket.AF_INET, "proto": 0,
+                 "flags": socket.AI_NUMERICHOST}]  # fmt: skip
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_result_url_is_fetched_from_the_address_that_was_checked():
+    """
+    `localhost` is checked (127.0.0.1, allowed here); the session's own resolver would answer another address (a
+    second DNS answer, as in DNS rebinding). The connection goes to the checked address, never to the other one.
+    """
+    image = png(64, 64, "checked")
+    with ScriptedServer("127.0.0.1") as checked, ScriptedServer("127.0.0.3") as rebound:
+        checked.routes["/out.png"] = Reply(body=image, headers={"Content-Type": "image/png"})
+        rebound.routes["/out.png"] = Reply(body=png(64, 64, "inside"), headers={"Content-Type": "image/png"})
+        port = int(checked.url.rsplit(":", 1)[1])
+        call = Call("GET", f"http://localhost:{port}/out.png", "result", max_bytes=1 << 20)
+        resolver = Rebinding("127.0.0.3", int(rebound.url.rsplit(":", 1)[1]))
+        connector = aiohttp.TCPConnector(resolver=resolver)
+        with ByteBudget(1 << 20).lease() as lease:
+            bounds = Bounds(time.monotonic() + 5, lease, (ipaddress.ip_network("127.0.0.1/32"),))
+            async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+                assert await fetch_async(session, call, bounds) == image
+        assert rebound.hits == [] and resolver.asked == []
+        [hit] = checked.hits
+        assert hit.headers["host"] == f"localhost:{port}"
 
 
 @pytest.mark.parametrize(

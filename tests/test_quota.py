@@ -9,6 +9,8 @@ from redis import Redis
 from redis_server import RedisServer
 from scrape import METRICS_KEY, scraped, value
 
+from image_generation_server.quota import MemoryCounts, Quota, RateLimit
+
 LIMIT = 3  # per day: a window boundary during a test is as unlikely as it gets
 BODY = {"prompt": "a quota", "width": 64, "height": 64}
 LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
@@ -86,6 +88,11 @@ def test_replicas_share_one_quota_in_redis_and_let_requests_through_when_it_is_d
     assert remaining(post(b, BODY)[1]) == 1
     assert remaining(post(a, BODY)[1]) == 0
     assert post(b, BODY)[0] == 429
+    # Each count expires with its window: a key without a TTL (-1) would stay in Redis forever.
+    store = Redis.from_url(redis.url)
+    [key] = store.keys("image-generation:quota:*")
+    assert 0 < store.ttl(key) <= 86400 + 1
+    store.close()
 
     redis.stop()
     status, headers, _ = post(b, BODY)
@@ -137,3 +144,13 @@ def test_trusted_proxies_must_be_addresses(upstream, tmp_path):
     env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_TRUSTED_PROXIES="proxy.example")
     with pytest.raises(RuntimeError, match=r"IMAGE_GENERATION_TRUSTED_PROXIES='proxy\.example'"):
         start_server(tmp_path, env)
+
+
+async def test_the_in_process_counts_forget_the_least_recently_seen_past_their_bound():
+    """The table holds at most `max_identities`: a spent identity pushed out by newer ones starts again."""
+    quota = Quota(RateLimit(1, 86400), MemoryCounts(max_identities=2))
+    assert (await quota.take("address:a"))[1] is None
+    assert (await quota.take("address:a"))[1] is not None  # spent
+    for other in ("address:b", "address:c"):
+        assert (await quota.take(other))[1] is None
+    assert (await quota.take("address:a"))[1] is None  # forgotten: the table did not grow past two

@@ -105,6 +105,8 @@ def test_configured_hosts(upstream, tmp_path):
         assert raw(configured, "GET", "/status", {"Host": "images.example:443"})[0] == 200
         assert raw(configured, "GET", "/status", {"Host": "api.corp"})[0] == 200
         assert raw(configured, "GET", "/status", {"Host": "corp.evil"})[0] == 400
+        assert raw(configured, "GET", "/status", {"Host": "evilcorp"})[0] == 400  # `*.corp` is subdomains only
+        assert raw(configured, "GET", "/status", {"Host": "evilcorp:443"})[0] == 400
         assert raw(configured, "GET", "/status", {"Host": "localhost"})[0] == 400  # the list replaces the default
     finally:
         stop_server(configured)

@@ -147,12 +147,21 @@ def test_the_pages_initial_form(defaults_server, fresh_upstream, page):
     assert (page.input_value("#width"), page.input_value("#height")) == ("768", "512")
     assert page.input_value("#output_format") == "webp"
     page.fill("#prompt", "a lighthouse")
-    # With jobs offered (durable mode), the page submits a job, then downloads its image from the image store.
-    with page.expect_response(re.compile(r"/images/[0-9a-f]{32}\.webp$")) as download:
-        page.click("#generate")
-    assert download.value.headers["content-type"] == "image/webp"
-    status, _, data = call(download.value.url)  # the same image, read here (the page streamed its body away)
-    assert status == 200
-    assert_default_image(data)
+    # With jobs offered (durable mode), the page submits a job, downloads its image from the image store (kept here
+    # on its way), then deletes it there.
+    downloads: list[bytes] = []
+
+    def keep(route) -> None:
+        if route.request.method != "GET":  # the DELETE that follows
+            route.continue_()
+            return
+        response = route.fetch()
+        downloads.append(response.body())
+        route.fulfill(response=response)
+
+    page.route(re.compile(r"/images/[0-9a-f]{32}\.webp$"), keep)
+    page.click("#generate")
     expect(page.locator("#results img").first).to_be_visible()
+    [data] = downloads
+    assert_default_image(data)
     assert page.eval_on_selector("#results img", "img => [img.naturalWidth, img.naturalHeight]") == [768, 512]

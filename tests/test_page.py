@@ -129,8 +129,10 @@ def test_generate_shows_the_image_and_history_survives_a_reload(page, browser_lo
     page.reload()
     thumbnail = page.locator("#history .restore").first
     thumbnail.wait_for()
-    assert page.input_value("#prompt") == ""
+    assert page.input_value("#prompt") == "A lighthouse at dusk"  # the last form survives a reload
+    page.fill("#prompt", "")
     thumbnail.click()
+    page.click("figure.result .reuse")
     assert page.input_value("#prompt") == "A lighthouse at dusk"
     assert (page.input_value("#width"), page.input_value("#height")) == ("512", "384")
     assert page.input_value("#seed") == str(sent["data"][0]["seed"])
@@ -236,7 +238,8 @@ def test_a_401_asks_for_the_api_key_and_keeps_it_in_the_tab(page, browser_log, k
     expect(page.locator("figure.result img")).to_have_count(2)
     shown = page.locator("figure.result .seed").all_inner_texts()
     assert shown == [str(image["seed"]) for image in answer.value.json()["data"]]
-    assert page.evaluate("[sessionStorage.length, localStorage.length]") == [1, 0]
+    assert page.evaluate("[sessionStorage.length, Object.keys(localStorage)]") == [1, ["image-generation-form"]]
+    assert "page-key" not in page.evaluate("JSON.stringify(localStorage)")  # the key stays in the tab
     page.click("figure.result .copy-curl >> nth=0")
     command = page.inner_text("figure.result pre.curl >> nth=0")
     assert "page-key" not in command and "$IMAGE_GENERATION_API_KEY" in command

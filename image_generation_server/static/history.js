@@ -48,6 +48,15 @@ export function get(id) {
   return transaction("readonly", (store) => store.get(id));
 }
 
+/** Puts deleted entries back, under their own ids (so in their places). */
+export function restore(entries) {
+  return transaction("readwrite", (store) => {
+    let request = null;
+    for (const entry of entries) request = store.put(entry);
+    return request;
+  });
+}
+
 export function remove(id) {
   return transaction("readwrite", (store) => store.delete(id));
 }

@@ -17,6 +17,10 @@ const FIELD_OF = {
   guidance_scale: "guidance",
 };
 const THUMB_PX = 192;
+const FORM_KEY = "image-generation-form"; // the last form, in localStorage, so that it survives a reload
+const SAVED_FIELDS = ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed-mode", "seed", "model",
+  "output_format", "n"];
+const UNDO_MS = 10000; // how long a deletion can be undone
 
 let running = null; // {controller, timer} while a request is out
 let cooldown = null; // the Retry-After countdown's timer
@@ -24,6 +28,7 @@ let afterKey = null; // what to do once an API key is given
 let resultUrls = [];
 const jobs = jobsOffered(); // with jobs, the page shows each step; without, the time elapsed
 let thumbUrls = [];
+let undoable = null; // {entries, timer}: what the last deletion removed, until it can no longer be undone
 
 function number(input) {
   const text = input.value.trim();
@@ -61,7 +66,33 @@ function writeParams(params) {
   if (params.seed !== null && params.seed !== undefined) setSeed(params.seed, "keep");
   syncPreset();
   clearErrors();
+  saveForm();
   $("prompt").focus();
+}
+
+function saveForm() {
+  try {
+    localStorage.setItem(FORM_KEY, JSON.stringify(Object.fromEntries(SAVED_FIELDS.map((id) => [id, $(id).value]))));
+  } catch {
+    // storage full or disabled: the form just does not survive a reload
+  }
+}
+
+function restoreForm() {
+  let saved = null;
+  try {
+    saved = JSON.parse(localStorage.getItem(FORM_KEY) ?? "null");
+  } catch {
+    // nothing usable saved
+  }
+  for (const id of SAVED_FIELDS) {
+    const value = saved?.[id];
+    if (typeof value !== "string") continue;
+    if (id === "model" && value && ![...$("model").options].some((o) => o.value === value)) {
+      $("model").add(new Option(value, value));
+    }
+    $(id).value = value;
+  }
 }
 
 function setSeed(seed, mode) {
@@ -104,7 +135,34 @@ function setRunning(on) {
   button.textContent = on ? "Cancel" : "Generate";
   button.classList.toggle("cancel", on);
   status.setAttribute("aria-live", on ? "off" : "polite"); // the running clock is not read out ten times a second
-  $("progress").hidden = true;
+  $("progress").removeAttribute("value"); // indeterminate until the server reports steps
+  $("progress").hidden = !on;
+  $("results").setAttribute("aria-busy", String(on));
+}
+
+/** Where the image will appear, the size it will have, shown as soon as Generate is pressed; with a Cancel of its
+ * own, as Generate may be out of view on a phone. */
+function showPlaceholder(params, n) {
+  for (const url of resultUrls) URL.revokeObjectURL(url);
+  resultUrls = [];
+  const boxes = Array.from({ length: n }, () => {
+    const box = element("div", { className: "placeholder" });
+    box.style.aspectRatio = `${params.width || 512} / ${params.height || 512}`;
+    box.style.maxWidth = `${params.width || 512}px`;
+    return box;
+  });
+  const cancel = element("button", { type: "button", className: "cancel-run", textContent: "Cancel" });
+  cancel.addEventListener("click", () => running?.controller.abort());
+  $("results").replaceChildren(element("figure", { className: "pending" }, ...boxes, cancel));
+  bringIntoView($("output"));
+}
+
+/** Scrolls `node` to the top of the window unless its top is already in the upper half of it (a phone's layout). */
+function bringIntoView(node) {
+  const { top } = node.getBoundingClientRect();
+  if (top >= 0 && top < window.innerHeight / 2) return;
+  const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  node.scrollIntoView({ block: "start", behavior: smooth ? "smooth" : "auto" });
 }
 
 function elapsed(started) {
@@ -123,13 +181,12 @@ async function generate() {
   }, 100);
   const onProgress = (event) => {
     doing = progressText(event, n);
-    if (event.phase === "step") {
-      $("progress").hidden = false;
-      $("progress").value = event.step / event.steps;
-    }
+    if (event.phase === "step") $("progress").value = event.step / event.steps;
   };
   running = { controller, timer };
+  saveForm();
   setRunning(true);
+  showPlaceholder(params, n);
   status.textContent = "Generating…";
   try {
     const result = (await jobs)
@@ -155,6 +212,7 @@ async function generate() {
     status.textContent = `Done in ${(ms / 1000).toFixed(1)} s`;
     await renderHistory();
   } catch (error) {
+    $("results").replaceChildren();
     failed(error);
   } finally {
     clearInterval(timer);
@@ -309,21 +367,44 @@ async function renderHistory() {
       const url = URL.createObjectURL(entry.thumb || entry.image);
       thumbUrls.push(url);
       const label = `${entry.params.prompt.slice(0, 60)} (seed ${entry.params.seed})`;
-      const restore = element("button", { type: "button", className: "restore", title: label }, element("img", { src: url, alt: label }));
-      restore.setAttribute("aria-label", `Restore: ${label}`);
+      const restore = element(
+        "button",
+        { type: "button", className: "restore", title: entry.params.prompt },
+        element("img", { src: url, alt: "" }),
+        element("span", { className: "prompt", textContent: entry.params.prompt }),
+      );
+      restore.setAttribute("aria-label", `Open: ${label}`);
       restore.addEventListener("click", () => {
-        writeParams(entry.params);
-        showResults([entry]);
+        clearErrors();
+        status.textContent = "";
+        showResults([entry]); // larger, with Download and "Use these settings"
+        bringIntoView($("output"));
       });
       const remove = element("button", { type: "button", className: "delete", textContent: "×" });
       remove.setAttribute("aria-label", `Delete: ${label}`);
       remove.addEventListener("click", async () => {
         await history.remove(entry.id);
+        offerUndo([entry], `Deleted “${entry.params.prompt.slice(0, 40)}”.`);
         await renderHistory();
+        ($("history").querySelector(".restore") ?? $("undo-button")).focus();
       });
       return element("li", {}, restore, remove);
     }),
   );
+}
+
+/** Deleting is immediate; for a while, Undo puts back what it removed. */
+function offerUndo(entries, text) {
+  clearTimeout(undoable?.timer);
+  undoable = { entries, timer: setTimeout(hideUndo, UNDO_MS) };
+  $("undo-text").textContent = text;
+  $("undo").hidden = false;
+}
+
+function hideUndo() {
+  clearTimeout(undoable?.timer);
+  undoable = null;
+  $("undo").hidden = true;
 }
 
 async function loadModels() {
@@ -357,8 +438,16 @@ $("width").addEventListener("input", syncPreset);
 $("height").addEventListener("input", syncPreset);
 $("seed-mode").addEventListener("change", () => setSeed($("seed").value));
 $("clear-history").addEventListener("click", async () => {
-  if (!confirm("Delete every image in this browser's history?")) return;
+  const entries = await history.all();
   await history.clear();
+  offerUndo(entries, `Deleted ${entries.length} image${entries.length === 1 ? "" : "s"}.`);
+  await renderHistory();
+  $("undo-button").focus();
+});
+$("undo-button").addEventListener("click", async () => {
+  const entries = undoable?.entries ?? [];
+  hideUndo();
+  await history.restore(entries);
   await renderHistory();
 });
 $("key-form").addEventListener("submit", () => {
@@ -370,7 +459,10 @@ $("key-form").addEventListener("submit", () => {
 });
 $("key-cancel").addEventListener("click", () => $("key-dialog").close());
 
-setSeed("");
+restoreForm();
+setSeed($("seed").value);
 syncPreset();
+form.addEventListener("input", saveForm);
+form.addEventListener("change", saveForm);
 loadModels();
 renderHistory().catch((error) => showError(`History is unavailable: ${error.message}`));

@@ -21,11 +21,11 @@ from hayhooks import log
 from hayhooks.durable import DurableContext, DurableExecutionCancelledError
 from hayhooks.settings import settings as hayhooks_settings
 from haystack import Pipeline
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components import errors, progress
-from components.request import BatchParameters
+from components.request import BatchParameters, PartialImages
 from components.result_cache import CACHE_SCOPE
 from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
 from image_generation_server.generation import COMPONENT, run_pipeline
@@ -43,8 +43,12 @@ STORE_RETRY_AFTER_SECONDS = 5  # what a client is told to wait while the job sto
 CHECKPOINT_INTERVAL_SECONDS = 0.5  # step progress is committed at most this often (and at the last step)
 # The progress events a job shows (components/progress.py has more, for the metrics), and their fields.
 JOB_EVENTS = {
-    "queued": (), "sent": (), "generating": (), "step": ("step", "steps"), "received": (), "stored": ("image", "images")
+    "queued": (), "sent": (), "generating": (), "step": ("step", "steps"), "received": (),
+    "stored": ("image", "images"),
+    "preview": ("index", "previews", "step", "steps", "image", "mime_type", "width", "height"),
 }  # fmt: skip
+# Events that go to the stream only: a preview's image is for watching live, not for the job's durable record.
+STREAM_ONLY = frozenset({"preview"})
 
 
 class JobRequest(BatchParameters):
@@ -52,12 +56,22 @@ class JobRequest(BatchParameters):
 
     check: ClassVar[Any] = None  # the component's own validation, bound when the wrapper is set up
 
+    partial_images: PartialImages = Field(
+        0,
+        description="Previews per image on the stream, 0 (default) to 3: `preview` chunks with a small image of the "
+        "generation in progress, from the local backend (the Hugging Face API backend sends none).",
+    )
+
+    def pipeline_inputs(self) -> dict[str, Any]:
+        """The component's run inputs: every field but the stream's `partial_images`."""
+        return self.model_dump(exclude={"partial_images"})
+
     @model_validator(mode="after")
     def _within_limits(self) -> "JobRequest":
         """Refuse at submission (422) what `/run` refuses, so that a job never fails on its input."""
         if JobRequest.check is not None:
             try:
-                JobRequest.check(**self.model_dump())
+                JobRequest.check(**self.pipeline_inputs())
             except errors.InvalidRequestError as e:
                 raise ValueError(str(e)) from None
         return self
@@ -160,7 +174,7 @@ async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext
     # The job runs in Hayhooks' durable worker, outside the request: scope the seeded cache to its owner's key here,
     # as the guard does for requests, so that one key's jobs are never answered from another key's images.
     CACHE_SCOPE.set((context.owner_id or "").removeprefix(OWNER_PREFIX))
-    with progress.reporting_to(publisher.report):  # the tasks created below inherit it
+    with progress.reporting_to(publisher.report, previews=request.partial_images):  # the tasks below inherit it
         work = asyncio.ensure_future(_generate(pipeline, store, request))
     watch = asyncio.ensure_future(_wait_for_cancel(context))
     try:
@@ -179,7 +193,7 @@ async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext
 
 async def _generate(pipeline: Pipeline, store: ImageStore, request: JobRequest) -> JobResult:
     images = []
-    made = await run_pipeline(pipeline, **request.model_dump())
+    made = await run_pipeline(pipeline, **request.pipeline_inputs())
     for index, image in enumerate(made):
         data = pybase64.b64decode(image.base64_image, validate=True)
         stored = await asyncio.to_thread(store.put, data, image.meta["format"])
@@ -234,8 +248,9 @@ class _ProgressPublisher:
     """
     The progress callback of one job: each event goes live to the SSE stream and into the job's progress.
 
-    Progress is committed at checkpoints: every phase, and steps at most every `CHECKPOINT_INTERVAL_SECONDS` (and the
-    last one). A step reported from the generating thread also checks for a cancel, which stops the generation there.
+    Previews go to the stream only. Progress is committed at checkpoints: every phase, and steps at most every
+    `CHECKPOINT_INTERVAL_SECONDS` (and the last one). A step reported from the generating thread also checks for a
+    cancel, which stops the generation there.
     """
 
     def __init__(self, context: DurableContext) -> None:
@@ -264,7 +279,9 @@ class _ProgressPublisher:
     async def publish(self, event: dict[str, Any]) -> None:
         """Stream, record and (when due) checkpoint `event`; for a step, raise if the job was cancelled."""
         try:
-            self.context.stream_chunk_sync(event)
+            self.context.stream_chunk_sync(event)  # a chunk over Hayhooks' cap (64 KB) is dropped, not an error
+            if event["phase"] in STREAM_ONLY:
+                return
             await self.context.report_progress(_message(event), kind=event["phase"], metadata=event)
             now = time.monotonic()
             last_step = event["phase"] == "step" and event["step"] == event["steps"]

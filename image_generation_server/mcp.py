@@ -1,20 +1,23 @@
 """
 MCP at `/mcp`: the tool `generate_image`, which answers with the images themselves (MCP `ImageContent`).
 
-The official `mcp` SDK's streamable HTTP transport, stateless (any replica answers any call; no sticky sessions) with
-plain JSON replies, runs inside the server's app: its session manager runs in the app's lifespan, the tool runs the
-one image pipeline through `generation`, its errors carry the same messages as HTTP, and `HTTPGuard` asks for
-the same API keys. Hayhooks' own MCP tool for the wrapper is turned off (`skip_mcp`): it could only return text.
+The official `mcp` SDK's streamable HTTP transport, stateless (any replica answers any call; no sticky sessions),
+runs inside the server's app: its session manager runs in the app's lifespan, the tool runs the one image pipeline
+through `generation`, its errors carry the same messages as HTTP, and `HTTPGuard` asks for the same API keys. Each
+reply is a short server-sent event stream on the POST itself, so that a call whose client sent a `progressToken` gets
+a progress notification per denoising step (local backend) before its result. Hayhooks' own MCP tool for the wrapper
+is turned off (`skip_mcp`): it could only return text.
 """
 
 import logging
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from hayhooks import log
+from haystack.dataclasses import ImageContent
 from mcp import types
 from mcp.server.fastmcp.server import StreamableHTTPASGIApp
 from mcp.server.lowlevel import Server
@@ -24,7 +27,7 @@ from pydantic import ValidationError
 from starlette.routing import Route
 
 from components.request import BatchParameters
-from image_generation_server.generation import generate
+from image_generation_server.generation import generate, generate_watched
 from image_generation_server.responses import classify, validation_message
 from image_generation_server.routes import MAX_BODY_BYTES
 
@@ -72,7 +75,7 @@ def create_mcp_server(app: FastAPI) -> Server:
         except ValidationError as e:
             return _error(validation_message(e.errors())[1])
         try:
-            images = await generate(app, **request.model_dump())
+            images = await _generated(app, server.request_context, request)
         except Exception as e:
             return _error(classify(e).message)
         content: list[types.ContentBlock] = [
@@ -92,7 +95,7 @@ def install(app: FastAPI) -> None:
     logging.getLogger().addFilter(short_validation_warnings)
     sessions = StreamableHTTPSessionManager(
         app=create_mcp_server(app),
-        json_response=True,
+        json_response=False,  # server-sent events on the POST: progress notifications, then the result
         stateless=True,
         security_settings=transport_security(),
         max_request_body_size=MAX_BODY_BYTES,
@@ -140,6 +143,26 @@ def short_validation_warnings(record: logging.LogRecord) -> bool:
         log.info("MCP: refused a malformed {}", message.split(":", 1)[0].rsplit(" ", 1)[-1])
         return False
     return True
+
+
+async def _generated(app: FastAPI, context: Any, request: GenerateImageArguments) -> list[ImageContent]:
+    """The images; with the call's `progressToken`, a progress notification per denoising step on the way."""
+    token = context.meta.progressToken if context.meta is not None else None
+    if token is None:
+        return await generate(app, **request.model_dump())
+    images: list[ImageContent] = []
+    done = 0
+    async with aclosing(generate_watched(app, frozenset({"step"}), **request.model_dump())) as watched:
+        async for item in watched:
+            if isinstance(item, list):
+                images = item
+                continue
+            done += 1  # a batch's images are made one after another: n times the steps in all
+            await context.session.send_progress_notification(
+                token, done, item["steps"] * request.n, f"step {item['step']} of {item['steps']}",
+                related_request_id=context.request_id,
+            )  # fmt: skip
+    return images
 
 
 def _error(message: str) -> types.CallToolResult:

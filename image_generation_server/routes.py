@@ -89,10 +89,12 @@ ROUTES: tuple[Route, ...] = (
     # whoever has it (the page, once the browser holds the image) can delete it
     Route("GET", "/images/{name}", "capability"),
     Route("DELETE", "/images/{name}", "capability"),
-    # the OpenAI-compatible door (openai_images.py); its model list replaces Hayhooks' (chat models)
+    # the OpenAI-compatible door (openai_images.py); its model list replaces Hayhooks' (chat models). With `stream`,
+    # generations answer OpenAI's server-sent events: bounded by the generation (≤ 3 partial images, then the image)
     Route("POST", "/v1/images/generations", "api_key", RUN_BODY, errors="openai"),
     Route("GET", "/v1/models", "api_key", errors="openai"),
-    # the MCP door (image_generation_server/mcp.py): stateless JSON-RPC over POST; its SDK checks the body's shape
+    # the MCP door (image_generation_server/mcp.py): stateless JSON-RPC over POST, answered as server-sent events
+    # (progress notifications, then the result); its SDK checks the body's shape
     Route("POST", "/mcp", "api_key", Body(MAX_BODY_BYTES, closed=False)),
     # the web page (image_generation_server/page.py), unless IMAGE_GENERATION_UI=false
     Route("GET", "/", "public", optional=True),

@@ -4,6 +4,8 @@ Jobs on the embedded (in-memory) store: an `image-generation-server` in durable 
 The stream is read with `curl -N`, as the README does; the image URL is fetched without a key, as an `<img>` would.
 """
 
+import base64
+import io
 import itertools
 import json
 import os
@@ -14,6 +16,7 @@ from datetime import datetime
 import pytest
 from conftest import HAYHOOKS, ROOT, server_env, start_server, stop_server, wait_for
 from jobs_client import JOBS, SSE, call, durable_env, submit, wait_status
+from PIL import Image
 
 from components.image_codec import PNG_SIGNATURE
 from image_generation_server.image_store import ImageStore
@@ -87,6 +90,39 @@ def test_submit_stream_steps_and_download_the_same_png_as_run(jobs_server):
     assert png == direct
 
     assert call(f"{base}{image['url']}", headers={"If-None-Match": image["etag"]})[0] == 304
+
+
+def test_the_stream_carries_previews_and_resumes_after_the_last_one_seen(jobs_server):
+    base = jobs_server.url
+    accepted = submit(base, body(seed=78, num_inference_steps=6, partial_images=2), A)
+    url = f"{base}{accepted['links']['stream']}"
+    stream = SSE(url, A)
+    events = list(stream)
+    stream.close()
+    chunks = [event for event in events if event.event == "chunk"]
+    previews = [event for event in chunks if event.data["payload"]["phase"] == "preview"]
+    assert [(p.data["payload"]["index"], p.data["payload"]["step"]) for p in previews] == [(0, 2), (1, 4)]
+    for preview in previews:
+        payload = preview.data["payload"]
+        picture = Image.open(io.BytesIO(base64.b64decode(payload["image"])))
+        assert (picture.format, picture.size) == ("PNG", (payload["width"], payload["height"]))
+        assert payload["mime_type"] == "image/png"
+    finished = events[-1].data
+    assert "preview" not in {entry["kind"] for entry in finished["progress"]}  # the stream's, not the record's
+
+    # A client that saw the first preview and lost the connection picks up right after it.
+    resumed = SSE(url, {**A, "Last-Event-ID": previews[0].id})
+    again = list(resumed)
+    resumed.close()
+    after = [event.id for event in chunks[chunks.index(previews[0]) + 1 :]]
+    assert [event.id for event in again if event.event == "chunk"] == after
+    assert previews[1].id in after
+
+    # The previews leave the image alone: the same seed without them is the same PNG.
+    (image,) = finished["result"]["images"]
+    status, _, png = call(f"{base}{image['url']}")
+    assert status == 200
+    assert png == call(f"{base}{JOBS}/run", "POST", body(seed=78, num_inference_steps=6), A)[2]
 
 
 def test_n_images_with_consecutive_seeds(jobs_server):

@@ -1,4 +1,4 @@
-"""Live previews through the doors, on a real server with the local backend (the tiny model): OpenAI's stream."""
+"""Live previews and progress through the doors, on a real server with the local backend (the tiny model)."""
 
 import base64
 import io
@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 from conftest import ROOT, running, server_env
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent, ImageGenStreamEvent
 from PIL import Image
 from pydantic import TypeAdapter
@@ -68,3 +70,29 @@ def test_stream_events_are_openai_server_sent_events(local_server):
         data = TypeAdapter(ImageGenStreamEvent).validate_json(block.split("\n")[1].removeprefix("data: "))
         assert data.type == name
         assert data.output_format == "webp"
+
+
+async def mcp_call(server, arguments, progress_callback=None):
+    async with (
+        httpx.AsyncClient(timeout=120) as http,
+        streamable_http_client(f"{server.url}/mcp", http_client=http) as (read, write, _),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        return await session.call_tool("generate_image", arguments, progress_callback=progress_callback)
+
+
+async def test_mcp_reports_a_progress_notification_per_step_when_asked(local_server):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, total, message))
+
+    arguments = {"prompt": "a kite", "width": 64, "height": 64, "seed": 5, "num_inference_steps": STEPS, "n": 2}
+    result = await mcp_call(local_server, arguments, on_progress)
+    assert not result.isError, result.content
+    # Two images made one after another: 12 steps in all, each image's own step in the message.
+    assert seen == [(k, 2 * STEPS, f"step {(k - 1) % STEPS + 1} of {STEPS}") for k in range(1, 2 * STEPS + 1)]
+
+    plain = await mcp_call(local_server, arguments)  # no progress token: the same images
+    assert [item.data for item in plain.content[:2]] == [item.data for item in result.content[:2]]

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components.result_cache import CACHE_SCOPE
 from image_generation_server.origins import HostAllowList, OriginPolicy
-from image_generation_server.quota import Quota, limited_send
+from image_generation_server.quota import IDENTITY_SCOPE_KEY, Quota, identity, limited_send
 from image_generation_server.responses import clip, error_response
 from image_generation_server.routes import Inventory, Route
 
@@ -94,8 +94,10 @@ class HTTPGuard:
         key = matching_key(headers.get("authorization", ""), self.api_keys) if keyed else None
         refusal = self._refusal_unread(scope, headers, row, key)
         owner = key_id(key) if key is not None else None  # the key's cache scope and quota, hashed once
+        # Whose quota, and share of jobs and streams (image_generation_server.job_shares).
+        scope[IDENTITY_SCOPE_KEY] = identity(owner, scope.get("client"))
         if refusal is None and isinstance(row, Route) and self.quota is not None and _metered(row, key, self.api_keys):
-            send, retry_after = await limited_send(self.quota, owner, scope.get("client"), send)
+            send, retry_after = await limited_send(self.quota, scope[IDENTITY_SCOPE_KEY], send)
             if retry_after is not None:
                 retry = {"Retry-After": str(retry_after)}
                 refusal = error_response(row.errors, 429, "the rate limit is spent, retry later", retry)

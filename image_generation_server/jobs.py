@@ -10,6 +10,7 @@ Hayhooks runs in durable mode, and only then: a durable wrapper cannot be loaded
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import os
 import time
@@ -23,6 +24,7 @@ from hayhooks.settings import settings as hayhooks_settings
 from haystack import Pipeline
 from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 
 from components import errors, progress
 from components.request import BatchParameters, PartialImages
@@ -31,6 +33,7 @@ from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
 from image_generation_server.generation import COMPONENT, run_pipeline
 from image_generation_server.guard import api_keys_from_env, key_id, matching_key
 from image_generation_server.image_store import ImageStore
+from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.responses import classify
 from image_generation_server.settings import load_settings
 
@@ -127,7 +130,33 @@ class OwnedJobs(Jobs):
 
 
 def install(app: FastAPI) -> None:
-    """Give every 503 a `Retry-After`: Hayhooks' job routes answer one without it while the job store is away."""
+    """
+    Give every 503 a `Retry-After`, and in durable mode each client its share of jobs and streams.
+
+    Hayhooks' job routes answer a 503 without `Retry-After` while the job store is away. The shares are
+    `image_generation_server.job_shares`.
+    """
+    if app.state.durable_mode:
+        shares = load_settings()
+        limits = {
+            "IMAGE_GENERATION_MAX_JOBS_PER_CLIENT": (
+                shares.max_jobs_per_client, "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS",
+                hayhooks_settings.durable_max_nonterminal_executions,
+            ),
+            "IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT": (
+                shares.max_streams_per_client, "HAYHOOKS_DURABLE_REDIS_MAX_VIEWERS",
+                hayhooks_settings.durable_redis_max_viewers if hayhooks_settings.durable_store == "redis" else 0,
+            ),
+        }  # fmt: skip
+        for name, (share, shared_name, shared) in limits.items():
+            if shared and share >= shared:
+                raise ValueError(f"{name}={share} must be below {shared_name}={shared}, the limit of all clients")
+        # After HTTPGuard (appended before the doors are installed), which names the client.
+        app.user_middleware.append(
+            Middleware(
+                JobShares, api=app, max_jobs=shares.max_jobs_per_client, max_streams=shares.max_streams_per_client
+            )
+        )
     native = app.exception_handlers[StarletteHTTPException]
 
     async def with_retry_after(request: Request, error: Exception) -> Response:
@@ -150,7 +179,8 @@ def configure_durable_mode() -> None:
     The execution store is Hayhooks' in-memory store unless Redis is configured (`HAYHOOKS_DURABLE_STORE=redis` or
     `HAYHOOKS_DURABLE_REDIS_URL`); with Redis, the seeded-result cache is shared through it too. A process with the
     memory store refuses to be one of several workers: each would hold its own jobs. At most
-    `DEFAULT_MAX_PENDING_JOBS` jobs wait or run unless configured otherwise.
+    `DEFAULT_MAX_PENDING_JOBS` jobs wait or run unless configured otherwise, and a finished job is kept for as long
+    as its images at most (`IMAGE_GENERATION_IMAGE_MAX_AGE`, below Hayhooks' 7 days).
     """
     if not hayhooks_settings.durable_mode:
         return
@@ -161,6 +191,9 @@ def configure_durable_mode() -> None:
         os.environ[SHARED_CACHE_URL_ENV] = hayhooks_settings.durable_redis_url  # read when the pipeline warms up
     if "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS" not in configured:
         hayhooks_settings.durable_max_nonterminal_executions = DEFAULT_MAX_PENDING_JOBS
+    # A finished job is kept no longer than its images: past that its result would list URLs that answer 404.
+    image_lifetime = math.ceil(load_settings().image_max_age)
+    hayhooks_settings.durable_terminal_ttl_seconds = min(hayhooks_settings.durable_terminal_ttl_seconds, image_lifetime)
     if hayhooks_settings.durable_store == "memory" and multiprocessing.parent_process() is not None:
         raise RuntimeError(
             "the in-memory job store serves one process: run one worker, or set HAYHOOKS_DURABLE_STORE=redis and "
@@ -177,6 +210,7 @@ async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext
     with progress.reporting_to(publisher.report, previews=request.partial_images):  # the tasks below inherit it
         work = asyncio.ensure_future(_generate(pipeline, store, request))
     watch = asyncio.ensure_future(_wait_for_cancel(context))
+    started = time.monotonic()
     try:
         await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
         if watch.done():
@@ -184,7 +218,9 @@ async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await work
             watch.result()  # raises the cancellation
-        return await _unwrapped(work, publisher)
+        result = await _unwrapped(work, publisher)
+        JOB_DURATIONS.record(time.monotonic() - started)  # what a queued job's estimated start is made of
+        return result
     finally:
         work.cancel()
         watch.cancel()

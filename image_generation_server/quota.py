@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from starlette.types import Message, Send
 
 RATE_LIMIT_ENV = "IMAGE_GENERATION_RATE_LIMIT"
+IDENTITY_SCOPE_KEY = "image_generation.identity"  # where `HTTPGuard` leaves the request's `identity` for the doors
 IPV6_SUBSCRIBER_PREFIX = 64  # one IPv6 client is its /64: a subscriber gets at least that many addresses
 REDIS_URL_ENV = "HAYHOOKS_DURABLE_REDIS_URL"
 PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -163,16 +164,14 @@ def identity(key_id: str | None, client: tuple[str, int] | None) -> str:
     return "address:" + client_address(client)
 
 
-async def limited_send(
-    quota: Quota, key_id: str | None, client: tuple[str, int] | None, send: Send
-) -> tuple[Send, int | None]:
+async def limited_send(quota: Quota, who: str, send: Send) -> tuple[Send, int | None]:
     """
-    Take one request from its quota.
+    Take one request from the quota of `who` (an `identity`).
 
     Returns `send` with the limit headers added to the answer, and the seconds to wait when the quota is spent (else
     None).
     """
-    headers, retry_after = await quota.take(identity(key_id, client))
+    headers, retry_after = await quota.take(who)
 
     async def send_with_limits(message: Message) -> None:
         if message["type"] == "http.response.start":

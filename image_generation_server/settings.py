@@ -130,6 +130,17 @@ class Settings(BaseSettings):
         None, repr=False, description="Serve `GET /metrics` to scrapers sending this key as a Bearer token "
         "(default: metrics off)."
     )  # fmt: skip
+    # Jobs: each client's share (a client is an API key, or an address with keys off)
+    max_jobs_per_client: int = Field(
+        10,
+        description="Unfinished (queued or running) jobs one client may have at once; beyond, 429. All clients "
+        "together are bounded by `HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS` (100), which this must stay below.",
+    )
+    max_streams_per_client: int = Field(
+        4,
+        description="Job progress streams one client may hold open at once on a replica; beyond, 429. All clients "
+        "together are bounded by `HAYHOOKS_DURABLE_REDIS_MAX_VIEWERS` (100 per replica, with the Redis job store).",
+    )
     # Jobs' images
     image_dir: Path | None = Field(
         None,
@@ -189,7 +200,10 @@ class Settings(BaseSettings):
             raise ValueError("must be a positive number of seconds")
         return value
 
-    @field_validator("max_image_bytes", "max_inflight_bytes", "max_concurrency", "image_bytes")
+    @field_validator(
+        "max_image_bytes", "max_inflight_bytes", "max_concurrency", "image_bytes", "max_jobs_per_client",
+        "max_streams_per_client",
+    )  # fmt: skip
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import pytest
 from conftest import HAYHOOKS, ROOT, server_env, start_server, stop_server, wait_for
-from jobs_client import JOBS, SSE, call, durable_env, submit, wait_status
+from jobs_client import JOBS, SSE, call, durable_env, job, submit, wait_status
 from PIL import Image
 
 from components.image_codec import PNG_SIGNATURE
@@ -27,7 +27,8 @@ from tiny_diffusers import build
 KEY_A, KEY_B = "job-key-a-0123456789", "job-key-b-0123456789"
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
-MAX_PENDING = 3
+MAX_PENDING = 5  # jobs of all keys together
+MAX_PER_KEY = 3  # unfinished jobs of one key
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def jobs_server(tiny_model, tmp_path_factory):
         IMAGE_GENERATION_LOCAL_MODEL=str(tiny_model),
         IMAGE_GENERATION_CACHE_BYTES="0",
         IMAGE_GENERATION_API_KEYS=f"{KEY_A},{KEY_B}",
+        IMAGE_GENERATION_MAX_JOBS_PER_CLIENT=str(MAX_PER_KEY),
         IMAGE_GENERATION_IMAGE_DIR=str(tmp / "images"),
     )
     server = start_server(tmp, env, timeout=120)
@@ -216,25 +218,81 @@ def test_idempotency_key_replays_the_same_job(jobs_server):
     wait_status(base, first["execution_id"], {"completed"}, headers=A)
 
 
-def test_pending_jobs_are_bounded(jobs_server):
+def cancel_all(base, jobs, headers):
+    for pending in jobs:
+        call(f"{base}{pending['links']['cancel']}", "POST", headers=headers)
+    for pending in jobs:
+        assert wait_status(base, pending["execution_id"], {"canceled", "completed"}, headers=headers)
+
+
+def test_pending_jobs_are_bounded_per_key_and_in_all(jobs_server):
     base = jobs_server.url
-    accepted = [submit(base, body(num_inference_steps=150), A) for _ in range(MAX_PENDING)]
-    status, headers, _ = call(f"{base}{JOBS}/run-durable", "POST", body(), A)
-    assert status == 503
+    mine = [submit(base, body(num_inference_steps=150), A) for _ in range(MAX_PER_KEY)]
+    status, headers, data = call(f"{base}{JOBS}/run-durable", "POST", body(), A)
+    assert status == 429  # the key's own limit, named
+    assert "IMAGE_GENERATION_MAX_JOBS_PER_CLIENT=3" in json.loads(data)["detail"]
     assert headers["retry-after"]
-    for pending in accepted:
-        call(f"{base}{pending['links']['cancel']}", "POST", headers=A)
-    for pending in accepted:
-        assert wait_status(base, pending["execution_id"], {"canceled"}, headers=A)
+    theirs = [submit(base, body(num_inference_steps=150), B) for _ in range(MAX_PENDING - MAX_PER_KEY)]
+    status, headers, _ = call(f"{base}{JOBS}/run-durable", "POST", body(), B)
+    assert status == 503  # all keys together: Hayhooks' limit
+    assert headers["retry-after"]
+    cancel_all(base, mine, A)
+    cancel_all(base, theirs, B)
+    again = submit(base, body(num_inference_steps=1), A)  # finished jobs no longer count
+    assert wait_status(base, again["execution_id"], {"completed"}, headers=A)
+
+
+def test_a_second_keys_job_starts_after_at_most_the_first_keys_cap(jobs_server):
+    """Issue 22: one key submitted 100 jobs and every other key got 503 for as long as they ran."""
+    base = jobs_server.url
+    flood = [submit(base, body(num_inference_steps=150), A) for _ in range(MAX_PER_KEY)]
+    assert call(f"{base}{JOBS}/run-durable", "POST", body(), A)[0] == 429
+    other = submit(base, body(seed=12, num_inference_steps=1), B)  # accepted while A is at its cap
+    queued = job(base, other["execution_id"], B)
+    assert queued["status"] == "queued"
+    assert queued["queue"]["ahead"] <= MAX_PER_KEY  # at most A's jobs start before it
+    cancel_all(base, flood, A)
+    assert wait_status(base, other["execution_id"], {"completed"}, headers=B)
+
+
+def test_a_queued_job_says_how_many_are_ahead_and_when_it_starts(jobs_server):
+    """One generation slot, three jobs: the third reports two ahead, then fewer as the others finish."""
+    base = jobs_server.url
+    first, second = (submit(base, body(seed=seed, num_inference_steps=30), A) for seed in (1, 2))
+    third = submit(base, body(seed=3, num_inference_steps=1), A)
+    status = job(base, third["execution_id"], A)
+    assert status["status"] == "queued"
+    assert status["queue"]["ahead"] == 2
+    assert (
+        "queue" not in job(base, first["execution_id"], A) or job(base, first["execution_id"], A)["queue"]["ahead"] == 0
+    )
+
+    stream = SSE(f"{base}{third['links']['stream']}", A)
+    places = []
+    for event in stream:
+        if event.event == "queue":
+            places.append(event.data)
+        elif event.event == "chunk" and event.data["payload"]["phase"] != "queued":
+            break
+    stream.close()
+    aheads = [place["ahead"] for place in places]
+    assert aheads[0] == 2 and 1 in aheads, places
+    assert aheads == sorted(aheads, reverse=True)  # only ever fewer
+    [after_one] = [place for place in places if place["ahead"] == 1]
+    assert after_one["estimated_start_seconds"] >= 0  # a job has finished here: there is an estimate
+    assert "queue" not in wait_status(base, third["execution_id"], {"completed"}, headers=A)
+    for done in (first, second):
+        assert wait_status(base, done["execution_id"], {"completed"}, headers=A)
 
 
 def test_status_says_only_that_the_server_is_alive(jobs_server):
     """Issue 22: anonymous `/status` showed the job store's counts (every key's jobs); an API key is no operator."""
-    submit(jobs_server.url, body(num_inference_steps=1), A)
+    accepted = submit(jobs_server.url, body(num_inference_steps=1), A)
     for headers in (None, A):
         status, _, data = call(f"{jobs_server.url}/status", headers=headers)
         assert status == 200
         assert json.loads(data) == {"status": "Up!", "pipelines": ["image_generation", "image_generation_json"]}
+    assert wait_status(jobs_server.url, accepted["execution_id"], {"completed"}, headers=A)
 
 
 def test_evicted_image_is_404(jobs_server):

@@ -1,0 +1,351 @@
+"""
+Fair shares of the job queue, and where a queued job stands.
+
+Hayhooks bounds all jobs together (`HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS`) and all progress streams of a
+replica together (with Redis, `HAYHOOKS_DURABLE_REDIS_MAX_VIEWERS` connections): alone, one client could take them
+all. `JobShares`, in front of the job routes (after `HTTPGuard`, which names the client: its API key, or its address
+with keys off), gives each client a share below them:
+
+- at most `IMAGE_GENERATION_MAX_JOBS_PER_CLIENT` unfinished (queued or running) jobs: past it, a submission is a 429
+  that names the limit. The client's unfinished jobs are counted from a ledger of the ids it submitted (in this
+  process, or in Redis with the Redis job store, so that replicas share it), each checked against the job store.
+- at most `IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT` open progress streams per replica: past it, a 429.
+- its `Idempotency-Key` is its own: the key is scoped to the client before Hayhooks sees it, so that with API keys off
+  one client can neither replay nor block another's (with keys on, Hayhooks scopes it to the key already).
+
+A queued job's status (`GET executions/{id}`) carries `queue`: `{"ahead": 2, "estimated_start_seconds": 20}`, the
+jobs that start or run before it, and when it should start from the recent jobs' durations (null before any job
+finished here). Its stream sends the same as `event: queue` whenever it changes, until the job starts.
+"""
+
+import asyncio
+import collections
+import hashlib
+import json
+import math
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from fastapi import FastAPI
+from hayhooks import log
+from hayhooks.durable.runtime import DurableDeployment
+from hayhooks.settings import settings as hayhooks_settings
+from redis import asyncio as redis
+from redis.exceptions import RedisError
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from image_generation_server import durable_queue
+from image_generation_server.quota import IDENTITY_SCOPE_KEY
+from image_generation_server.responses import error_response
+
+PIPELINE = "image_generation"
+LEDGER_KEY_PREFIX = "image-generation:jobs"
+MAX_MEMORY_IDENTITIES = 65536  # the in-process ledger forgets the least recently seen clients beyond this
+REDIS_TIMEOUT = 0.5
+RECENT_JOBS = 20  # how many of the latest job durations the estimate averages
+QUEUE_POLL_SECONDS = 1.0  # how often an open stream of a queued job looks at its place
+JOB_RETRY_AFTER_SECONDS = 5
+MAX_IDEMPOTENCY_KEY_BYTES = 512  # Hayhooks refuses longer keys (422)
+
+
+class RecentDurations:
+    """The durations of the latest jobs that finished in this process."""
+
+    def __init__(self, size: int = RECENT_JOBS) -> None:
+        self._seconds: collections.deque[float] = collections.deque(maxlen=size)
+
+    def record(self, seconds: float) -> None:
+        """Add one finished job's duration."""
+        self._seconds.append(seconds)
+
+    def mean(self) -> float | None:
+        """Their mean, or None before any job finished."""
+        return sum(self._seconds) / len(self._seconds) if self._seconds else None
+
+
+JOB_DURATIONS = RecentDurations()
+
+
+def queue_answer(state: durable_queue.QueueState) -> dict[str, int | None]:
+    """What a client is told about its queued job: the jobs before it, and about when it starts."""
+    mean = JOB_DURATIONS.mean()
+    slots = max(1, state.running)  # while jobs wait, every slot is busy: the jobs running are the slots
+    estimate = None if mean is None else math.ceil(state.ahead * mean / slots)
+    return {"ahead": state.ahead, "estimated_start_seconds": estimate}
+
+
+class Ledger(Protocol):
+    """The ids of the jobs each client submitted that may still be unfinished."""
+
+    async def members(self, client: str) -> list[str]:
+        """The ids recorded for `client`."""
+        ...
+
+    async def add(self, client: str, run_id: str) -> None:
+        """Record a job `client` submitted."""
+        ...
+
+    async def remove(self, client: str, run_ids: list[str]) -> None:
+        """Forget jobs that finished."""
+        ...
+
+
+class MemoryLedger:
+    """The ledger in this process, for at most `MAX_MEMORY_IDENTITIES` clients."""
+
+    def __init__(self) -> None:
+        self._jobs: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+
+    async def members(self, client: str) -> list[str]:
+        """The ids recorded for `client`."""
+        return list(self._jobs.get(client, ()))
+
+    async def add(self, client: str, run_id: str) -> None:
+        """Record a job (the event loop is the only writer: no lock)."""
+        self._jobs.setdefault(client, []).append(run_id)
+        self._jobs.move_to_end(client)
+        if len(self._jobs) > MAX_MEMORY_IDENTITIES:
+            self._jobs.popitem(last=False)
+
+    async def remove(self, client: str, run_ids: list[str]) -> None:
+        """Forget jobs."""
+        kept = [run_id for run_id in self._jobs.get(client, ()) if run_id not in run_ids]
+        if kept:
+            self._jobs[client] = kept
+        else:
+            self._jobs.pop(client, None)
+
+
+class RedisLedger:
+    """The ledger in Redis, one set per client, expiring with the jobs it lists."""
+
+    def __init__(self, url: str, ttl_seconds: int) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+        self.ttl_seconds = ttl_seconds
+
+    async def members(self, client: str) -> list[str]:
+        """The ids recorded for `client`."""
+        return [member.decode() for member in await self.client.smembers(f"{LEDGER_KEY_PREFIX}:{client}")]
+
+    async def add(self, client: str, run_id: str) -> None:
+        """SADD and EXPIRE in one transaction."""
+        key = f"{LEDGER_KEY_PREFIX}:{client}"
+        async with self.client.pipeline(transaction=True) as pipe:
+            await pipe.sadd(key, run_id).expire(key, self.ttl_seconds).execute()
+
+    async def remove(self, client: str, run_ids: list[str]) -> None:
+        """SREM."""
+        await self.client.srem(f"{LEDGER_KEY_PREFIX}:{client}", *run_ids)
+
+
+class JobShares:
+    """ASGI middleware in front of the job routes of `PIPELINE`: each client's share of jobs and streams."""
+
+    def __init__(self, app: ASGIApp, api: FastAPI, max_jobs: int, max_streams: int) -> None:
+        self.app = app
+        self.api = api
+        self.max_jobs = max_jobs
+        self.max_streams = max_streams
+        self.prefix = f"/{PIPELINE}/"
+        self.ledger: Ledger = (
+            RedisLedger(hayhooks_settings.durable_redis_url, hayhooks_settings.durable_terminal_ttl_seconds)
+            if hayhooks_settings.durable_store == "redis"
+            else MemoryLedger()
+        )
+        self.streams: collections.Counter[str] = collections.Counter()
+        self._submitting: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Apply the client's share to a submission or a stream; add the queue to a queued job's status."""
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        client = scope.get(IDENTITY_SCOPE_KEY)
+        durable = durable_queue.deployment(self.api, PIPELINE) if path.startswith(self.prefix) else None
+        if durable is None or client is None:
+            await self.app(scope, receive, send)
+            return
+        parts = path.removeprefix(self.prefix).split("/")
+        if scope["method"] == "POST" and parts == ["run-durable"]:
+            await self._submit(scope, receive, send, durable, client)
+        elif scope["method"] == "GET" and len(parts) == 3 and parts[0] == "executions" and parts[2] == "stream":
+            await self._stream(scope, receive, send, durable, client, parts[1])
+        elif scope["method"] == "GET" and len(parts) == 2 and parts[0] == "executions":
+            await self._status(scope, receive, send, durable, parts[1])
+        else:
+            await self.app(scope, receive, send)
+
+    async def _submit(
+        self, scope: Scope, receive: Receive, send: Send, durable: DurableDeployment, client: str
+    ) -> None:
+        lock = self._submitting.get(client) or asyncio.Lock()
+        self._submitting[client] = lock  # kept while a submission of the client holds or awaits it
+        async with lock:  # one submission of a client at a time: the count cannot be raced in this process
+            try:
+                unfinished = await self._unfinished(durable, client)
+            except (RedisError, OSError) as e:  # the job store's own check answers for a store that is away
+                log.warning("Job ledger unreachable ({}): the client's share is not checked", type(e).__name__)
+                unfinished = []
+            if len(unfinished) >= self.max_jobs:
+                message = (
+                    f"this client has {len(unfinished)} unfinished jobs, its limit "
+                    f"(IMAGE_GENERATION_MAX_JOBS_PER_CLIENT={self.max_jobs}): retry when one has finished"
+                )
+                refusal = error_response("native", 429, message, {"Retry-After": str(JOB_RETRY_AFTER_SECONDS)})
+                await refusal(scope, receive, send)
+                return
+            answer = _Captured(send)
+            await self.app(_scoped_idempotency(scope, client), receive, answer.send)
+            if run_id := answer.created_job():
+                try:
+                    await self.ledger.add(client, run_id)
+                except (RedisError, OSError) as e:
+                    log.warning("Job ledger unreachable ({}): a job is not counted", type(e).__name__)
+
+    async def _unfinished(self, durable: DurableDeployment, client: str) -> list[str]:
+        """The client's jobs that are queued or running; the ledger forgets the others."""
+        recorded = await self.ledger.members(client)
+        controls = await asyncio.gather(*(durable.store.read_control(run_id) for run_id in recorded))
+        finished = [
+            run_id for run_id, control in zip(recorded, controls, strict=True) if control is None or control.terminal
+        ]
+        if finished:
+            await self.ledger.remove(client, finished)
+        return [run_id for run_id in recorded if run_id not in finished]
+
+    async def _stream(  # noqa: PLR0913
+        self, scope: Scope, receive: Receive, send: Send, durable: DurableDeployment, client: str, run_id: str
+    ) -> None:
+        if self.streams[client] >= self.max_streams:
+            message = (
+                f"this client has {self.streams[client]} progress streams open, its limit "
+                f"(IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT={self.max_streams}): close one, or poll the job"
+            )
+            refusal = error_response("native", 429, message, {"Retry-After": str(JOB_RETRY_AFTER_SECONDS)})
+            await refusal(scope, receive, send)
+            return
+        self.streams[client] += 1
+        try:
+            await _QueueEvents(durable, run_id, send).run(lambda wrapped: self.app(scope, receive, wrapped))
+        finally:
+            self.streams[client] -= 1
+            if not self.streams[client]:
+                del self.streams[client]
+
+    async def _status(
+        self, scope: Scope, receive: Receive, send: Send, durable: DurableDeployment, run_id: str
+    ) -> None:
+        answer = _Captured(None)
+        await self.app(scope, receive, answer.send)
+        if not answer.start:
+            return
+        body = answer.body
+        if answer.status == 200:
+            try:
+                execution = json.loads(body)
+                state = await durable_queue.queue_state(durable, run_id) if execution["status"] == "queued" else None
+            except Exception as e:  # the answer stands as Hayhooks gave it
+                log.debug("Job queue state not added: {}", type(e).__name__)
+            else:
+                if state is not None:
+                    body = json.dumps({**execution, "queue": queue_answer(state)}, separators=(",", ":")).encode()
+        headers = MutableHeaders(raw=list(answer.start["headers"]))
+        headers["content-length"] = str(len(body))
+        await send({**answer.start, "headers": headers.raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _scoped_idempotency(scope: Scope, client: str) -> Scope:
+    """The request with its `Idempotency-Key` scoped to `client` (one over 512 bytes is left to Hayhooks' 422)."""
+    scoped = [
+        (name, hashlib.sha256(client.encode() + b"\0" + value).hexdigest().encode())
+        if name == b"idempotency-key" and 0 < len(value) <= MAX_IDEMPOTENCY_KEY_BYTES
+        else (name, value)
+        for name, value in scope["headers"]
+    ]
+    return {**scope, "headers": scoped}
+
+
+class _Captured:
+    """An answer read whole (passed on to `send` as it comes when `send` is given)."""
+
+    def __init__(self, send: Send | None) -> None:
+        self._send = send
+        self.start: Message = {}
+        self.chunks: list[bytes] = []
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.start = message
+        elif message["type"] == "http.response.body":
+            self.chunks.append(message.get("body", b""))
+        if self._send is not None:
+            await self._send(message)
+
+    @property
+    def status(self) -> int:
+        return int(self.start.get("status", 0))
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def created_job(self) -> str | None:
+        """The id of the job a submission created (202, not a replay), else None."""
+        headers = dict(self.start.get("headers", []))
+        if self.status != 202 or headers.get(b"idempotent-replay") == b"true":
+            return None
+        try:
+            return str(json.loads(self.body)["execution_id"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+class _QueueEvents:
+    """A job's stream, with `event: queue` sent whenever the queued job's place changes, until it starts."""
+
+    def __init__(self, durable: DurableDeployment, run_id: str, send: Send) -> None:
+        self.durable = durable
+        self.run_id = run_id
+        self._send = send
+        self._lock = asyncio.Lock()
+        self._streaming = asyncio.Event()
+        self._ended = False
+
+    async def send(self, message: Message) -> None:
+        async with self._lock:
+            await self._send(message)
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                self._streaming.set()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._ended = True
+
+    async def run(self, stream: Callable[[Send], Awaitable[None]]) -> None:
+        """Run the stream, and the watch of the job's place beside it."""
+        watch = asyncio.ensure_future(self._watch())
+        try:
+            await stream(self.send)
+        finally:
+            watch.cancel()
+
+    async def _watch(self) -> None:
+        await self._streaming.wait()
+        last: dict[str, Any] | None = None
+        while True:
+            try:
+                state = await durable_queue.queue_state(self.durable, self.run_id)
+            except Exception as e:  # the store is away: the stream itself reports that
+                log.debug("Job queue state not read: {}", type(e).__name__)
+                answer = last
+            else:
+                if state is None:
+                    return
+                answer = queue_answer(state)
+            if answer != last:
+                last = answer
+                event = f"event: queue\ndata: {json.dumps(answer, separators=(',', ':'))}\n\n".encode()
+                async with self._lock:
+                    if self._ended:
+                        return
+                    await self._send({"type": "http.response.body", "body": event, "more_body": True})
+            await asyncio.sleep(QUEUE_POLL_SECONDS)

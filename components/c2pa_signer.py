@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SIGN_TIMEOUT = 10.0  # seconds for one image, a timestamp authority's answer included
 SIGNING_THREADS = 4
+PARENT_LABEL = "source"  # the ingredient an edit's `c2pa.opened` action names
 # What a reader without our trust list says about a correct signature: it cannot know whether to trust the issuer.
 _UNTRUSTED_CODES = frozenset({"signingCredential.untrusted", "timeStamp.untrusted"})
 
@@ -67,13 +68,15 @@ class C2paSigner:
         if failures:
             raise ValueError(f"images signed with IMAGE_GENERATION_C2PA_CERT/KEY do not validate: {failures}")
 
-    def sign(self, data: bytes, image_format: str, manifest: dict[str, Any]) -> bytes:
+    def sign(self, data: bytes, image_format: str, manifest: dict[str, Any], parent: bytes | None = None) -> bytes:
         """
         The image with the manifest embedded and signed.
 
+        :param parent: A PNG the image was made from (an edit's source), added as its `parentOf` ingredient under the
+            label `PARENT_LABEL`, which the manifest's `c2pa.opened` action names.
         :raises SigningError: c2pa failed, or took longer than `SIGN_TIMEOUT` seconds.
         """
-        future = self._pool.submit(self._sign, data, image_format, manifest)
+        future = self._pool.submit(self._sign, data, image_format, manifest, parent)
         try:
             return future.result(timeout=SIGN_TIMEOUT)
         except FutureTimeoutError as e:
@@ -83,9 +86,12 @@ class C2paSigner:
             logger.error("C2PA signing failed: {error}", error=str(e) or type(e).__name__)
             raise SigningError("C2PA signing failed") from e
 
-    def _sign(self, data: bytes, image_format: str, manifest: dict[str, Any]) -> bytes:
+    def _sign(self, data: bytes, image_format: str, manifest: dict[str, Any], parent: bytes | None) -> bytes:
         signed = BytesIO()
         with c2pa.Builder(manifest, self._context) as builder:
+            if parent is not None:
+                ingredient = {"title": "source.png", "relationship": "parentOf", "label": PARENT_LABEL}
+                builder.add_ingredient(ingredient, "image/png", BytesIO(parent))
             builder.sign(self._signer, f"image/{image_format}", BytesIO(data), signed)
         return signed.getvalue()
 

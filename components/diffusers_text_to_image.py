@@ -5,7 +5,7 @@ import inspect
 import re
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -42,6 +42,8 @@ class LoadedModel:
     lock: threading.Lock
     size_multiple: int
     interruptible: bool
+    # Pipelines for other tasks built on the same weights (`from_pipe`), by task, made on first use under `lock`.
+    derived: dict[str, Any] = field(default_factory=dict)
 
 
 _LOADED: dict[tuple[str, str, str, bool], LoadedModel] = {}
@@ -320,10 +322,11 @@ class DiffusersTextToImage(TextToImageBase):
                 kwargs["num_inference_steps"] = request.num_inference_steps
             if request.guidance_scale is not None:
                 kwargs["guidance_scale"] = request.guidance_scale
+            pipeline = self._pipeline_for(loaded, request, kwargs)
             if loaded.interruptible:
                 kwargs["callback_on_step_end"] = stop
             started = time.monotonic()
-            image = loaded.pipeline(**kwargs).images[0]
+            image = pipeline(**kwargs).images[0]
             if stop.steps_done:  # counted by the step callback: a pipeline without one reports nothing
                 progress.report({"phase": "denoised", "steps": stop.steps_done, "seconds": time.monotonic() - started})
             if loaded.device == "cuda":
@@ -339,6 +342,10 @@ class DiffusersTextToImage(TextToImageBase):
         if stop.reason == "cancelled":
             raise ImageGenerationError("generation cancelled: nobody is waiting for it")
         return encode(image, request.output_format)
+
+    def _pipeline_for(self, loaded: LoadedModel, request: GenerationRequest, kwargs: dict[str, Any]) -> Any:
+        """The pipeline that serves `request`, its call arguments completed in `kwargs` (the loaded one here)."""
+        return loaded.pipeline
 
 
 class _StepWatch:

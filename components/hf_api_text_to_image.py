@@ -20,6 +20,7 @@ from components.admission import ByteBudget
 from components.errors import MissingTokenError, UpstreamAuthError
 from components.hf_providers import (
     HF_ROUTER_URL,
+    TASK,
     ProviderMappings,
     UpstreamTarget,
     check_provider,
@@ -58,6 +59,8 @@ class HuggingFaceAPITextToImage(TextToImageBase):
 
     Settings left at `None` are read from the `IMAGE_GENERATION_*` environment in `warm_up()`.
     """
+
+    task = TASK  # the Inference Providers task its requests are for
 
     def __init__(  # noqa: PLR0913
         self,
@@ -103,7 +106,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         """
         if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint_url={endpoint_url!r} must be an http(s) URL")
-        check_provider(provider)
+        check_provider(provider, self.task)
         self.model = model
         self.provider = provider
         self.endpoint_url = endpoint_url

@@ -6,8 +6,8 @@ does. Everything they would fetch themselves is done here as `Call`s that the tr
 deadline and byte caps: the Hub lookup of a model's providers (cached per model), and the download of a result URL.
 Nothing reaches huggingface_hub's own session, and no token is read from its stored login.
 
-A generation is a generator (`generation_calls`) that yields `Call`s and receives their reply bodies, so the
-blocking and the async transports run the same steps.
+A generation is a generator (`generation_calls`, or `edit_calls` for the `image-to-image` task) that yields `Call`s
+and receives their reply bodies, so the blocking and the async transports run the same steps.
 """
 
 import binascii
@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import pybase64
 from huggingface_hub import constants
 from huggingface_hub.hf_api import InferenceProviderMapping
+from huggingface_hub.inference._common import MimeBytes
 from huggingface_hub.inference._providers import PROVIDERS, TaskProviderHelper
 from huggingface_hub.utils import build_hf_headers
 
@@ -33,12 +34,15 @@ from components.errors import (
     UpstreamNotFoundError,
     UpstreamTimeoutError,
 )
-from components.request import GenerationRequest
+from components.request import EditRequest, GenerationRequest
 
 TASK = "text-to-image"
+EDIT_TASK = "image-to-image"
 # Providers whose text-to-image reply is the image, base64 in JSON, or one result URL. The others (job polling)
 # are not offered: `provider="auto"` skips them.
 SUPPORTED_PROVIDERS = ("hf-inference", "fal-ai", "replicate", "together", "nscale")
+# The same for image-to-image (fal-ai's image-to-image is a polled job; nscale has none).
+SUPPORTED_EDIT_PROVIDERS = ("hf-inference", "replicate", "together")
 # The HF router's origin as huggingface_hub hard-codes it; requests to it go to the configured router instead.
 HF_ROUTER_URL = "{0.scheme}://{0.netloc}".format(urlsplit(constants.INFERENCE_PROXY_TEMPLATE))
 HUB_LOOKUP_MAX_BYTES = 1024 * 1024
@@ -62,6 +66,7 @@ class Call:
     max_bytes: int
     headers: dict[str, str] = field(default_factory=dict)
     json: Any = None
+    data: bytes | None = None  # a body huggingface_hub encoded itself (its binary-input tasks), with its content type
 
 
 @dataclass(frozen=True)
@@ -112,34 +117,73 @@ def quiet_hub_library() -> None:
     constants.HF_HUB_DISABLE_TELEMETRY = True
 
 
-def check_provider(provider: str) -> None:
-    """Raise `ValueError` unless `provider` is `auto` or a supported text-to-image provider."""
-    if provider != "auto" and provider not in SUPPORTED_PROVIDERS:
-        raise ValueError(f"provider={provider!r} must be 'auto' or one of {', '.join(SUPPORTED_PROVIDERS)}")
+def check_provider(provider: str, task: str = TASK) -> None:
+    """Raise `ValueError` unless `provider` is `auto` or a supported provider of `task`."""
+    supported = SUPPORTED_EDIT_PROVIDERS if task == EDIT_TASK else SUPPORTED_PROVIDERS
+    if provider != "auto" and provider not in supported:
+        raise ValueError(f"provider={provider!r} must be 'auto' or one of {', '.join(supported)}")
 
 
 def generation_calls(
     target: UpstreamTarget, mappings: ProviderMappings, request: GenerationRequest, max_bytes: int
 ) -> Generator[Call, bytes, bytes]:
     """The calls that make one image; sends `Call`s, receives reply bodies, returns the encoded image."""
-    helper, mapping = yield from _route(target, mappings, request.model)
-    call = _provider_call(target, helper, mapping, request, max_bytes)
-    image = _read_reply((yield call))
+    helper, mapping = yield from _route(target, mappings, request.model, TASK)
+    parameters = {
+        "negative_prompt": request.negative_prompt,
+        "height": request.height,
+        "width": request.width,
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": request.guidance_scale,
+        "seed": request.seed,
+    }
+    call = _provider_call(target, helper, mapping, request.prompt, parameters, request.output_format, max_bytes)
+    return (yield from _image_of((yield call), request.output_format, max_bytes))
+
+
+def edit_calls(
+    target: UpstreamTarget, mappings: ProviderMappings, request: EditRequest, max_bytes: int
+) -> Generator[Call, bytes, bytes]:
+    """
+    The calls that edit one image (the `image-to-image` task, as `InferenceClient.image_to_image` sends it).
+
+    The provider gets the source image only, as a PNG of the request's size; the mask is applied afterwards by the
+    caller (providers have no common inpainting parameter).
+    """
+    assert request.image is not None
+    helper, mapping = yield from _route(target, mappings, request.model, EDIT_TASK)
+    parameters = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "target_size": {"width": request.width, "height": request.height},
+        "num_inference_steps": request.num_inference_steps,
+        "guidance_scale": request.guidance_scale,
+        "seed": request.seed,
+        "strength": request.strength,
+    }
+    inputs = MimeBytes(request.image.png(), "image/png")
+    call = _provider_call(target, helper, mapping, inputs, parameters, request.output_format, max_bytes)
+    return (yield from _image_of((yield call), request.output_format, max_bytes))
+
+
+def _image_of(reply: bytes, output_format: str, max_bytes: int) -> Generator[Call, bytes, bytes]:
+    """The image a provider's reply holds, fetching it when the reply names a result URL."""
+    image = _read_reply(reply)
     if isinstance(image, bytes):
         return image
-    return (yield Call("GET", image, "result", max_bytes, {"accept": f"image/{request.output_format}"}))
+    return (yield Call("GET", image, "result", max_bytes, {"accept": f"image/{output_format}"}))
 
 
 def _route(
-    target: UpstreamTarget, mappings: ProviderMappings, model: str
+    target: UpstreamTarget, mappings: ProviderMappings, model: str, task: str
 ) -> Generator[Call, bytes, tuple[TaskProviderHelper, InferenceProviderMapping]]:
     """The provider helper and model mapping for `model`, from the Hub (through the cache) unless an endpoint is set."""
     if target.endpoint_url is not None:
         url = target.endpoint_url
         mapping = InferenceProviderMapping(
-            provider="hf-inference", hf_model_id=url, providerId=url, status="live", task=TASK
+            provider="hf-inference", hf_model_id=url, providerId=url, status="live", task=task
         )
-        return PROVIDERS["hf-inference"][TASK], mapping
+        return PROVIDERS["hf-inference"][task], mapping
     known = mappings.get(model)
     if known is None:
         try:
@@ -148,12 +192,13 @@ def _route(
         except UpstreamNotFoundError:
             known = []
         mappings.put(model, known)
-    wanted = SUPPORTED_PROVIDERS if target.provider == "auto" else (target.provider,)
+    supported = SUPPORTED_EDIT_PROVIDERS if task == EDIT_TASK else SUPPORTED_PROVIDERS
+    wanted = supported if target.provider == "auto" else (target.provider,)
     for mapping in known:  # in the token owner's order of preference, as the Hub lists them
-        if mapping.task == TASK and mapping.provider in wanted:
-            return PROVIDERS[mapping.provider][TASK], mapping  # type: ignore[index]
+        if mapping.task == task and mapping.provider in wanted:
+            return PROVIDERS[mapping.provider][task], mapping  # type: ignore[index]
     via = "any supported provider" if target.provider == "auto" else f"provider {target.provider}"
-    raise UnknownModelError(f"model {model} is not available for text-to-image through {via}")
+    raise UnknownModelError(f"model {model} is not available for {task} through {via}")
 
 
 def _hub_model_url(model: str) -> str:
@@ -174,27 +219,21 @@ def _parse_mappings(body: bytes, model: str) -> list[InferenceProviderMapping]:
         raise UpstreamError("the Hub answered something that is not a model description") from e
 
 
-def _provider_call(
+def _provider_call(  # noqa: PLR0913
     target: UpstreamTarget,
     helper: TaskProviderHelper,
     mapping: InferenceProviderMapping,
-    request: GenerationRequest,
+    inputs: str | bytes,
+    parameters: dict[str, Any],
+    output_format: str,
     max_bytes: int,
 ) -> Call:
     """The provider call huggingface_hub would make, with our mapping and token only, sent to our router URL."""
-    parameters = {
-        "negative_prompt": request.negative_prompt,
-        "height": request.height,
-        "width": request.width,
-        "num_inference_steps": request.num_inference_steps,
-        "guidance_scale": request.guidance_scale,
-        "seed": request.seed,
-    }
     offline = _Offline(helper, mapping, target.token)
     params = offline.prepare_request(
-        inputs=request.prompt,
+        inputs=inputs,
         parameters=parameters,
-        headers={"Accept": f"image/{request.output_format}"},
+        headers={"Accept": f"image/{output_format}"},
         model=mapping.hf_model_id,
         api_key=target.token,
     )
@@ -204,7 +243,7 @@ def _provider_call(
     url = params.url
     if url.startswith(HF_ROUTER_URL + "/"):
         url = target.router_url.rstrip("/") + url[len(HF_ROUTER_URL) :]
-    return Call("POST", url, "generate", max_bytes, headers, params.json)
+    return Call("POST", url, "generate", max_bytes, headers, params.json, params.data)
 
 
 class _Offline:

@@ -106,7 +106,8 @@ def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:
         try:
             url, headers, sni_hostname = _target(call, _resolve(call, bounds))
             with client.stream(
-                call.method, url, json=call.json, headers=headers, timeout=_remaining(bounds.deadline),
+                call.method, url, json=call.json, content=call.data, headers=headers,
+                timeout=_remaining(bounds.deadline),
                 extensions={"sni_hostname": sni_hostname} if sni_hostname else {},
             ) as response:  # fmt: skip
                 status = response.status_code
@@ -136,7 +137,7 @@ async def fetch_async(session: aiohttp.ClientSession, call: Call, bounds: Bounds
             async with asyncio.timeout(_remaining(bounds.deadline)):
                 url, headers, sni_hostname = _target(call, await _resolve_async(call, bounds))
                 async with session.request(
-                    call.method, url, json=call.json, headers=headers, server_hostname=sni_hostname,
+                    call.method, url, json=call.json, data=call.data, headers=headers, server_hostname=sni_hostname,
                     allow_redirects=False,
                 ) as response:  # fmt: skip
                     status = response.status

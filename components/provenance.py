@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from components.c2pa_signer import C2paSigner
+from components.c2pa_signer import PARENT_LABEL, C2paSigner
 from components.image_codec import replace_metadata
-from components.request import GenerationRequest
+from components.request import EditRequest, GenerationRequest
 from components.settings import resolve
 
 SERVICE_NAME = "hayhooks-image-generation"
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+# An edit: the client's image with a generated part (all of it without a mask) composited in.
+COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA = (
+    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
+)
 PARAMETERS_KEYWORD = "parameters"  # AUTOMATIC1111's PNG text chunk
 _XML_TEXT = {'"': "&quot;", "\r": "&#13;"}
 # What XML 1.0 cannot hold, even escaped: C0 controls other than tab, newline and return, surrogates, U+FFFE, U+FFFF.
@@ -102,34 +106,57 @@ class Provenance:
         """Strip the upstream's metadata, insert ours, then sign: the bytes every door serves and the cache keeps."""
         embed = self.settings.embed_parameters
         png_text = (PARAMETERS_KEYWORD, request.parameters_text()) if embed else None
-        xmp = xmp_packet(f"{SERVICE_NAME} {self.version}", request.model, request.prompt if embed else None)
+        xmp = xmp_packet(
+            f"{SERVICE_NAME} {self.version}", request.model, request.prompt if embed else None, source_type(request)
+        )
         data = replace_metadata(data, request.output_format, size, xmp, png_text)
         if self.signer is not None:
-            data = self.signer.sign(data, request.output_format, self.manifest(request))
+            parent = request.image.png() if isinstance(request, EditRequest) and request.image is not None else None
+            data = self.signer.sign(data, request.output_format, self.manifest(request), parent)
         return data
 
     def manifest(self, request: GenerationRequest) -> dict[str, Any]:
         """The C2PA manifest of this image; the parameters are in it only when embedding them is on."""
-        parameters = vars(request) if self.settings.embed_parameters else None
-        return c2pa_manifest(self.version, request.model, parameters)
+        parameters = None
+        if self.settings.embed_parameters:
+            parameters = vars(request)
+            if isinstance(request, EditRequest):
+                parameters = {**request.generation_values(), "strength": request.strength}
+        return c2pa_manifest(self.version, request.model, parameters, edited=isinstance(request, EditRequest))
 
 
-def c2pa_manifest(version: str, model: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
-    """A C2PA manifest with one `c2pa.created` action by a trained model: this service, the model, the parameters."""
+def source_type(request: GenerationRequest) -> str:
+    """The IPTC digital source type of the image `request` makes: generated, or an edit with generated content."""
+    return COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA if isinstance(request, EditRequest) else TRAINED_ALGORITHMIC_MEDIA
+
+
+def c2pa_manifest(
+    version: str, model: str, parameters: dict[str, Any] | None, *, edited: bool = False
+) -> dict[str, Any]:
+    """
+    A C2PA manifest with one action by a trained model: this service, the model, the parameters.
+
+    The action is `c2pa.created` for a generated image. An edit has two: `c2pa.opened` of its source (the signer
+    adds the source as the `parentOf` ingredient that this action names), then `c2pa.edited` with the digital source
+    type of a composite with generated content.
+    """
     action: dict[str, Any] = {
-        "action": "c2pa.created",
-        "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+        "action": "c2pa.edited" if edited else "c2pa.created",
+        "digitalSourceType": COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA if edited else TRAINED_ALGORITHMIC_MEDIA,
         "softwareAgent": {"name": model},
     }
     if parameters is not None:
         action["parameters"] = {name: value for name, value in parameters.items() if value is not None}
+    actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": [PARENT_LABEL]}}, action] if edited else [action]
     return {
         "claim_generator_info": [{"name": SERVICE_NAME, "version": version}],
-        "assertions": [{"label": "c2pa.actions.v2", "data": {"actions": [action]}}],
+        "assertions": [{"label": "c2pa.actions.v2", "data": {"actions": actions}}],
     }
 
 
-def xmp_packet(creator_tool: str, model: str, prompt: str | None) -> bytes:
+def xmp_packet(
+    creator_tool: str, model: str, prompt: str | None, digital_source_type: str = TRAINED_ALGORITHMIC_MEDIA
+) -> bytes:
     """An XMP packet saying the image was made by a trained model (IPTC digital source type), by what, and from what."""
     prompt_xml = (
         f"<Iptc4xmpExt:AIPromptInformation>{xml_text(prompt)}</Iptc4xmpExt:AIPromptInformation>"
@@ -143,7 +170,7 @@ def xmp_packet(creator_tool: str, model: str, prompt: str | None) -> bytes:
         '<rdf:Description rdf:about=""'
         ' xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"'
         ' xmlns:xmp="http://ns.adobe.com/xap/1.0/"'
-        f' Iptc4xmpExt:DigitalSourceType="{TRAINED_ALGORITHMIC_MEDIA}"'
+        f' Iptc4xmpExt:DigitalSourceType="{digital_source_type}"'
         f' Iptc4xmpExt:AISystemUsed="{xml_text(model)}"'
         f' xmp:CreatorTool="{xml_text(creator_tool)}">'
         f"{prompt_xml}"

@@ -12,13 +12,16 @@ component (`GenerationRequest.validate`), so that every door refuses them with t
 
 import re
 import secrets
-from dataclasses import astuple, dataclass
-from typing import Annotated, Literal
+from dataclasses import astuple, dataclass, fields
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from components.errors import InvalidRequestError
 from components.previews import MAX_PREVIEWS
+
+if TYPE_CHECKING:
+    from components.image_input import SourceImage
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
@@ -32,6 +35,7 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 50.0
 MAX_MODEL_ID_CHARS = 96
 MAX_IMAGES = 10
+DEFAULT_STRENGTH = 0.8
 
 # A Hub model id: "name" or "namespace/name"; never a URL, a path or a traversal.
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
@@ -184,6 +188,42 @@ class GenerationRequest:
         fields += [f"Seed: {self.seed}", f"Size: {self.width}x{self.height}", f"Model: {self.model}"]
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class EditRequest(GenerationRequest):
+    """
+    One edit of an uploaded image: the generation parameters, the source image (resized to `width` x `height`),
+    the mask (255 where to edit; None edits the whole image), and `strength`.
+    """
+
+    strength: float = DEFAULT_STRENGTH
+    image: "SourceImage | None" = None
+    mask: "SourceImage | None" = None
+
+    def validate(self, allowed_models: frozenset[str] | None = None) -> None:
+        """The generation checks, then `strength` in 0..1 and an image of the request's size."""
+        GenerationRequest.validate(self, allowed_models)
+        if not (isinstance(self.strength, (int, float)) and not isinstance(self.strength, bool)) or not (
+            0 <= self.strength <= 1  # NaN fails
+        ):
+            raise InvalidRequestError("strength must be a number in 0..1")
+        if self.image is None:
+            raise InvalidRequestError("image is required")
+
+    def cache_key(self) -> tuple:
+        """Everything that decides the image's bytes: the pixels by their digest."""
+        mask = self.mask.digest if self.mask is not None else None
+        assert self.image is not None
+        return (*self.generation_values().values(), self.strength, self.image.digest, mask)
+
+    def generation_values(self) -> dict[str, object]:
+        """The generation parameters, without the images (for a manifest or a log)."""
+        return {field.name: getattr(self, field.name) for field in fields(GenerationRequest)}
+
+    def parameters_text(self) -> str:
+        """The generation parameters in AUTOMATIC1111's format, with the denoising strength."""
+        return f"{GenerationRequest.parameters_text(self)}, Denoising strength: {self.strength}"
 
 
 def is_model_id(value: object) -> bool:

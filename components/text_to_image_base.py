@@ -23,6 +23,7 @@ class TextToImageBase:
     """Same run signature, same JSON-safe `ImageContent` output and same meta, whatever makes the pixels."""
 
     defaults: GenerationRequest
+    request_type: type[GenerationRequest] = GenerationRequest
     _results: ImageResults | None = None
     # Whether `run_async` asks for a batch's images at once (each through the admission gate), or one after another.
     concurrent_batches: bool = True
@@ -66,7 +67,7 @@ class TextToImageBase:
         values = {name: value for name, value in overrides.items() if value is not None}
         pinned = "seed" in values
         values.setdefault("seed", random_seed(MAX_SEED - n + 1))
-        request = GenerationRequest(**{**self.defaults.__dict__, **values})
+        request = self.request_type(**{**self.defaults.__dict__, **values})
         request.validate(self._results.settings.allowed_models)
         if request.seed + n - 1 > MAX_SEED:
             raise InvalidRequestError(f"seed={request.seed} must be at most {MAX_SEED - n + 1} for n={n}")
@@ -115,7 +116,7 @@ class TextToImageBase:
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, model=model,
             output_format=output_format,
         )  # fmt: skip
-        return {"images": [results.get(request, self._produce, pinned=pinned) for request in requests]}
+        return {"images": self._images(requests, results, pinned)}
 
     @component.output_types(images=list[ImageContent])
     async def run_async(  # noqa: PLR0913
@@ -143,11 +144,21 @@ class TextToImageBase:
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, model=model,
             output_format=output_format,
         )  # fmt: skip
+        return {"images": await self._images_async(requests, results, pinned)}
+
+    def _images(self, requests: list[GenerationRequest], results: ImageResults, pinned: bool) -> list[ImageContent]:
+        """One image per request, one after another."""
+        return [results.get(request, self._produce, pinned=pinned) for request in requests]
+
+    async def _images_async(
+        self, requests: list[GenerationRequest], results: ImageResults, pinned: bool
+    ) -> list[ImageContent]:
+        """One image per request: at once with `concurrent_batches` (one failing cancels the others), else in turn."""
         if not self.concurrent_batches or len(requests) == 1:
-            return {"images": [await results.get_async(r, self._produce_async, pinned=pinned) for r in requests]}
+            return [await results.get_async(r, self._produce_async, pinned=pinned) for r in requests]
         tasks = [asyncio.ensure_future(results.get_async(r, self._produce_async, pinned=pinned)) for r in requests]
         try:
-            return {"images": list(await asyncio.gather(*tasks))}
+            return list(await asyncio.gather(*tasks))
         finally:
             for task in tasks:  # after a failure (or cancellation), nobody waits for the others
                 task.cancel()

@@ -1,8 +1,10 @@
-"""A loopback HTTP server that speaks the Hugging Face text-to-image protocol, with scriptable faults.
+"""A loopback HTTP server that speaks the Hugging Face text-to-image and image-to-image protocols, with faults.
 
 POST any path with `{"inputs": prompt, "parameters": {...}}`; the answer is an image of the requested size in the
-format the `Accept` header names (or a forced one), deterministic in prompt and seed. Tests queue `Fault`s to make
-the next requests fail in a chosen way, and read `requests` to see exactly what reached the upstream.
+format the `Accept` header names (or a forced one), deterministic in prompt and seed. An image-to-image request
+(`InferenceClient.image_to_image`'s: `{"inputs": base64 image, "parameters": {"prompt", "target_size", "strength",
+...}}`) is answered with the input blended, by `strength`, with the image its prompt and seed draw. Tests queue
+`Fault`s to make the next requests fail in a chosen way, and read `requests` to see exactly what reached the upstream.
 
 A caller that hangs up while the upstream is still "generating" (latency or hang) is noticed at once and counted in
 `abandoned`, as a real server notices a reset connection.
@@ -12,6 +14,8 @@ then reports the calls in flight and their peak.
 """
 
 import argparse
+import base64
+import binascii
 import hashlib
 import json
 import select
@@ -127,6 +131,22 @@ class FakeUpstream:
                 self._images.popitem(last=False)
         return data
 
+    def edit(self, encoded: str, params: dict, size: tuple[int, int] | None, fmt: str) -> bytes | None:
+        """The image-to-image answer: the input at the target size, blended by `strength` with what the prompt draws."""
+        try:
+            source = Image.open(BytesIO(base64.b64decode(encoded, validate=True))).convert("RGB")
+        except (binascii.Error, ValueError, OSError):
+            return None
+        target = params.get("target_size") or {}
+        width, height = size or (target.get("width") or source.width, target.get("height") or source.height)
+        drawn = Image.open(BytesIO(self.image(params["prompt"], params.get("seed") or 0, width, height, "png")))
+        strength = params.get("strength")
+        weight = 0.8 if strength is None else strength
+        edited = Image.blend(source.resize((width, height)), drawn.convert("RGB"), weight)
+        out = BytesIO()
+        edited.save(out, format=_PIL_FORMATS[fmt])
+        return out.getvalue()
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         upstream = self
 
@@ -190,8 +210,14 @@ class FakeUpstream:
                     return
                 fmt = upstream.image_format or self.headers.get("Accept", "image/png").removeprefix("image/")
                 fmt = fmt if fmt in _PIL_FORMATS else "png"
-                width, height = fault.size or (params.get("width") or 512, params.get("height") or 512)
-                body = upstream.image(prompt, params.get("seed") or 0, width, height, fmt)
+                if "prompt" in params:  # image-to-image: the input is the image, base64
+                    body = upstream.edit(prompt, params, fault.size, fmt)
+                    if body is None:
+                        self._send(400, json.dumps({"error": "inputs must be a base64 image"}).encode(), {})
+                        return
+                else:
+                    width, height = fault.size or (params.get("width") or 512, params.get("height") or 512)
+                    body = upstream.image(prompt, params.get("seed") or 0, width, height, fmt)
                 self._send(200, body, {"Content-Type": f"image/{fmt}", **fault.headers}, trickle=fault.trickle)
 
             def _wait(self, seconds: float) -> bool:

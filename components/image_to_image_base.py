@@ -172,4 +172,3 @@ def _content_bytes(content: object, name: str) -> bytes:
         return pybase64.b64decode(content.base64_image, validate=True)
     except ValueError as e:
         raise InvalidRequestError(f"{name} is not valid base64") from e
-

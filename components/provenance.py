@@ -147,7 +147,8 @@ def c2pa_manifest(
     }
     if parameters is not None:
         action["parameters"] = {name: value for name, value in parameters.items() if value is not None}
-    actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": [PARENT_LABEL]}}, action] if edited else [action]
+    opened = {"action": "c2pa.opened", "parameters": {"ingredientIds": [PARENT_LABEL]}}
+    actions = [opened, action] if edited else [action]
     return {
         "claim_generator_info": [{"name": SERVICE_NAME, "version": version}],
         "assertions": [{"label": "c2pa.actions.v2", "data": {"actions": actions}}],

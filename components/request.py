@@ -193,8 +193,10 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class EditRequest(GenerationRequest):
     """
-    One edit of an uploaded image: the generation parameters, the source image (resized to `width` x `height`),
-    the mask (255 where to edit; None edits the whole image), and `strength`.
+    One edit of an uploaded image.
+
+    The generation parameters, the source image (resized to `width` x `height`), the mask (255 where to edit; None
+    edits the whole image), and `strength`.
     """
 
     strength: float = DEFAULT_STRENGTH

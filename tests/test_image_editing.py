@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from c2pa_ca import make_credentials
 from conftest import ROOT, TEST_TOKEN, decode
 from fake_upstream import render
 from haystack import Pipeline
@@ -24,7 +26,6 @@ from components import progress
 from components.diffusers_image_to_image import DiffusersImageToImage
 from components.errors import InvalidRequestError
 from components.hf_api_image_to_image import HuggingFaceAPIImageToImage
-from components.image_input import InvalidInputImageError
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from tiny_diffusers import build
@@ -210,17 +211,15 @@ def test_strength_decides_how_far_from_the_input(local):
     Near 0 the result is close to the input, at 1 far from it, measured against the input as the model's VAE
     reproduces it (random weights: encoding and decoding alone is no identity).
     """
-    import torch
-
     pipeline = local._loaded.pipeline
     with torch.no_grad():
         latents = pipeline.vae.encode(pipeline.image_processor.preprocess(SOURCE)).latent_dist.mode()
         reproduced = pipeline.image_processor.postprocess(pipeline.vae.decode(latents).sample, output_type="pil")[0]
 
     def distance(strength: float) -> float:
-        [image] = local.run(
-            image=content(SOURCE), prompt="a hat", seed=3, strength=strength, num_inference_steps=20
-        )["images"]
+        [image] = local.run(image=content(SOURCE), prompt="a hat", seed=3, strength=strength, num_inference_steps=20)[
+            "images"
+        ]
         return float(np.abs(pixels(image) - pixels(reproduced)).mean())
 
     near, far = distance(0.05), distance(1.0)
@@ -283,8 +282,6 @@ def test_edits_are_marked_as_composites_with_generated_content(api, fmt, tmp_pat
 
 
 def test_a_signed_edit_validates_with_an_edited_action(fresh_upstream, monkeypatch, tmp_path):
-    from c2pa_ca import make_credentials
-
     chain, key = make_credentials(tmp_path)
     monkeypatch.setenv("IMAGE_GENERATION_C2PA_CERT", str(chain))
     monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", str(key))

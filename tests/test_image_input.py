@@ -26,7 +26,7 @@ def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
 
 
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header declares `width` x `height` and whose one IDAT holds a few rows: a decompression bomb's shape."""
+    """A PNG whose header declares `width` x `height`, its one IDAT a few rows: a decompression bomb's shape."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

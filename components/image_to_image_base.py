@@ -165,10 +165,16 @@ def _edited(image: ImageContent, request: GenerationRequest) -> ImageContent:
 
 
 def _content_bytes(content: object, name: str) -> bytes:
-    """The bytes of an `ImageContent` input (base64 checked); the MIME type it claims is not trusted."""
-    if not isinstance(content, ImageContent):
-        raise InvalidRequestError(f"{name} must be an ImageContent")
+    """
+    The bytes of an `ImageContent` input (base64 checked); the MIME type it claims is not trusted.
+
+    Its dict form (`{"base64_image": ...}`) is taken too: a YAML pipeline served by Hayhooks receives its JSON inputs
+    as dicts.
+    """
+    encoded = content.get("base64_image") if isinstance(content, dict) else getattr(content, "base64_image", None)
+    if not isinstance(content, (ImageContent, dict)) or not isinstance(encoded, str):
+        raise InvalidRequestError(f"{name} must be an image: an ImageContent, or an object with base64_image")
     try:
-        return pybase64.b64decode(content.base64_image, validate=True)
+        return pybase64.b64decode(encoded, validate=True)
     except ValueError as e:
         raise InvalidRequestError(f"{name} is not valid base64") from e

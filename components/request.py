@@ -58,6 +58,8 @@ Seed = Annotated[int, Field(strict=True, ge=0, le=MAX_SEED)]
 ModelId = Annotated[str, Field(json_schema_extra={"maxLength": MAX_MODEL_ID_CHARS, "pattern": MODEL_ID_PATTERN})]
 ImageCount = Annotated[int, Field(strict=True, ge=1, le=MAX_IMAGES)]
 PartialImages = Annotated[int, Field(strict=True, ge=0, le=MAX_PREVIEWS)]
+# Checked by the component (0..1), like the guidance scale's range.
+Strength = Annotated[float, Field(strict=True, allow_inf_nan=False, json_schema_extra={"minimum": 0, "maximum": 1})]
 DEFAULT = "the pipeline's default when omitted"
 
 
@@ -89,6 +91,26 @@ class GenerationParameters(CommonParameters):
     )
     height: Size | None = Field(
         None, description=f"Height in pixels, a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}; {DEFAULT}."
+    )
+
+
+class EditParameters(GenerationParameters):
+    """The parameters of one edit besides its image and mask: an image's, the size the image's own, and `strength`."""
+
+    width: Size | None = Field(
+        None,
+        description=f"Width of the result in pixels, a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}; the "
+        "image's own when omitted (the image and mask are resized to it).",
+    )
+    height: Size | None = Field(
+        None,
+        description=f"Height of the result in pixels, a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}; "
+        "the image's own when omitted.",
+    )
+    strength: Strength | None = Field(
+        None,
+        description=f"How far from the image, 0 to 1; {DEFAULT_STRENGTH} when omitted. Near 0 the result stays close "
+        "to the image, at 1 it keeps only its layout's noise.",
     )
 
 

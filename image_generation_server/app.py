@@ -59,7 +59,7 @@ def create_app() -> FastAPI:
     if not cors_enabled(settings):  # Starlette's CORS middleware would still wrap every answer
         app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
     app.redoc_url = app.swagger_ui_oauth2_redirect_url = None  # FastAPI re-adds its doc routes when a pipeline deploys
-    inventory = Inventory(durable=app.state.durable_mode)
+    inventory = Inventory(durable=app.state.durable_mode, max_upload_bytes=load_settings().max_upload_bytes)
     app.state.inventory = inventory
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)  # type: ignore[arg-type]

@@ -7,11 +7,14 @@ Failures are raised as they come; each door maps them with `image_generation_ser
 """
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from haystack import Pipeline
+from haystack.core.serialization import allow_deserialization_module
 from haystack.dataclasses import ImageContent
 
 from components import progress
@@ -19,21 +22,38 @@ from components.errors import PipelineNotServedError
 
 PIPELINE_NAME = "image_generation"  # the folder the wrapper is deployed from, hence its route /image_generation/run
 COMPONENT = "text_to_image"
+EDIT_PIPELINE_NAME = "image_editing"  # pipelines/image_editing/, its route /image_editing/run
+EDIT_COMPONENT = "image_to_image"
 
 
-async def run_pipeline(pipeline: Pipeline, **params: Any) -> list[ImageContent]:
-    """Run the image pipeline; returns its images (one per `n`, in seed order). `None` means the default."""
+def load_backend_pipeline(files: dict[str, Path]) -> Pipeline:
+    """
+    The serialized pipeline of the `IMAGE_GENERATION_BACKEND` (one of `files`' keys), loaded and warmed up.
+
+    Haystack may deserialize our `components` only. Settings errors and model loading fail here, at startup.
+    """
+    backend = os.environ.get("IMAGE_GENERATION_BACKEND", "").strip() or "huggingface_api"
+    if backend not in files:
+        raise ValueError(f"IMAGE_GENERATION_BACKEND={backend!r} must be one of {', '.join(files)}")
+    allow_deserialization_module("components")
+    pipeline = Pipeline.loads(files[backend].read_text())
+    pipeline.warm_up()
+    return pipeline
+
+
+async def run_pipeline(pipeline: Pipeline, component: str = COMPONENT, **params: Any) -> list[ImageContent]:
+    """Run an image pipeline; returns its images (one per `n`, in seed order). `None` means the default."""
     # Haystack deep-copies every input several times per run: the defaults (`None`) are left out, not copied.
-    result = await pipeline.run_async({COMPONENT: {name: value for name, value in params.items() if value is not None}})
-    return result[COMPONENT]["images"]
+    result = await pipeline.run_async({component: {name: value for name, value in params.items() if value is not None}})
+    return result[component]["images"]
 
 
-def served_pipeline(app: FastAPI) -> Pipeline:
-    """The pipeline of the deployed image wrapper; `PipelineNotServedError` when none is deployed."""
-    wrapper = app.state.pipeline_registry.get(PIPELINE_NAME)
+def served_pipeline(app: FastAPI, name: str = PIPELINE_NAME) -> Pipeline:
+    """The pipeline of the deployed wrapper `name`; `PipelineNotServedError` when none is deployed."""
+    wrapper = app.state.pipeline_registry.get(name)
     pipeline = getattr(wrapper, "pipeline", None)
     if not isinstance(pipeline, Pipeline):
-        raise PipelineNotServedError(f"no pipeline named {PIPELINE_NAME} is deployed")
+        raise PipelineNotServedError(f"no pipeline named {name} is deployed")
     return pipeline
 
 
@@ -74,6 +94,11 @@ async def generate_watched(
         yield await task
     finally:
         task.cancel()
+
+
+async def edit(app: FastAPI, **params: Any) -> list[ImageContent]:
+    """Run the served editing pipeline: `params` are its component's run inputs (`image`, `mask`, `prompt`, ...)."""
+    return await run_pipeline(served_pipeline(app, EDIT_PIPELINE_NAME), EDIT_COMPONENT, **params)
 
 
 def served_models(app: FastAPI) -> list[str]:

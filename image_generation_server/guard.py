@@ -160,7 +160,9 @@ class HTTPGuard:
         body, size = read
         if size > row.body.max_bytes:
             refusal = error_response(row.errors, 413, f"the request body is over {row.body.max_bytes} bytes")
-        elif errors := _json_errors(body, self._json_fields(row) if row.body.closed else None):
+        elif not _is_multipart(headers) and (
+            errors := _json_errors(body, self._json_fields(row) if row.body.closed else None)
+        ):
             refusal = error_response(row.errors, 422, errors)
         else:
             await _run_until_disconnect(self.app, scope, body, receive, send)
@@ -233,13 +235,13 @@ def _declared_length(headers: Headers) -> int:
 
 async def _read_body(receive: Receive, keep: int) -> tuple[bytes, int] | None:
     """
-    Read the body, up to `MAX_READ_BYTES`, keeping its first `keep` bytes.
+    Read the body, up to `keep` bytes and one chunk more (at least `MAX_READ_BYTES`), keeping its first `keep` bytes.
 
     Returns the bytes kept and the number read (more than `keep` means the body was cut), or None when the client
     disconnects.
     """
     chunks, size = [], 0
-    while size <= MAX_READ_BYTES:
+    while size <= max(MAX_READ_BYTES, keep):
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
@@ -250,6 +252,11 @@ async def _read_body(receive: Receive, keep: int) -> tuple[bytes, int] | None:
         if not message.get("more_body", False):
             break
     return b"".join(chunks), size
+
+
+def _is_multipart(headers: Headers) -> bool:
+    """Whether the body is a multipart form (an upload), which the route's form parser reads, not JSON."""
+    return headers.get("content-type", "").lower().startswith("multipart/")
 
 
 def _finite(text: str) -> float:

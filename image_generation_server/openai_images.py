@@ -1,9 +1,10 @@
 """
-OpenAI's Images API on the one image pipeline: `POST /v1/images/generations` and `GET /v1/models`.
+OpenAI's Images API on the image pipelines: `POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`.
 
-Requests take OpenAI's fields on OpenAI's terms, plus this server's `negative_prompt`, `seed`,
-`num_inference_steps` and `guidance_scale`; a setting that cannot be honoured is a 400 that says so, never silently
-ignored. Errors use OpenAI's envelope and the statuses its SDKs map to exception classes (400 where the native
+Requests take OpenAI's fields on OpenAI's terms, plus this server's `negative_prompt`, `seed`, `num_inference_steps`
+and `guidance_scale` (and for edits `strength`); a setting that cannot be honoured is a 400 that says so, never
+silently ignored. An edit is a multipart form, as OpenAI's SDKs send it: one `image`, an optional `mask`, and the other
+fields as text. Errors use OpenAI's envelope and the statuses its SDKs map to exception classes (400 where the native
 route says 422). `HTTPGuard` applies the same API keys, body cap and cancel-on-disconnect as on the native route.
 """
 
@@ -15,15 +16,17 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import pybase64
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from haystack.dataclasses import ImageContent
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from starlette.formparsers import MultiPartException
 
 from components.image_codec import recompress
-from components.request import Batch, CommonParameters, Streaming
-from image_generation_server.generation import generate, generate_watched, served_models
-from image_generation_server.responses import classify, openai_error
+from components.request import Batch, CommonParameters, EditParameters, Streaming, Strength
+from image_generation_server.generation import edit, generate, generate_watched, served_models
+from image_generation_server.responses import classify, openai_error, validation_message
+from image_generation_server.uploads import form_model, image_content
 
 PREFIX = "/v1/"
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,3}x[1-9][0-9]{1,3})$"
@@ -91,6 +94,38 @@ class ImageGenerationRequest(Streaming, Batch, CommonParameters):
     user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = Field(
         None, description="An end-user id; accepted and not stored."
     )
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """
+    OpenAI's `images.edit` fields besides its files: those of `images.generate`, OpenAI's `input_fidelity`, and this
+    server's `strength`. `size` defaults to the image's own; another size resizes the image and the mask to it.
+    """
+
+    strength: Strength | None = EditParameters.model_fields["strength"]
+    input_fidelity: Literal["low", "high"] | None = Field(
+        None, description="Not offered: set `strength` instead (near 0 stays close to the image)."
+    )
+
+
+# A form's values are text: the edit's fields read as their types, with the same limits.
+ImageEditForm = form_model(ImageEditRequest)
+# The multipart body's schema, for the OpenAPI document (the route reads the form itself, with its own limits).
+EDIT_FORM_SCHEMA = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The image to edit: PNG, JPEG or WebP."},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "A PNG or WebP of the image's size whose fully transparent pixels mark what to change; "
+            "every other pixel of the answer is the image's own.",
+        },
+        **ImageEditRequest.model_json_schema()["properties"],
+    },
+}
+MAX_FORM_FIELDS = len(ImageEditRequest.model_fields) + 4
 
 
 class ImageData(BaseModel):
@@ -169,6 +204,51 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
         return await _streamed(body, params, request)
     try:
         images = await generate(request.app, **params)
+    except Exception as e:
+        failure = classify(e)
+        return openai_error(failure.status, failure.message, param=_param_of(failure), headers=failure.headers)
+    return await _images_response(body, images, request)
+
+
+@router.post(
+    "/images/edits",
+    response_model=ImagesResponse,
+    responses={**ERROR_RESPONSES, "413": {**ERROR_RESPONSES["413"], "description": "body over the upload cap"}},
+    response_model_exclude_none=True,
+    summary="Edit an image (OpenAI Images API)",
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": EDIT_FORM_SCHEMA}}}},
+)
+async def edit_images(request: Request) -> Any:
+    """
+    Edit an image `n` times from a prompt, as OpenAI's `images.edit` does; with a mask, only where it is transparent.
+
+    One `image` (several are refused), an optional `mask` of the image's size whose fully transparent pixels mark
+    what to change (every other pixel of each answer is the image's own, exactly), and `strength` for how far from the
+    image to go. Each answer comes back as base64, or as a URL.
+    """
+    try:
+        form = await request.form(max_files=3, max_fields=MAX_FORM_FIELDS)
+    except (MultiPartException, ValueError):
+        return openai_error(400, "the body must be a multipart form with the image and the prompt")
+    try:
+        uploads, body = _edit_form(form)
+        params = _pipeline_params(body)
+    except Refused as e:
+        return openai_error(400, str(e), param=e.param)
+    except ValidationError as e:
+        param, message = validation_message(e.errors())
+        return openai_error(400, message, param=param)
+    try:
+        images = await edit(request.app, **params, **uploads)
+    except Exception as e:
+        failure = classify(e)
+        return openai_error(failure.status, failure.message, param=_param_of(failure), headers=failure.headers)
+    return await _images_response(body, images, request)
+
+
+async def _images_response(body: ImageGenerationRequest, images: list[ImageContent], request: Request) -> Any:
+    """The images in OpenAI's response shape: base64 or stored URLs, recompressed when asked."""
+    try:
         output_format = images[0].meta["format"]
         data = [image.base64_image for image in images]
         if body.output_compression is not None:
@@ -290,6 +370,11 @@ def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
         raise Refused("style", "style presets are not offered; describe the style in the prompt")
     if body.output_compression is not None and body.output_format in (None, "png"):
         raise Refused("output_compression", "output_compression applies to jpeg and webp only")
+    if isinstance(body, ImageEditRequest):
+        if body.stream:
+            raise Refused("stream", "streamed edits are not offered: leave stream out")
+        if body.input_fidelity is not None:
+            raise Refused("input_fidelity", "input_fidelity is not offered; set strength instead")
     params: dict[str, Any] = {
         "prompt": body.prompt, "negative_prompt": body.negative_prompt, "model": body.model, "n": body.n,
         "seed": body.seed, "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
@@ -298,14 +383,44 @@ def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
     if body.size not in (None, "auto"):
         width, height = body.size.split("x")
         params.update(width=int(width), height=int(height))
+    if isinstance(body, ImageEditRequest):
+        params["strength"] = body.strength
     return params
+
+
+def _edit_form(form: Any) -> tuple[dict[str, ImageContent | None], ImageEditRequest]:
+    """The form's image and mask (as the editing component's inputs) and its fields; `Refused` for what is not."""
+    files: dict[str, list[UploadFile]] = {}
+    fields: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, str):
+            if name in fields:
+                raise Refused(name[:64], f"{name[:64]!r} is given more than once")
+            fields[name] = value
+        else:
+            files.setdefault("image" if name == "image[]" else name, []).append(value)
+    for name in files.keys() - {"image", "mask"}:
+        raise Refused(name[:64], f"unknown file {name[:64]!r}: send an image and optionally a mask")
+    images, masks = files.get("image", []), files.get("mask", [])
+    if not images:
+        raise Refused("image", "image is required: the file to edit")
+    if len(images) > 1:
+        raise Refused("image", "one image per edit: several input images are not supported here")
+    if len(masks) > 1:
+        raise Refused("mask", "one mask per edit")
+    body = ImageEditForm.model_validate(fields)
+    uploads = {
+        "image": image_content(images[0].file.read()),
+        "mask": image_content(masks[0].file.read()) if masks else None,
+    }
+    return uploads, body
 
 
 def _param_of(failure: Any) -> str | None:
     """The request field a validation message names, in this door's terms (width and height are `size`)."""
     match = _PARAM_RE.match(failure.message) if failure.status == 422 else None
     param = _PARAMS.get(match.group(1), match.group(1)) if match else None
-    return param if param in ImageGenerationRequest.model_fields else None
+    return param if param in ImageEditRequest.model_fields or param in ("image", "mask") else None
 
 
 def _recompressed(data: list[str], output_format: str, quality: int) -> list[str]:

@@ -8,12 +8,14 @@ row matches, so a route that Hayhooks (or anything else) adds later is never rea
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.routing import _IncludedRouter  # FastAPI >= 0.16x keeps included routers lazily
 from starlette.routing import BaseRoute, Mount, compile_path
+
+from image_generation_server.settings import Settings
 
 # Who may call a route: with a valid API key when keys are configured, anyone, whoever holds the URL, or whoever
 # holds a key of the route's own that the route checks (the metrics scrape key).
@@ -29,10 +31,13 @@ class Body:
 
     :param max_bytes: Largest body accepted (413 beyond); no more than this is ever held in memory.
     :param closed: Refuse JSON object fields that the route's OpenAPI request schema does not declare (422).
+    :param upload: The body carries an image: its cap is the upload cap (`IMAGE_GENERATION_MAX_UPLOAD_BYTES`), which
+        the inventory sets in place of `max_bytes`.
     """
 
     max_bytes: int
     closed: bool = True
+    upload: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class Route:
 
 MAX_BODY_BYTES = 64 * 1024
 RUN_BODY = Body(MAX_BODY_BYTES)
+DEFAULT_MAX_UPLOAD_BYTES: int = Settings.model_fields["max_upload_bytes"].default
+UPLOAD_BODY = Body(DEFAULT_MAX_UPLOAD_BYTES, closed=False, upload=True)  # multipart: no JSON fields to close
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", "public"),
@@ -75,6 +82,9 @@ ROUTES: tuple[Route, ...] = (
     # the pipelines' run routes: the wrapper, and the JSON variant (served/image_generation_json.yml)
     Route("POST", "/image_generation/run", "api_key", RUN_BODY),
     Route("POST", "/image_generation_json/run", "api_key", RUN_BODY),
+    # the editing pipeline's (pipelines/image_editing/): multipart uploads, and its JSON variant (base64 images)
+    Route("POST", "/image_editing/run", "api_key", UPLOAD_BODY),
+    Route("POST", "/image_editing_json/run", "api_key", replace(UPLOAD_BODY, closed=True)),
     # jobs (jobs.py): Hayhooks' durable routes of the image pipeline; with API keys on, a job is its key's own.
     # `resume` stays because Hayhooks links to it in every job; an image job never waits for input (409).
     Route("POST", "/image_generation/run-durable", "api_key", RUN_BODY, durable=True),
@@ -92,6 +102,7 @@ ROUTES: tuple[Route, ...] = (
     # the OpenAI-compatible door (openai_images.py); its model list replaces Hayhooks' (chat models). With `stream`,
     # generations answer OpenAI's server-sent events: bounded by the generation (≤ 3 partial images, then the image)
     Route("POST", "/v1/images/generations", "api_key", RUN_BODY, errors="openai"),
+    Route("POST", "/v1/images/edits", "api_key", UPLOAD_BODY, errors="openai"),
     Route("GET", "/v1/models", "api_key", errors="openai"),
     # the MCP door (image_generation_server/mcp.py): stateless JSON-RPC over POST, answered as server-sent events
     # (progress notifications, then the result); its SDK checks the body's shape
@@ -107,8 +118,18 @@ ROUTES: tuple[Route, ...] = (
 class Inventory:
     """The rows that apply in one mode, matched against requests and against the app's routes."""
 
-    def __init__(self, routes: tuple[Route, ...] = ROUTES, *, durable: bool = False) -> None:
-        self.routes = tuple(route for route in routes if route.durable in (None, durable))
+    def __init__(
+        self, routes: tuple[Route, ...] = ROUTES, *, durable: bool = False, max_upload_bytes: int | None = None
+    ) -> None:
+        """
+        The rows that apply in one mode.
+
+        :param durable: Whether Hayhooks runs in durable mode (rows for the other mode are left out).
+        :param max_upload_bytes: The upload cap, for the rows whose body is an upload; None keeps their default.
+        """
+        self.routes = tuple(
+            _with_upload_cap(route, max_upload_bytes) for route in routes if route.durable in (None, durable)
+        )
         self._patterns = [(route, compile_path(route.path)[0]) for route in self.routes]
 
     def match(self, method: str, path: str) -> Route | Literal[405] | None:
@@ -127,6 +148,12 @@ class Inventory:
             return any(row.path.startswith(path.rstrip("/") + "/") for row in self.routes)
         methods = getattr(route, "methods", None)  # None: an ASGI app that takes any method (the guard picks)
         return any(row.path == path and (methods is None or row.method in methods) for row in self.routes)
+
+
+def _with_upload_cap(route: Route, max_upload_bytes: int | None) -> Route:
+    if route.body is None or not route.body.upload or max_upload_bytes is None:
+        return route
+    return replace(route, body=replace(route.body, max_bytes=max_upload_bytes))
 
 
 def prune(app: FastAPI, inventory: Inventory) -> None:

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         "route the inventory marks `api_key`: the run routes (the JSON variant included), jobs, `/v1/*` and `/mcp` "
         "(default: none, auth off)."
     )  # fmt: skip
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024,
+        description="Largest request body that carries an image to edit (`/v1/images/edits`, `/image_editing/run`, "
+        "the MCP `edit_image` tool), in bytes; 413 beyond. Other requests are capped at 64 KB.",
+    )
     body_timeout: float = Field(20.0, description="Seconds a client has to send a whole request body; 408 after.")
     rate_limit: str | None = Field(
         None,
@@ -202,7 +207,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "max_image_bytes", "max_inflight_bytes", "max_concurrency", "image_bytes", "max_jobs_per_client",
-        "max_streams_per_client",
+        "max_streams_per_client", "max_upload_bytes",
     )  # fmt: skip
     @classmethod
     def _positive(cls, value: int) -> int:

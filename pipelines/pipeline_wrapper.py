@@ -6,19 +6,16 @@ In Hayhooks' durable mode the wrapper also runs jobs (`POST /image_generation/ru
 is chosen here, at import, from Hayhooks' settings: one folder serves both modes.
 """
 
-import os
 from pathlib import Path
 from typing import Any
 
 from fastapi import Response
 from hayhooks import BasePipelineWrapper
 from hayhooks.settings import settings as hayhooks_settings
-from haystack import Pipeline
-from haystack.core.serialization import allow_deserialization_module
 from starlette.datastructures import Headers
 
 from components.request import GenerationParameters
-from image_generation_server.generation import run_pipeline
+from image_generation_server.generation import load_backend_pipeline, run_pipeline
 from image_generation_server.jobs import jobs_mixin
 from image_generation_server.log import configure_server_log
 from image_generation_server.responses import http_error, image_response
@@ -40,12 +37,7 @@ class LivePipelineWrapper(BasePipelineWrapper):
     def setup(self) -> None:
         """Load and warm up the backend's pipeline, allowing Haystack to deserialize our `components` only."""
         configure_server_log()
-        backend = os.environ.get("IMAGE_GENERATION_BACKEND", "").strip() or "huggingface_api"
-        if backend not in PIPELINE_FILES:
-            raise ValueError(f"IMAGE_GENERATION_BACKEND={backend!r} must be one of {', '.join(PIPELINE_FILES)}")
-        allow_deserialization_module("components")
-        self.pipeline = Pipeline.loads(PIPELINE_FILES[backend].read_text())
-        self.pipeline.warm_up()  # settings errors and model loading fail here, at startup, not on a request
+        self.pipeline = load_backend_pipeline(PIPELINE_FILES)
 
     @takes(GenerationParameters)
     async def run_api_async(self, headers: Headers | None = None, **params: Any) -> Response:

@@ -16,28 +16,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from components import HuggingFaceAPITextToImage  # noqa: E402
+from components.diffusers_image_to_image import DiffusersImageToImage  # noqa: E402
 from components.diffusers_text_to_image import DiffusersTextToImage  # noqa: E402
+from components.hf_api_image_to_image import HuggingFaceAPIImageToImage  # noqa: E402
 
 COMPONENT = "text_to_image"
-DEPLOY_IO = {
-    "inputs": {name: f"{COMPONENT}.{name}" for name in ("prompt", "width", "height")},
-    "outputs": {"images": f"{COMPONENT}.images"},
-}
+EDIT_COMPONENT = "image_to_image"
+DEPLOY_INPUTS = {COMPONENT: ("prompt", "width", "height"), EDIT_COMPONENT: ("image", "prompt")}
+
+
+def serialized(component_name: str, component: object) -> str:
+    """A one-component pipeline's `Pipeline.dumps()`, with the inputs and outputs `deploy-yaml` reads."""
+    pipeline = Pipeline()
+    pipeline.add_component(component_name, component)
+    deploy_io = {
+        "inputs": {name: f"{component_name}.{name}" for name in DEPLOY_INPUTS[component_name]},
+        "outputs": {"images": f"{component_name}.images"},
+    }
+    return pipeline.dumps() + yaml.safe_dump(deploy_io, sort_keys=False)
 
 
 def pipeline_files() -> dict[Path, str]:
     """Each pipeline file's path and its text: one per backend, chosen at serving time by IMAGE_GENERATION_BACKEND."""
-    files = {}
-    for name, generator in (
-        ("image_generation.yml", HuggingFaceAPITextToImage()),
-        ("image_generation_local.yml", DiffusersTextToImage()),
-    ):
-        pipeline = Pipeline()
-        pipeline.add_component(COMPONENT, generator)
-        files[ROOT / "pipelines" / name] = pipeline.dumps() + yaml.safe_dump(DEPLOY_IO, sort_keys=False)
-    # The JSON variant: the API pipeline as a top-level YAML of the served folder, which Hayhooks deploys at startup
-    # as `/image_generation_json/run` (in durable mode too), so no deployment route is needed to serve it.
-    files[ROOT / "served" / "image_generation_json.yml"] = files[ROOT / "pipelines" / "image_generation.yml"]
+    pipelines, editing = ROOT / "pipelines", ROOT / "pipelines" / "image_editing"
+    files = {
+        pipelines / "image_generation.yml": serialized(COMPONENT, HuggingFaceAPITextToImage()),
+        pipelines / "image_generation_local.yml": serialized(COMPONENT, DiffusersTextToImage()),
+        editing / "image_editing.yml": serialized(EDIT_COMPONENT, HuggingFaceAPIImageToImage()),
+        editing / "image_editing_local.yml": serialized(EDIT_COMPONENT, DiffusersImageToImage()),
+    }
+    # The JSON variants: the API pipelines as top-level YAMLs of the served folder, which Hayhooks deploys at startup
+    # as `/image_generation_json/run` and `/image_editing_json/run` (in durable mode too), so no deployment route is
+    # needed to serve them.
+    files[ROOT / "served" / "image_generation_json.yml"] = files[pipelines / "image_generation.yml"]
+    files[ROOT / "served" / "image_editing_json.yml"] = files[editing / "image_editing.yml"]
     return files
 
 

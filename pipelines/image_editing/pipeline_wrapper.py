@@ -1,0 +1,60 @@
+"""
+Hayhooks wrapper: `POST /image_editing/run` edits an uploaded image and answers with the edited image itself.
+
+The request is a multipart form, as Hayhooks takes files: `files` holds the image, then optionally the mask.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Response, UploadFile
+from hayhooks import BasePipelineWrapper
+from starlette.datastructures import Headers
+
+from components.request import EditParameters
+from image_generation_server.generation import EDIT_COMPONENT, load_backend_pipeline, run_pipeline
+from image_generation_server.log import configure_server_log
+from image_generation_server.responses import http_error, image_response
+from image_generation_server.signature import takes
+from image_generation_server.uploads import form_model, image_content
+
+# IMAGE_GENERATION_BACKEND -> the serialized editing pipeline that serves it. Both take the same inputs.
+PIPELINE_FILES = {
+    "huggingface_api": Path(__file__).with_name("image_editing.yml"),
+    "local": Path(__file__).with_name("image_editing_local.yml"),
+}
+
+
+class PipelineWrapper(BasePipelineWrapper):
+    """Serves the configured backend's editing pipeline; the image bytes go out as the response body."""
+
+    skip_mcp = True  # image_generation_server.mcp serves edits to MCP clients (`edit_image`)
+
+    def setup(self) -> None:
+        """Load and warm up the backend's editing pipeline (for the local backend: on the weights already loaded)."""
+        configure_server_log()
+        self.pipeline = load_backend_pipeline(PIPELINE_FILES)
+
+    @takes(form_model(EditParameters))
+    async def run_api_async(self, files: list[UploadFile], headers: Headers | None = None, **params: Any) -> Response:
+        """
+        Edit an image from a text prompt and return the edited image as the response body.
+
+        A multipart form: `files` is the image (PNG, JPEG or WebP), then optionally the mask (a PNG or WebP of the
+        image's size whose fully transparent pixels mark what to change; every other pixel of the answer is the
+        image's own). Without a mask the whole image is edited. One image per call: for several (`n`), use
+        `POST /v1/images/edits` or the MCP tool. Like `/image_generation/run`, the answer carries `X-Seed` and
+        `ETag`; the image is marked as an edit with generated content (IPTC `compositeWithTrainedAlgorithmicMedia`;
+        a C2PA `c2pa.edited` action when the server signs).
+        Errors: 401 missing API key (when keys are configured), 413 body over the upload cap, 422 bad input, an
+        upload that is not a PNG, JPEG or WebP, truncated, too large, or a mask of another size or with no alpha
+        (nothing is sent upstream), 429/503 with `Retry-After`, 502 upstream failure, 504 upstream timeout.
+        """
+        if not 1 <= len(files) <= 2:
+            raise HTTPException(422, "files: send the image, and optionally the mask (one or two files)")
+        image, mask = [image_content(await upload.read()) for upload in files] + [None] * (2 - len(files))
+        try:
+            [edited] = await run_pipeline(self.pipeline, EDIT_COMPONENT, image=image, mask=mask, **params)
+        except Exception as e:
+            raise http_error(e) from None
+        return image_response(edited, headers)

@@ -1,0 +1,237 @@
+"""
+Editing through a real server, on both backends: `POST /v1/images/edits` driven by the official `openai` SDK, the
+native `/image_editing/run` (multipart, the image bytes back) and its JSON variant, and hostile uploads.
+
+The API backend edits through the fake upstream (which speaks the image-to-image protocol); the local backend on the
+tiny random-weight model, 64x64, 2 steps. Outside the mask, the decoded answer equals the decoded input.
+"""
+
+import base64
+import io
+import json
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from conftest import ROOT, running, server_env
+from fake_upstream import render
+from PIL import Image
+from test_image_input import png_header_only
+
+KEY = "edits-test-key"
+SIZE = (64, 64)
+SOURCE_PNG = render("a source picture", 1, *SIZE, "png")
+SOURCE = Image.open(io.BytesIO(SOURCE_PNG)).convert("RGB")
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def hole_mask(size: tuple[int, int] = SIZE) -> Image.Image:
+    mask = Image.new("RGBA", size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 40))
+    return mask
+
+
+MASK_PNG = encoded(hole_mask())
+
+
+def assert_kept_outside(data: bytes, source: Image.Image = SOURCE, mask: Image.Image | None = None) -> None:
+    """Decode both and compare every pixel outside the mask; the box inside it changed."""
+    kept = np.asarray(mask or hole_mask())[:, :, 3] != 0
+    out = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+    src = np.asarray(source, dtype=np.int16)
+    assert out.shape == src.shape
+    assert (out[kept] == src[kept]).all()
+    assert np.abs(out[~kept] - src[~kept]).mean() > 1
+
+
+@pytest.fixture(scope="module")
+def api_server(upstream, tmp_path_factory):
+    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_API_KEYS=KEY)
+    with running(tmp_path_factory.mktemp("edits-api"), env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from tiny_diffusers import build
+
+    model = build(tmp_path_factory.mktemp("models") / "tiny-sd")
+    env = server_env(
+        IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(model), IMAGE_GENERATION_API_KEYS=KEY
+    )
+    with running(tmp_path_factory.mktemp("edits-local"), env, timeout=120) as server:
+        yield server
+
+
+def sdk(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+@pytest.mark.parametrize("backend", ["api_server", "local_server"])
+@pytest.mark.parametrize("response_format", ["b64_json", "url"])
+def test_sdk_edit_with_a_mask_on_both_backends(request, backend, response_format, fresh_upstream):
+    server = request.getfixturevalue(backend)
+    steps = {"num_inference_steps": 2} if backend == "local_server" else {}
+    with sdk(server) as client:
+        result = client.images.edit(
+            image=("source.png", SOURCE_PNG, "image/png"), mask=("mask.png", MASK_PNG, "image/png"),
+            prompt="a red hat", n=2, size="64x64", response_format=response_format, extra_body=steps,
+        )  # fmt: skip
+        assert (len(result.data), result.size) == (2, "64x64")
+        answers = [
+            base64.b64decode(item.b64_json) if response_format == "b64_json" else fetch(item.url)
+            for item in result.data
+        ]
+        seeds = [item.model_extra["seed"] for item in result.data]
+        assert seeds[1] == seeds[0] + 1 and answers[0] != answers[1]
+        for data, seed in zip(answers, seeds, strict=True):
+            assert Image.open(io.BytesIO(data)).size == SIZE
+            assert_kept_outside(data)
+            alone = client.images.edit(
+                image=("source.png", SOURCE_PNG, "image/png"), mask=("mask.png", MASK_PNG, "image/png"),
+                prompt="a red hat", size="64x64", extra_body={"seed": seed, **steps},
+            ).data[0]  # fmt: skip
+            assert base64.b64decode(alone.b64_json) == data  # each image is its seed's alone
+    if backend == "api_server":
+        assert {seen.payload["parameters"]["target_size"]["width"] for seen in fresh_upstream.requests} == {64}
+
+
+def test_sdk_edit_without_a_mask_at_another_size(api_server, fresh_upstream):
+    with sdk(api_server) as client:
+        result = client.images.edit(
+            image=("source.jpg", encoded(SOURCE, "JPEG"), "image/jpeg"), prompt="a red hat", size="128x96",
+            output_format="webp", output_compression=70, extra_body={"seed": 3, "strength": 0.4},
+        )  # fmt: skip
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert (image.format, image.size) == ("WEBP", (128, 96))
+    [seen] = fresh_upstream.requests
+    assert (seen.payload["parameters"]["strength"], seen.payload["parameters"]["seed"]) == (0.4, 3)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ({"image": [("a.png", SOURCE_PNG), ("b.png", SOURCE_PNG)]}, "one image per edit"),
+        ({"extra_body": {"input_fidelity": "high"}}, "input_fidelity is not offered; set strength instead"),
+        ({"extra_body": {"quality": "hd"}}, "quality='hd' is not offered"),
+        ({"extra_body": {"strength": "2"}}, "strength must be a number in 0..1"),
+        ({"extra_body": {"markup": "x"}}, "unknown field 'markup'"),
+        ({"size": "100x64"}, "width=100 must be a multiple of 8"),
+    ],
+)
+def test_settings_that_cannot_be_honoured_are_400s(api_server, fresh_upstream, call, message):
+    arguments = {"image": ("source.png", SOURCE_PNG, "image/png"), "prompt": "a red hat", **call}
+    with sdk(api_server) as client, pytest.raises(openai.BadRequestError) as raised:
+        client.images.edit(**arguments)
+    assert message in raised.value.body["message"]
+    assert fresh_upstream.requests == []
+
+
+def polyglot() -> bytes:
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("payload.txt", "not an image")
+    return SOURCE_PNG + archive.getvalue()
+
+
+def rss(server) -> int:
+    """The server process's resident memory, in bytes."""
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+@pytest.mark.parametrize(
+    ("image", "mask", "status", "message"),
+    [
+        (png_header_only(50_000, 50_000), None, 400, "image declares more than"),
+        (encoded(SOURCE, "JPEG")[:-200], None, 400, "image is a truncated JPEG"),
+        (SOURCE_PNG, encoded(hole_mask((32, 32))), 400, "mask is 32x32; it must be the image's size, 64x64"),
+        (SOURCE_PNG, encoded(SOURCE), 400, "mask has no alpha channel"),
+        (polyglot(), None, 400, "image has data after the end of its PNG image"),
+        (b"GIF89a" + b"\0" * 64, None, 400, "image must be a PNG, JPEG or WebP file"),
+    ],
+)
+def test_hostile_uploads_are_short_4xx_with_nothing_sent_upstream(api_server, fresh_upstream, image, mask, status,
+                                                                   message):  # fmt: skip
+    files = [("image", ("upload.png", image, "image/png"))]
+    if mask is not None:
+        files.append(("mask", ("mask.png", mask, "image/png")))
+    before = rss(api_server)
+    response = httpx.post(
+        f"{api_server.url}/v1/images/edits", files=files, data={"prompt": "a hat"},
+        headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+    )  # fmt: skip
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error["message"] and len(error["message"]) < 120
+    assert fresh_upstream.requests == []
+    assert rss(api_server) - before < 32 * 1024 * 1024  # nothing the size of the declared image was decoded
+
+
+def test_a_body_over_the_upload_cap_is_a_413_before_it_is_read(api_server, fresh_upstream):
+    body = b"x" * (60 * 1024 * 1024)
+    response = httpx.post(
+        f"{api_server.url}/v1/images/edits", content=body, timeout=60,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=x"},
+    )  # fmt: skip
+    assert response.status_code == 413
+    assert response.json()["error"]["message"] == f"the request body is over {20 * 1024 * 1024} bytes"
+    assert fresh_upstream.requests == []
+
+
+def test_native_route_answers_the_edited_image(api_server, fresh_upstream):
+    response = httpx.post(
+        f"{api_server.url}/image_editing/run",
+        files=[("files", ("a.png", SOURCE_PNG, "image/png")), ("files", ("m.png", MASK_PNG, "image/png"))],
+        data={"prompt": "a red hat", "seed": "9", "strength": "0.5"},
+        headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    assert (response.headers["content-type"], response.headers["x-seed"]) == ("image/png", "9")
+    assert_kept_outside(response.content)
+    # The JSON variant (served/image_editing_json.yml) runs the same component on base64 images.
+    response = httpx.post(
+        f"{api_server.url}/image_editing_json/run",
+        json={"image": {"base64_image": base64.b64encode(SOURCE_PNG).decode()}, "prompt": "a red hat"},
+        headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+    )  # fmt: skip
+    assert response.status_code == 200, response.text
+    [image] = response.json()["result"]["image_to_image"]["images"]
+    assert Image.open(io.BytesIO(base64.b64decode(image["base64_image"]))).size == SIZE
+
+
+def test_native_route_refuses_a_bad_upload_with_a_422(api_server, fresh_upstream):
+    response = httpx.post(
+        f"{api_server.url}/image_editing/run", files=[("files", ("a.png", SOURCE_PNG[:-30], "image/png"))],
+        data={"prompt": "a red hat"}, headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+    )  # fmt: skip
+    assert (response.status_code, response.json()) == (422, {"detail": "image is a truncated PNG"})
+    assert fresh_upstream.requests == []
+
+
+def test_edit_routes_need_the_api_key(api_server):
+    for path in ("/v1/images/edits", "/image_editing/run", "/image_editing_json/run"):
+        assert httpx.post(f"{api_server.url}{path}", content=b"{}").status_code == 401
+
+
+def test_openapi_documents_the_edit_form(api_server):
+    schema = json.loads(fetch(f"{api_server.url}/openapi.json"))
+    form = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "mask", "prompt", "strength", "n", "size"} <= set(form["properties"])

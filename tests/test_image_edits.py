@@ -9,6 +9,7 @@ tiny random-weight model, 64x64, 2 steps. Outside the mask, the decoded answer e
 import base64
 import io
 import json
+import sys
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -21,6 +22,9 @@ from conftest import ROOT, running, server_env
 from fake_upstream import render
 from PIL import Image
 from test_image_input import png_header_only
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from tiny_diffusers import build
 
 KEY = "edits-test-key"
 SIZE = (64, 64)
@@ -62,11 +66,6 @@ def api_server(upstream, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_server(tmp_path_factory):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from tiny_diffusers import build
-
     model = build(tmp_path_factory.mktemp("models") / "tiny-sd")
     env = server_env(
         IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(model), IMAGE_GENERATION_API_KEYS=KEY

@@ -187,3 +187,11 @@ def test_head_answers_every_get_route_as_get_does_without_a_body(server, fresh_u
     assert (head_status, head_body) == (status, b"")
     assert head_headers["content-type"] == headers["content-type"]
     assert head_headers.get("content-length") == headers.get("content-length", str(len(body)))
+
+
+def test_upload_rows_take_the_upload_cap():
+    """`IMAGE_GENERATION_MAX_UPLOAD_BYTES` caps the bodies that carry an image to edit; the others keep 64 KB."""
+    inventory = Inventory(max_upload_bytes=1234)
+    capped = {row.path for row in inventory.routes if row.body is not None and row.body.max_bytes == 1234}
+    assert capped == {"/image_editing/run", "/image_editing_json/run", "/v1/images/edits"}
+    assert {row.body.max_bytes for row in inventory.routes if row.body and row.path not in capped} <= {64 * 1024, 1024}

@@ -98,8 +98,10 @@ class ImageGenerationRequest(Streaming, Batch, CommonParameters):
 
 class ImageEditRequest(ImageGenerationRequest):
     """
-    OpenAI's `images.edit` fields besides its files: those of `images.generate`, OpenAI's `input_fidelity`, and this
-    server's `strength`. `size` defaults to the image's own; another size resizes the image and the mask to it.
+    OpenAI's `images.edit` fields besides its files.
+
+    Those of `images.generate`, OpenAI's `input_fidelity`, and this server's `strength`. `size` defaults to the
+    image's own; another size resizes the image and the mask to it.
     """
 
     strength: Strength | None = EditParameters.model_fields["strength"]
@@ -232,7 +234,7 @@ async def edit_images(request: Request) -> Any:
         return openai_error(400, "the body must be a multipart form with the image and the prompt")
     try:
         uploads, body = _edit_form(form)
-        params = _pipeline_params(body)
+        params = _edit_params(body)
     except Refused as e:
         return openai_error(400, str(e), param=e.param)
     except ValidationError as e:
@@ -370,11 +372,6 @@ def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
         raise Refused("style", "style presets are not offered; describe the style in the prompt")
     if body.output_compression is not None and body.output_format in (None, "png"):
         raise Refused("output_compression", "output_compression applies to jpeg and webp only")
-    if isinstance(body, ImageEditRequest):
-        if body.stream:
-            raise Refused("stream", "streamed edits are not offered: leave stream out")
-        if body.input_fidelity is not None:
-            raise Refused("input_fidelity", "input_fidelity is not offered; set strength instead")
     params: dict[str, Any] = {
         "prompt": body.prompt, "negative_prompt": body.negative_prompt, "model": body.model, "n": body.n,
         "seed": body.seed, "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
@@ -383,9 +380,16 @@ def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
     if body.size not in (None, "auto"):
         width, height = body.size.split("x")
         params.update(width=int(width), height=int(height))
-    if isinstance(body, ImageEditRequest):
-        params["strength"] = body.strength
     return params
+
+
+def _edit_params(body: ImageEditRequest) -> dict[str, Any]:
+    """The editing component's run inputs for `body` (its image and mask apart), or `Refused`."""
+    if body.stream:
+        raise Refused("stream", "streamed edits are not offered: leave stream out")
+    if body.input_fidelity is not None:
+        raise Refused("input_fidelity", "input_fidelity is not offered; set strength instead")
+    return {**_pipeline_params(body), "strength": body.strength}
 
 
 def _edit_form(form: Any) -> tuple[dict[str, ImageContent | None], ImageEditRequest]:

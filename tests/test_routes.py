@@ -46,9 +46,12 @@ IN_BOTH_MODES = {
     ("GET", "/docs/favicon.png"),
     ("POST", "/image_generation/run"),
     ("POST", "/image_generation_json/run"),
+    ("POST", "/image_editing/run"),
+    ("POST", "/image_editing_json/run"),
     ("GET", "/images/{name}"),
     ("DELETE", "/images/{name}"),
     ("POST", "/v1/images/generations"),
+    ("POST", "/v1/images/edits"),
     ("GET", "/v1/models"),
     ("POST", "/mcp"),
 }

@@ -5,6 +5,7 @@ The replicas use the API backend against the fake upstream (its latency makes jo
 leases and polls, so that a crashed replica's job is recovered in seconds.
 """
 
+import http.client
 import json
 import os
 import signal
@@ -184,3 +185,68 @@ def test_one_keys_jobs_are_never_answered_from_another_keys_images(replicas, fre
     assert len(fresh_upstream.requests) == 1
     run_job(b)  # another key pays for its own image
     assert len(fresh_upstream.requests) == 2
+
+
+def test_a_second_keys_stream_works_while_the_first_holds_its_maximum(replicas, fresh_upstream):
+    """Issue 22: one key's open progress streams used up the shared Redis pool; another key's stream failed at once."""
+    keys = ("stream-key-a-0123456789", "stream-key-b-0123456789")
+    [server] = replicas(
+        IMAGE_GENERATION_API_KEYS=",".join(keys),
+        IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT="2",
+        HAYHOOKS_DURABLE_REDIS_MAX_VIEWERS="3",  # the pool of streams of the replica, for every client
+    )
+    a, b = ({"Authorization": f"Bearer {key}"} for key in keys)
+    fresh_upstream.latency = 30.0
+    mine = submit(server.url, body(seed=61), a)
+    held = [SSE(f"{server.url}{mine['links']['stream']}", a) for _ in range(2)]
+    try:
+        for stream in held:
+            assert next(iter(stream)).event in ("chunk", "queue")  # open and streaming
+        status, headers, data = call(f"{server.url}{mine['links']['stream']}", headers=a)
+        assert status == 429
+        assert "IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT=2" in json.loads(data)["detail"]
+        assert headers["retry-after"]
+
+        theirs = submit(server.url, body(seed=62), b)
+        other = SSE(f"{server.url}{theirs['links']['stream']}", b)
+        first = next(iter(other))
+        other.close()
+        assert first.event in ("chunk", "queue"), first  # not Hayhooks' "error" of a stream without a connection
+    finally:
+        for stream in held:
+            stream.close()
+    for job_, headers_ in ((mine, a), (theirs, b)):
+        call(f"{server.url}{job_['links']['cancel']}", "POST", headers=headers_)
+
+
+def post_from(address: str, url: str, payload: dict, headers: dict[str, str]) -> tuple[int, dict[str, str], dict]:
+    """POST JSON from the local address `address` (127.0.0.x: another client of a server on 127.0.0.1)."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(address, 0))
+    try:
+        connection.request(
+            "POST", f"{JOBS}/run-durable", json.dumps(payload), {"Content-Type": "application/json", **headers}
+        )
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_an_idempotency_key_is_each_clients_own(replicas, fresh_upstream):
+    """Issue 22: with keys off, an Idempotency-Key was shared by all clients (one could replay or block another's)."""
+    (server,) = replicas(1)
+    key = {"Idempotency-Key": "order-1"}
+    status, _, first = post_from("127.0.0.1", server.url, body(seed=71), key)
+    assert status == 202
+    status, headers, again = post_from("127.0.0.1", server.url, body(seed=71), key)
+    assert (status in (200, 202), headers.get("idempotent-replay")) == (True, "true")
+    assert again["execution_id"] == first["execution_id"]  # the same client replays its own
+
+    status, headers, other = post_from("127.0.0.2", server.url, body(seed=72), key)  # another body: not blocked
+    assert status == 202, other
+    assert "idempotent-replay" not in headers
+    status, _, _ = post_from("127.0.0.2", server.url, body(seed=71), key)
+    assert status == 409  # its own key is bound to its own job: never a replay of the first client's
+    for done in (first, other):
+        assert wait_status(server.url, done["execution_id"], {"completed"})["status"] == "completed"

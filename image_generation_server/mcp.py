@@ -1,5 +1,5 @@
 """
-MCP at `/mcp`: the tool `generate_image`, which answers with the images themselves (MCP `ImageContent`).
+MCP at `/mcp`: the tools `generate_image` and `edit_image`, which answer with the images themselves (`ImageContent`).
 
 The official `mcp` SDK's streamable HTTP transport, stateless (any replica answers any call; no sticky sessions),
 runs inside the server's app: its session manager runs in the app's lifespan, the tool runs the one image pipeline
@@ -14,7 +14,9 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
+import pybase64
 from fastapi import FastAPI
 from hayhooks import log
 from haystack.dataclasses import ImageContent
@@ -23,16 +25,21 @@ from mcp.server.fastmcp.server import StreamableHTTPASGIApp
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from starlette.routing import Route
 
-from components.request import BatchParameters
-from image_generation_server.generation import generate, generate_watched
+from components.errors import InvalidRequestError
+from components.request import Batch, BatchParameters, EditParameters
+from image_generation_server.generation import edit, generate, generate_watched
+from image_generation_server.image_store import NAME
 from image_generation_server.responses import classify, validation_message
-from image_generation_server.routes import MAX_BODY_BYTES
+from image_generation_server.settings import load_settings
+from image_generation_server.uploads import image_content
 
 MCP_PATH = "/mcp"
 TOOL = "generate_image"
+EDIT_TOOL = "edit_image"
+IMAGES_PATH = "/images/"
 ALLOWED_HOSTS_ENV = "IMAGE_GENERATION_ALLOWED_HOSTS"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
@@ -47,35 +54,67 @@ takes the server's defaults. On failure the result is an error whose text says w
 range) or when to retry (the server or model is busy)."""
 
 
+EDIT_DESCRIPTION = """\
+Edit an image with a text prompt and get the edited images back.
+
+`image` is the picture to edit: a PNG, JPEG or WebP as base64, or the URL of an image this server made (a
+generate_image or edit_image result stored at /images/...; no other URL is fetched). `mask` (same forms, the image's
+size) marks with its fully transparent pixels what to change; every other pixel of the answer is the image's own.
+Without a mask the whole image is edited. `strength` (0 to 1, default 0.8) says how far from the image to go. Each
+image is followed by a text line with its seed; the same seed and arguments give the same edit."""
+
+
 class GenerateImageArguments(BatchParameters):
     """The tool's arguments: the native route's parameters plus `n`, with the same limits."""
+
+
+class EditImageArguments(Batch, EditParameters):
+    """The edit tool's arguments: an edit's parameters plus `n`, and the image and mask as base64 or a stored URL."""
+
+    image: str = Field(description="The image: base64 (PNG, JPEG or WebP), or the URL of an image this server made.")
+    mask: str | None = Field(
+        None, description="Optional: base64 or this server's image URL, the image's size, transparent where to edit."
+    )
 
 
 def create_mcp_server(app: FastAPI) -> Server:
     """The MCP server with the one tool, running the image pipeline that `app` serves."""
     server: Server = Server("image-generation", instructions="Use the generate_image tool to draw images.")
-    tool = types.Tool(
-        name=TOOL,
-        title="Generate image",
-        description=DESCRIPTION,
-        inputSchema=GenerateImageArguments.model_json_schema(),
-        annotations=types.ToolAnnotations(readOnlyHint=True, openWorldHint=True),
-    )
+    tools = [
+        types.Tool(
+            name=TOOL,
+            title="Generate image",
+            description=DESCRIPTION,
+            inputSchema=GenerateImageArguments.model_json_schema(),
+            annotations=types.ToolAnnotations(readOnlyHint=True, openWorldHint=True),
+        ),
+        types.Tool(
+            name=EDIT_TOOL,
+            title="Edit image",
+            description=EDIT_DESCRIPTION,
+            inputSchema=EditImageArguments.model_json_schema(),
+            annotations=types.ToolAnnotations(readOnlyHint=True, openWorldHint=True),
+        ),
+    ]
 
     @server.list_tools()
     async def list_tools() -> list[types.Tool]:
-        return [tool]
+        return tools
 
     @server.call_tool(validate_input=False)  # validated below, with messages that never echo the input
     async def call_tool(name: str, arguments: dict[str, Any]) -> types.CallToolResult:
-        if name != TOOL:
-            return _error(f"unknown tool {name[:64]!r}; the tool is {TOOL}")
+        if name not in (TOOL, EDIT_TOOL):
+            return _error(f"unknown tool {name[:64]!r}; the tools are {TOOL} and {EDIT_TOOL}")
         try:
-            request = GenerateImageArguments.model_validate(arguments)
+            model = GenerateImageArguments if name == TOOL else EditImageArguments
+            request = model.model_validate(arguments)
         except ValidationError as e:
             return _error(validation_message(e.errors())[1])
         try:
-            images = await _generated(app, server.request_context, request)
+            if isinstance(request, EditImageArguments):
+                images = await _edited(app, server.request_context, request)
+            else:
+                images = await _generated(app, server.request_context, request)
         except Exception as e:
             return _error(classify(e).message)
         content: list[types.ContentBlock] = [
@@ -98,7 +137,7 @@ def install(app: FastAPI) -> None:
         json_response=False,  # server-sent events on the POST: progress notifications, then the result
         stateless=True,
         security_settings=transport_security(),
-        max_request_body_size=MAX_BODY_BYTES,
+        max_request_body_size=load_settings().max_upload_bytes,  # an edit's image comes as base64
     )
     app.router.routes.append(Route(MCP_PATH, endpoint=StreamableHTTPASGIApp(sessions), include_in_schema=False))
     serve = app.router.lifespan_context
@@ -163,6 +202,40 @@ async def _generated(app: FastAPI, context: Any, request: GenerateImageArguments
                 related_request_id=context.request_id,
             )  # fmt: skip
     return images
+
+
+async def _edited(app: FastAPI, context: Any, request: EditImageArguments) -> list[ImageContent]:
+    """The edits of the request's image (base64, or an image of this server's store)."""
+    host = context.request.headers.get("host", "") if context.request is not None else ""
+    image = _image_bytes(app, request.image, "image", host)
+    mask = _image_bytes(app, request.mask, "mask", host) if request.mask is not None else None
+    params = request.model_dump(exclude={"image", "mask"})
+    return await edit(app, image=image_content(image), mask=image_content(mask) if mask else None, **params)
+
+
+def _image_bytes(app: FastAPI, value: str, name: str, host: str) -> bytes:
+    """
+    The bytes of an image argument: base64, or a URL of this server's image store, read from the store itself.
+
+    Nothing is ever fetched: a URL is only a name in the store, and one on another host is refused.
+    """
+    if value.startswith(("http://", "https://", IMAGES_PATH)):
+        parts = urlsplit(value)
+        stored = parts.path.removeprefix(IMAGES_PATH)
+        if (
+            (parts.netloc and parts.netloc != host)
+            or not parts.path.startswith(IMAGES_PATH)
+            or not NAME.fullmatch(stored)
+        ):
+            raise InvalidRequestError(f"{name}: a URL must be one of this server's images (/images/...)")
+        data = app.state.image_store.read(stored)
+        if data is None:
+            raise InvalidRequestError(f"{name}: no such image in this server's store (they expire)")
+        return data
+    try:
+        return pybase64.b64decode(value, validate=True)
+    except ValueError as e:
+        raise InvalidRequestError(f"{name} must be base64, or the URL of one of this server's images") from e
 
 
 def _error(message: str) -> types.CallToolResult:

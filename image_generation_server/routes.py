@@ -68,7 +68,7 @@ class Route:
 MAX_BODY_BYTES = 64 * 1024
 RUN_BODY = Body(MAX_BODY_BYTES)
 DEFAULT_MAX_UPLOAD_BYTES: int = Settings.model_fields["max_upload_bytes"].default
-UPLOAD_BODY = Body(DEFAULT_MAX_UPLOAD_BYTES, closed=False, upload=True)  # multipart: no JSON fields to close
+UPLOAD_BODY = Body(DEFAULT_MAX_UPLOAD_BYTES, closed=False, upload=True)  # multipart, or an open JSON-RPC body
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/status", "public"),
@@ -106,7 +106,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/models", "api_key", errors="openai"),
     # the MCP door (image_generation_server/mcp.py): stateless JSON-RPC over POST, answered as server-sent events
     # (progress notifications, then the result); its SDK checks the body's shape
-    Route("POST", "/mcp", "api_key", Body(MAX_BODY_BYTES, closed=False)),
+    Route("POST", "/mcp", "api_key", UPLOAD_BODY),  # the edit_image tool takes images as base64
     # the web page (image_generation_server/page.py), unless IMAGE_GENERATION_UI=false
     Route("GET", "/", "public", optional=True),
     Route("GET", "/static/{name}", "public", optional=True),

@@ -22,6 +22,7 @@ from conftest import ROOT, running, server_env
 from fake_upstream import render
 from PIL import Image
 from test_image_input import png_header_only
+from test_mcp import session_call
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from tiny_diffusers import build
@@ -234,3 +235,43 @@ def test_openapi_documents_the_edit_form(api_server):
     schema = json.loads(fetch(f"{api_server.url}/openapi.json"))
     form = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"image", "mask", "prompt", "strength", "n", "size"} <= set(form["properties"])
+
+
+async def test_mcp_edit_image_with_base64_and_a_mask(api_server, fresh_upstream):
+    arguments = {
+        "image": base64.b64encode(SOURCE_PNG).decode(), "mask": base64.b64encode(MASK_PNG).decode(),
+        "prompt": "a red hat", "n": 2, "seed": 4, "strength": 0.7,
+    }  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}"}
+    result = await session_call(api_server, lambda session: session.call_tool("edit_image", arguments), headers)
+    assert not result.isError, result.content
+    images = [block for block in result.content if block.type == "image"]
+    assert len(images) == 2 and result.content[-1].text.startswith("seed 4, 5; size 64x64")
+    for image in images:
+        assert_kept_outside(base64.b64decode(image.data))
+    assert {seen.payload["parameters"]["strength"] for seen in fresh_upstream.requests} == {0.7}
+
+
+async def test_mcp_edit_image_takes_this_servers_image_urls_only(api_server, fresh_upstream):
+    with sdk(api_server) as client:
+        url = client.images.generate(prompt="a boat", size="64x64", response_format="url").data[0].url
+    headers = {"Authorization": f"Bearer {KEY}"}
+    fresh_upstream.requests.clear()
+
+    async def edit(image: str) -> object:
+        arguments = {"image": image, "prompt": "a red sail"}
+        return await session_call(api_server, lambda session: session.call_tool("edit_image", arguments), headers)
+
+    result = await edit(url)
+    assert not result.isError, result.content
+    assert len(fresh_upstream.requests) == 1  # the edit; the image was read from the store, not fetched
+    name = url.rsplit("/", 1)[1]
+    for elsewhere in (
+        f"{fresh_upstream.url}/images/{name}",
+        "http://169.254.169.254/latest/meta-data",
+        "file:///etc/passwd",
+    ):
+        result = await edit(elsewhere)
+        assert result.isError
+        assert "image" in result.content[0].text and len(result.content[0].text) < 120
+    assert len(fresh_upstream.requests) == 1  # nothing fetched, nothing edited

@@ -42,8 +42,8 @@ async def session_call(server, action, headers=AUTH):
 
 async def test_lists_generate_image_with_its_limits(mcp_server):
     listed = await session_call(mcp_server, lambda session: session.list_tools())
-    [tool] = listed.tools
-    assert tool.name == "generate_image"
+    assert [tool.name for tool in listed.tools] == ["generate_image", "edit_image"]  # edit_image: test_image_edits
+    tool = listed.tools[0]
     assert "seed" in tool.description
     schema = tool.inputSchema
     assert schema["required"] == ["prompt"]

@@ -196,5 +196,5 @@ def test_upload_rows_take_the_upload_cap():
     """`IMAGE_GENERATION_MAX_UPLOAD_BYTES` caps the bodies that carry an image to edit; the others keep 64 KB."""
     inventory = Inventory(max_upload_bytes=1234)
     capped = {row.path for row in inventory.routes if row.body is not None and row.body.max_bytes == 1234}
-    assert capped == {"/image_editing/run", "/image_editing_json/run", "/v1/images/edits"}
+    assert capped == {"/image_editing/run", "/image_editing_json/run", "/v1/images/edits", "/mcp"}
     assert {row.body.max_bytes for row in inventory.routes if row.body and row.path not in capped} <= {64 * 1024, 1024}

@@ -61,3 +61,46 @@ def test_cancel_cancels_the_job(page, jobs_page_server):
 
     assert wait_for(lambda: status() == "canceled", timeout=60)
     assert page.locator("figure.result").count() == 0
+
+
+# Records each preview the page draws (its pixels and caption) as it appears, and whether the final image was there.
+WATCH_PREVIEWS = """() => {
+  window.previewsSeen = [];
+  const seen = new Set();
+  new MutationObserver(() => {
+    const image = document.querySelector("#results img.preview");
+    if (!image || !image.src || seen.has(image.src)) return;
+    seen.add(image.src);
+    const entry = { step: document.querySelector("#results .preview-step").textContent,
+                    final: Boolean(document.querySelector("figure.result")) };
+    window.previewsSeen.push(entry);
+    const copy = new Image();  // its pixels, read through a canvas (the page's CSP lets nothing fetch a blob: URL)
+    copy.src = image.src;
+    copy.decode().then(() => {
+      const canvas = Object.assign(document.createElement("canvas"), { width: copy.width, height: copy.height });
+      canvas.getContext("2d").drawImage(copy, 0, 0);
+      entry.pixels = Array.from(canvas.getContext("2d").getImageData(0, 0, copy.width, copy.height).data).join(",");
+    });
+  }).observe(document.getElementById("results"), { subtree: true, childList: true, attributes: true });
+}"""
+
+
+def test_previews_sharpen_in_the_image_area_then_the_image_replaces_them(page, jobs_page_server):
+    page.goto(jobs_page_server.url + "/")
+    page.evaluate(WATCH_PREVIEWS)
+    page.fill("#prompt", "A lighthouse, sharpening")
+    page.fill("#width", "128")
+    page.fill("#height", "128")
+    page.fill("#steps", "24")  # previews at steps 6, 12 and 18
+    with page.expect_response("**/image_generation/run-durable") as submitted:
+        page.click("#generate")
+    assert submitted.value.status == 202, submitted.value.text()
+    image = page.locator("figure.result img")
+    image.wait_for(timeout=180_000)
+    assert wait_for(lambda: image.evaluate("i => i.complete && i.naturalWidth") == 128, timeout=120)
+
+    seen = page.evaluate("window.previewsSeen")
+    assert [entry["step"] for entry in seen] == [f"Preview at step {k} of 24" for k in (6, 12, 18)]
+    assert not any(entry["final"] for entry in seen)  # all before the final image
+    assert len({entry.get("pixels") for entry in seen} - {None}) >= 2  # at least two different pictures
+    assert page.locator("#results img.preview").count() == 0  # the final image replaced them

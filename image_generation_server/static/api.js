@@ -165,15 +165,19 @@ async function* serverSentEvents(response) {
   }
 }
 
+// Previews per image a job's stream carries (a local model sends them; the Hugging Face API backend none).
+const PREVIEWS = 3;
+
 /**
  * A job (`POST /image_generation/run-durable`): `n` images of `params`, with `onProgress(event)` called for each
- * progress event of its stream. Aborting `signal` cancels the job. Returns what `generateImages` returns.
+ * progress event of its stream; a `preview` event carries its small image as a Blob (`event.blob`). Aborting `signal`
+ * cancels the job. Returns what `generateImages` returns.
  */
 export async function runJob(params, n, signal, onProgress) {
   const response = await fetch("image_generation/run-durable", {
     method: "POST",
     headers: headers({ "Content-Type": "application/json" }),
-    body: JSON.stringify({ ...nativeBody(params), n }),
+    body: JSON.stringify({ ...nativeBody(params), n, partial_images: PREVIEWS }),
     signal,
   });
   if (!response.ok) throw await failure(response);
@@ -185,7 +189,10 @@ export async function runJob(params, n, signal, onProgress) {
   let why = null; // the job's "failed" progress event: the sentence /run would have answered, with its status
   for await (const { event, data } of serverSentEvents(stream)) {
     if (event === "chunk" && data.payload?.phase === "failed") why = data.payload;
-    else if (event === "chunk") onProgress(data.payload);
+    else if (event === "chunk" && data.payload?.phase === "preview") {
+      const { image, mime_type: type, ...preview } = data.payload;
+      onProgress({ ...preview, blob: blobFromBase64(image, type) });
+    } else if (event === "chunk") onProgress(data.payload);
     else if (event === "completed") return fetchImages(data.result.images, params, signal);
     else if (event === "failed" && why) throw new ApiError(why.status, why.message, null, why.retry_after, why.error);
     else if (event === "failed") throw new ApiError(502, data.error?.message || "the job failed", null, null);

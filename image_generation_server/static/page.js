@@ -179,7 +179,12 @@ async function generate() {
   const timer = setInterval(() => {
     status.textContent = `${doing}… ${elapsed(started)}`;
   }, 100);
+  const previews = { image: 0, urls: [] }; // which image's placeholder the previews draw in, and their URLs
   const onProgress = (event) => {
+    if (event.phase === "preview") {
+      showPreview(event, previews, n);
+      return;
+    }
     doing = progressText(event, n);
     if (event.phase === "step") $("progress").value = event.step / event.steps;
   };
@@ -216,9 +221,27 @@ async function generate() {
     failed(error);
   } finally {
     clearInterval(timer);
+    for (const url of previews.urls) URL.revokeObjectURL(url);
     running = null;
     setRunning(false);
   }
+}
+
+/** Draws a preview of the generation in progress in its image's placeholder, with the step it shows; each one
+ * replaces the last, and the final image replaces them all. */
+function showPreview(event, previews, n) {
+  if (event.index === 0 && previews.urls.length) previews.image = Math.min(previews.image + 1, n - 1);
+  const box = $("results").querySelectorAll(".placeholder")[previews.image];
+  if (!box) return;
+  const url = URL.createObjectURL(event.blob);
+  previews.urls.push(url);
+  let image = box.querySelector("img.preview");
+  if (!image) {
+    image = element("img", { className: "preview", alt: "Preview of the image being generated" });
+    box.replaceChildren(image, element("span", { className: "preview-step" }));
+  }
+  image.src = url;
+  box.querySelector(".preview-step").textContent = `Preview at step ${event.step} of ${event.steps}`;
 }
 
 function progressText(event, n) {

@@ -5,6 +5,7 @@ Uvicorn runs on uvloop with httptools, under a cap on the request head (`image_g
 """
 
 import argparse
+import functools
 import gc
 import sys
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from image_generation_server import api_docs, image_store, jobs, mcp, metrics, openai_images, page, readiness
 from image_generation_server.allocator import tune_allocator
+from image_generation_server.answers import AnswerBudget
 from image_generation_server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol
 from image_generation_server.origins import HostAllowList, OriginPolicy, configure_cors, cors_enabled
@@ -64,6 +66,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)  # type: ignore[arg-type]
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
+    limits = load_settings()
     guard = Middleware(
         HTTPGuard,
         api=app,
@@ -73,6 +76,7 @@ def create_app() -> FastAPI:
         origins=OriginPolicy(settings),
         body_timeout=body_timeout_from_env(),
         quota=Quota.from_env(),
+        answers=AnswerBudget(limits.max_answer_bytes, limits.max_request_pixels),
     )
     app.user_middleware.append(guard)
     build_openapi = app.openapi
@@ -113,19 +117,21 @@ def main() -> None:
     """Serve on `HAYHOOKS_HOST:HAYHOOKS_PORT` the pipelines in `HAYHOOKS_PIPELINES_DIR`."""
     argparse.ArgumentParser(description=main.__doc__).parse_args()  # settings come from the environment only
     try:
-        trusted_proxies = [str(network) for network in load_settings().trusted_proxies]
+        limits = load_settings()
         app = create_app()
     except ValueError as e:  # a setting the server cannot start with; the message names it
         sys.exit(f"image-generation-server: {e}")
+    trusted_proxies = [str(network) for network in limits.trusted_proxies]
     intercept_stdlib_logging(
         settings.intercepted_loggers, access_log_excluded_path_prefixes=settings.access_log_excluded_path_prefixes
     )
-    # httptools and uvloop (C) cost less CPU per request than h11 and asyncio; the protocol caps the request head.
+    # httptools and uvloop (C) cost less CPU per request than h11 and asyncio; the protocol caps the request head and
+    # closes a connection whose client stops reading.
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
-        http=CappedHttpToolsProtocol,
+        http=functools.partial(CappedHttpToolsProtocol, send_timeout=limits.send_timeout),
         loop="uvloop",
         # Uvicorn believes `X-Forwarded-For` from 127.0.0.1 unless told otherwise: only the listed proxies are.
         proxy_headers=bool(trusted_proxies),

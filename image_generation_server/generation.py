@@ -101,6 +101,12 @@ async def edit(app: FastAPI, **params: Any) -> list[ImageContent]:
     return await run_pipeline(served_pipeline(app, EDIT_PIPELINE_NAME), EDIT_COMPONENT, **params)
 
 
+def image_size(pipeline: Pipeline, width: int | None, height: int | None) -> tuple[int, int]:
+    """The size a request's images get: its own width and height, else the pipeline's defaults."""
+    defaults = pipeline.get_component(COMPONENT).defaults
+    return width or defaults.width, height or defaults.height
+
+
 def served_models(app: FastAPI) -> list[str]:
     """The model ids a request may ask for: the allow-list when there is one, else the default model."""
     return served_pipeline(app).get_component(COMPONENT).served_models()

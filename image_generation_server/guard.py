@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components.result_cache import CACHE_SCOPE
+from image_generation_server.answers import AnswerBudget, paced, share_of
 from image_generation_server.origins import HostAllowList, OriginPolicy
 from image_generation_server.quota import IDENTITY_SCOPE_KEY, Quota, identity, limited_send
 from image_generation_server.responses import clip, error_response
@@ -55,7 +56,9 @@ class HTTPGuard:
     the local generation. With API keys on, the request's cache scope is its key's hash, so that callers with
     different keys never share cached or coalesced results. With a quota (`IMAGE_GENERATION_RATE_LIMIT`), each keyed
     route that takes a body takes one request from the caller's quota (429 past it), and every answer carries the
-    limit headers. A `HEAD` on a GET route is answered by the route as a GET, with its status and headers only.
+    limit headers. A request with a body holds a share of the answers' byte budget (`image_generation_server.answers`)
+    until its answer is sent, which goes out a chunk at a time. A `HEAD` on a GET route is answered by the route as a
+    GET, with its status and headers only.
     """
 
     def __init__(  # noqa: PLR0913
@@ -68,6 +71,8 @@ class HTTPGuard:
         origins: OriginPolicy,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         quota: Quota | None = None,
+        *,
+        answers: AnswerBudget,
     ) -> None:
         self.app = app
         self.api = api
@@ -77,6 +82,7 @@ class HTTPGuard:
         self.origins = origins
         self.body_timeout = body_timeout
         self.quota = quota
+        self.answers = answers
         self._fields: dict[str, frozenset[str]] = {}
         self._schema: dict | None = None
 
@@ -165,7 +171,8 @@ class HTTPGuard:
         ):
             refusal = error_response(row.errors, 422, errors)
         else:
-            await _run_until_disconnect(self.app, scope, body, receive, send)
+            async with share_of(self.answers):  # given back once the answer is sent, or the client is gone
+                await _run_until_disconnect(self.app, scope, body, receive, paced(send))
             return
         await refusal(scope, receive, send)
 

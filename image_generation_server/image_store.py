@@ -3,13 +3,14 @@ The image store: generated images kept in a directory (shared by every replica),
 
 Ids are 128 random bits, so an image URL is a capability: whoever holds it may fetch the image, without an API key
 (`<img>` tags and OpenAI `url` clients send none), and delete it (`DELETE /images/{id}.{ext}`). The store is a folder
-the server owns: at startup it refuses a folder that is a link, belongs to another user, or that group or others may
-write into, so nobody else can plant a file (or a link to `/proc/self/environ`) under an image's name. Everything
-after that goes through the folder opened once, without following links: images are opened with `O_NOFOLLOW` and
-served only when they are regular files, streamed from disk in chunks. The store touches only the names it makes
-(`{32 hex}.{png,jpeg,webp}`, and `{32 hex}.part` while one is written). Its byte budget holds when an image is
-written: the oldest images are deleted first to make room, and an image larger than the whole budget is refused. A
-sweeper also deletes images past the age limit; a deleted (or never stored) image is a 404.
+(`IMAGE_GENERATION_IMAGE_DIR`) the server owns: at startup it refuses a folder that is a link, belongs to another
+user, or that group or others may write into, so nobody else can plant a file (or a link to `/proc/self/environ`)
+under an image's name. Everything after that goes through the folder opened once, without following links: images
+are opened with `O_NOFOLLOW` and served only when they are regular files, streamed from disk in chunks. The store
+touches only the names it makes (`{32 hex}.{png,jpeg,webp}`, and `{32 hex}.part` while one is written). Its byte
+budget holds when an image is written: the oldest images are deleted first to make room, and an image larger than
+the whole budget is refused. A sweeper also deletes images past the age limit; a deleted (or never stored) image is a
+404.
 """
 
 import asyncio

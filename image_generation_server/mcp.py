@@ -30,7 +30,8 @@ from starlette.routing import Route
 
 from components.errors import InvalidRequestError
 from components.request import Batch, BatchParameters, EditParameters
-from image_generation_server.generation import edit, generate, generate_watched
+from image_generation_server import answers
+from image_generation_server.generation import edit, generate, generate_watched, image_size, served_pipeline
 from image_generation_server.image_store import NAME
 from image_generation_server.responses import classify, validation_message
 from image_generation_server.settings import load_settings
@@ -111,12 +112,18 @@ def create_mcp_server(app: FastAPI) -> Server:
         except ValidationError as e:
             return _error(validation_message(e.errors())[1])
         try:
+            share = None
             if isinstance(request, EditImageArguments):
                 images = await _edited(app, server.request_context, request)
             else:
+                # The images' base64, then the SDK's JSON of the result: its text and its bytes, three copies in all.
+                size = image_size(served_pipeline(app), request.width, request.height)
+                share = answers.reserve(request.n, *size, copies=3)
                 images = await _generated(app, server.request_context, request)
         except Exception as e:
             return _error(classify(e).message)
+        if share is not None:
+            share.shrink_to(3 * answers.base64_bytes([image.base64_image for image in images]))
         content: list[types.ContentBlock] = [
             types.ImageContent(type="image", data=image.base64_image, mimeType=image.mime_type) for image in images
         ]

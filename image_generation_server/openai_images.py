@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import pybase64
-from fastapi import APIRouter, FastAPI, Request, UploadFile
+from fastapi import APIRouter, FastAPI, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from haystack.dataclasses import ImageContent
 from pydantic import BaseModel, Field, ValidationError
@@ -24,7 +24,15 @@ from starlette.formparsers import MultiPartException
 
 from components.image_codec import recompress
 from components.request import Batch, CommonParameters, EditParameters, Streaming, Strength
-from image_generation_server.generation import edit, generate, generate_watched, served_models
+from image_generation_server import answers
+from image_generation_server.generation import (
+    edit,
+    generate,
+    generate_watched,
+    image_size,
+    served_models,
+    served_pipeline,
+)
 from image_generation_server.responses import classify, openai_error, validation_message
 from image_generation_server.uploads import form_model, image_content
 
@@ -205,11 +213,14 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     if body.stream:
         return await _streamed(body, params, request)
     try:
+        # The images' base64, and one image at a time beside it (sent, stored, or recompressed): two copies at most.
+        size = image_size(served_pipeline(request.app), params.get("width"), params.get("height"))
+        share = answers.reserve(body.n, *size, copies=2)
         images = await generate(request.app, **params)
     except Exception as e:
         failure = classify(e)
         return openai_error(failure.status, failure.message, param=_param_of(failure), headers=failure.headers)
-    return await _images_response(body, images, request)
+    return await _images_response(body, images, request, share)
 
 
 @router.post(
@@ -248,31 +259,57 @@ async def edit_images(request: Request) -> Any:
     return await _images_response(body, images, request)
 
 
-async def _images_response(body: ImageGenerationRequest, images: list[ImageContent], request: Request) -> Any:
-    """The images in OpenAI's response shape: base64 or stored URLs, recompressed when asked."""
+async def _images_response(
+    body: ImageGenerationRequest, images: list[ImageContent], request: Request, share: answers.Share | None = None
+) -> Any:
+    """The images in OpenAI's response shape: base64 or stored URLs, recompressed when asked; `share` shrunk to them."""
     try:
         output_format = images[0].meta["format"]
         data = [image.base64_image for image in images]
         if body.output_compression is not None:
             data = await asyncio.to_thread(_recompressed, data, output_format, body.output_compression)
+        if share is not None:
+            share.shrink_to(answers.base64_bytes(data) + max(len(b64) for b64 in data))
         seeds = [image.meta["seed"] for image in images]
-        if body.response_format == "url":
-            store, origin = request.app.state.image_store, f"{request.url.scheme}://{request.url.netloc}"
-            stored = [await asyncio.to_thread(store.put, pybase64.b64decode(b64), output_format) for b64 in data]
-            items = [ImageData(url=origin + image.url, seed=seed) for image, seed in zip(stored, seeds, strict=True)]
-        else:
-            items = [ImageData(b64_json=b64, seed=seed) for b64, seed in zip(data, seeds, strict=True)]
+        answer = {
+            "created": int(time.time()),
+            "output_format": output_format,
+            "size": f"{images[0].meta['width']}x{images[0].meta['height']}",
+            "quality": "standard",
+            "background": "opaque",
+        }
+        if body.response_format != "url":
+            return _b64_answer(answer, data, seeds)
+        store, origin = request.app.state.image_store, f"{request.url.scheme}://{request.url.netloc}"
+        stored = [await asyncio.to_thread(store.put, pybase64.b64decode(b64), output_format) for b64 in data]
+        items = [ImageData(url=origin + image.url, seed=seed) for image, seed in zip(stored, seeds, strict=True)]
     except Exception as e:  # the store's failures too (not writable, an image over its budget): a 503
         failure = classify(e)
         return openai_error(failure.status, failure.message, param=_param_of(failure), headers=failure.headers)
-    return ImagesResponse(
-        created=int(time.time()),
-        data=items,
-        output_format=output_format,
-        size=f"{images[0].meta['width']}x{images[0].meta['height']}",
-        quality="standard",
-        background="opaque",
-    )
+    return ImagesResponse(data=items, **answer)
+
+
+def _b64_answer(answer: dict[str, Any], data: list[str], seeds: list[int]) -> Response:
+    """
+    The `b64_json` answer, written an image at a time: the JSON around the images is small, the images are not.
+
+    Serialized whole, the answer would be two more copies of every image (the JSON text, then its bytes).
+    """
+    head = json.dumps({"created": answer["created"]})[:-1].encode() + b',"data":['
+    tail = b"]," + json.dumps({k: v for k, v in answer.items() if k != "created"})[1:].encode()
+    items = [(b'{"b64_json":"', f'","seed":{seed}}}'.encode()) for seed in seeds]
+    length = len(head) + len(tail) + max(len(data) - 1, 0) + sum(len(a) + len(b) for a, b in items)
+    length += answers.base64_bytes(data)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield head
+        for index, (b64, (before, after)) in enumerate(zip(data, items, strict=True)):
+            yield (b"," if index else b"") + before
+            yield b64.encode("ascii")
+            yield after
+        yield tail
+
+    return StreamingResponse(pieces(), media_type="application/json", headers={"Content-Length": str(length)})
 
 
 @router.get("/models", response_model=ModelList, responses={503: ERROR_RESPONSES["503"]}, summary="List image models")
@@ -307,8 +344,11 @@ async def _streamed(body: ImageGenerationRequest, params: dict[str, Any], reques
     ordinary error response with its status (422 → 400, 429, 503...). A client that disconnects cancels the
     generation (the guard cancels the route, which closes the generation's iterator).
     """
-    watched = generate_watched(request.app, frozenset({"preview"}), previews=body.partial_images or 0, **params)
     try:
+        # The image's base64, its recompressed copy, and the event that carries it; previews are smaller.
+        size = image_size(served_pipeline(request.app), params.get("width"), params.get("height"))
+        answers.reserve(1, *size, copies=3)
+        watched = generate_watched(request.app, frozenset({"preview"}), previews=body.partial_images or 0, **params)
         first = await anext(watched)
     except Exception as e:
         failure = classify(e)

@@ -86,6 +86,23 @@ class Settings(BaseSettings):
         description="Bytes of upstream replies all requests may hold at once while reading them; beyond, 503 with "
         "`Retry-After`. This, not concurrency times the per-image cap, bounds memory.",
     )
+    max_answer_bytes: int = Field(
+        512 * 1024 * 1024,
+        description="Bytes all requests' answers may hold at once: the images a door made and what it builds from "
+        "them (base64, JSON, MCP results), from before the work until the answer is sent. A request is counted at its "
+        "worst (width x height x 4 bytes per image and copy) until its images are made; beyond, 503 with "
+        "`Retry-After` before any work. See [Performance](performance.md#memory-the-worst-case).",
+    )
+    max_request_pixels: int = Field(
+        10 * 2048 * 2048,
+        description="Largest `n` x width x height one request (`/v1/images/generations`, `/mcp`) may ask for; more "
+        "is a 400/422 that says so. The default allows `n: 10` at 2048x2048.",
+    )
+    send_timeout: float = Field(
+        30.0,
+        description="Seconds a client may leave an answer unread (the connection's send buffer full) before the "
+        "connection is closed and its request ends, memory given back.",
+    )
     result_url_allow: Networks = Field(
         (),
         description="Comma-separated networks (`10.1.0.0/16`) a provider's result URL may point into although "
@@ -198,7 +215,7 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         return None if value is None else http_url(value)
 
-    @field_validator("timeout", "body_timeout", "image_max_age")
+    @field_validator("timeout", "body_timeout", "image_max_age", "send_timeout")
     @classmethod
     def _positive_seconds(cls, value: float) -> float:
         if not 0 < value < math.inf:
@@ -207,7 +224,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "max_image_bytes", "max_inflight_bytes", "max_concurrency", "image_bytes", "max_jobs_per_client",
-        "max_streams_per_client", "max_upload_bytes",
+        "max_streams_per_client", "max_upload_bytes", "max_answer_bytes", "max_request_pixels",
     )  # fmt: skip
     @classmethod
     def _positive(cls, value: int) -> int:

@@ -15,7 +15,8 @@ from hayhooks.settings import settings as hayhooks_settings
 from starlette.datastructures import Headers
 
 from components.request import GenerationParameters
-from image_generation_server.generation import load_backend_pipeline, run_pipeline
+from image_generation_server import answers
+from image_generation_server.generation import image_size, load_backend_pipeline, run_pipeline
 from image_generation_server.jobs import jobs_mixin
 from image_generation_server.log import configure_server_log
 from image_generation_server.responses import http_error, image_response
@@ -54,9 +55,12 @@ class LivePipelineWrapper(BasePipelineWrapper):
         (nothing is sent upstream), 429/503 with `Retry-After`, 502 upstream failure, 504 upstream timeout.
         """
         try:
+            width, height = image_size(self.pipeline, params.get("width"), params.get("height"))
+            share = answers.reserve(1, width, height, copies=2)  # the image's base64, and its bytes as the body
             [image] = await run_pipeline(self.pipeline, **params)
         except Exception as e:
             raise http_error(e) from None
+        share.shrink_to(2 * len(image.base64_image))
         return image_response(image, headers)
 
 

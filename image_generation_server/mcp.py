@@ -3,12 +3,14 @@ MCP at `/mcp`: the tools `generate_image` and `edit_image`, which answer with th
 
 The official `mcp` SDK's streamable HTTP transport, stateless (any replica answers any call; no sticky sessions),
 runs inside the server's app: its session manager runs in the app's lifespan, the tool runs the one image pipeline
-through `generation`, its errors carry the same messages as HTTP, and `HTTPGuard` asks for the same API keys. Each
-reply is a short server-sent event stream on the POST itself, so that a call whose client sent a `progressToken` gets
-a progress notification per denoising step (local backend) before its result. Hayhooks' own MCP tool for the wrapper
-is turned off (`skip_mcp`): it could only return text.
+through `generation`, its errors carry the same messages as HTTP, and `HTTPGuard` asks for the same API keys. A call
+whose client sent a `progressToken` is answered with a short server-sent event stream on the POST itself: a progress
+notification per denoising step (local backend), then its result. Any other call is answered in plain JSON: current
+clients refuse a server-sent event over 1 MiB (the `mcp` SDK 2.x by default), and two 512x512 PNGs are more.
+Hayhooks' own MCP tool for the wrapper is turned off (`skip_mcp`): it could only return text.
 """
 
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -139,22 +141,70 @@ def create_mcp_server(app: FastAPI) -> Server:
 def install(app: FastAPI) -> None:
     """Serve MCP at `/mcp`, its session manager running for as long as the app's lifespan."""
     logging.getLogger().addFilter(short_validation_warnings)
-    sessions = StreamableHTTPSessionManager(
-        app=create_mcp_server(app),
-        json_response=False,  # server-sent events on the POST: progress notifications, then the result
-        stateless=True,
-        security_settings=transport_security(),
-        max_request_body_size=load_settings().max_upload_bytes,  # an edit's image comes as base64
+    server = create_mcp_server(app)
+    plain, streamed = (
+        StreamableHTTPSessionManager(
+            app=server,
+            json_response=json_response,
+            stateless=True,
+            security_settings=transport_security(),
+            max_request_body_size=load_settings().max_upload_bytes,  # an edit's image comes as base64
+        )
+        for json_response in (True, False)
     )
-    app.router.routes.append(Route(MCP_PATH, endpoint=StreamableHTTPASGIApp(sessions), include_in_schema=False))
+    endpoint = _ByProgressToken(StreamableHTTPASGIApp(plain), StreamableHTTPASGIApp(streamed))
+    app.router.routes.append(Route(MCP_PATH, endpoint=endpoint, include_in_schema=False))
     serve = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(served: Any) -> AsyncIterator[Any]:
-        async with sessions.run(), serve(served) as state:
+        async with plain.run(), streamed.run(), serve(served) as state:
             yield state
 
     app.router.lifespan_context = lifespan
+
+
+class _ByProgressToken:
+    """`/mcp`: a POST whose JSON-RPC message asks for progress goes to `streamed`, any other one to `plain`."""
+
+    def __init__(self, plain: Any, streamed: Any) -> None:
+        self.plain = plain
+        self.streamed = streamed
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("method") != "POST":
+            await self.plain(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:  # HTTPGuard has capped it at the route's limit
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await (self.streamed if _asks_for_progress(body) else self.plain)(scope, replay, send)
+
+
+def _asks_for_progress(body: bytes) -> bool:
+    try:
+        messages = json.loads(body)
+    except ValueError:
+        return False
+    for message in messages if isinstance(messages, list) else [messages]:
+        params = message.get("params") if isinstance(message, dict) else None
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        if isinstance(meta, dict) and meta.get("progressToken") is not None:
+            return True
+    return False
 
 
 def transport_security() -> TransportSecuritySettings:

@@ -372,7 +372,7 @@ async def _streamed(body: ImageGenerationRequest, params: dict[str, Any], reques
             yield _sse("image_generation.completed", {
                 "type": "image_generation.completed", "b64_json": data, "created_at": int(time.time()),
                 "size": f"{image.meta['width']}x{image.meta['height']}", "output_format": image.meta["format"],
-                "usage": NO_USAGE, **common,
+                "usage": NO_USAGE, "seed": image.meta["seed"], **common,
             })  # fmt: skip
         except Exception as e:
             failure = classify(e)

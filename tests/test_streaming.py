@@ -54,6 +54,7 @@ def test_openai_stream_sends_partials_then_the_same_image(client):
         assert Image.open(io.BytesIO(base64.b64decode(event.b64_json))).format == "PNG"
     assert partials[0].b64_json != partials[1].b64_json
     assert (completed.size, completed.output_format) == ("64x64", "png")
+    assert events[-1].model_extra["seed"] == plain.data[0].model_extra["seed"] == EXTRA["seed"]  # our extension
 
 
 def test_stream_events_are_openai_server_sent_events(local_server):

@@ -104,3 +104,18 @@ def test_previews_sharpen_in_the_image_area_then_the_image_replaces_them(page, j
     assert not any(entry["final"] for entry in seen)  # all before the final image
     assert len({entry.get("pixels") for entry in seen} - {None}) >= 2  # at least two different pictures
     assert page.locator("#results img.preview").count() == 0  # the final image replaced them
+
+
+def test_a_queued_job_shows_how_many_are_ahead(page, jobs_page_server):
+    """Issue 22: the page says where a waiting job is in the queue ("1 ahead, about 20 s")."""
+    ahead = json.dumps({"prompt": "a job ahead", "width": 64, "height": 64, "num_inference_steps": 150}).encode()
+    request = urllib.request.Request(
+        jobs_page_server.url + "/image_generation/run-durable", ahead, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        blocking = r.headers["Location"]
+    submit(page, jobs_page_server, steps=2, size=64)
+    expect(page.locator("#status")).to_contain_text(re.compile(r"^1 ahead(, about \d+ s)?…"))
+    cancel = urllib.request.Request(jobs_page_server.url + blocking + "/cancel", b"", method="POST")
+    urllib.request.urlopen(cancel, timeout=30).close()
+    page.locator("figure.result img").wait_for(timeout=120_000)  # then it runs

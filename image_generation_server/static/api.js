@@ -170,8 +170,9 @@ const PREVIEWS = 3;
 
 /**
  * A job (`POST /image_generation/run-durable`): `n` images of `params`, with `onProgress(event)` called for each
- * progress event of its stream; a `preview` event carries its small image as a Blob (`event.blob`). Aborting `signal`
- * cancels the job. Returns what `generateImages` returns.
+ * progress event of its stream; a `preview` event carries its small image as a Blob (`event.blob`), and while the
+ * job is queued `{phase: "waiting", ahead, estimated_start_seconds}` says where. Aborting `signal` cancels the job.
+ * Returns what `generateImages` returns.
  */
 export async function runJob(params, n, signal, onProgress) {
   const response = await fetch("image_generation/run-durable", {
@@ -193,6 +194,7 @@ export async function runJob(params, n, signal, onProgress) {
       const { image, mime_type: type, ...preview } = data.payload;
       onProgress({ ...preview, blob: blobFromBase64(image, type) });
     } else if (event === "chunk") onProgress(data.payload);
+    else if (event === "queue") onProgress({ phase: "waiting", ...data }); // jobs ahead of it, an estimated start
     else if (event === "completed") return fetchImages(data.result.images, params, signal);
     else if (event === "failed" && why) throw new ApiError(why.status, why.message, null, why.retry_after, why.error);
     else if (event === "failed") throw new ApiError(502, data.error?.message || "the job failed", null, null);

@@ -249,6 +249,10 @@ function progressText(event, n) {
   switch (event.phase) {
     case "queued":
       return "Waiting for the model";
+    case "waiting": {
+      const wait = event.estimated_start_seconds;
+      return event.ahead ? `${event.ahead} ahead${wait === null ? "" : `, about ${wait} s`}` : "Starting";
+    }
     case "sent":
       return "Sent to the model";
     case "step":

@@ -70,9 +70,9 @@ MCP_OPERATION: dict[str, Any] = {
     "tags": ["MCP"],
     "summary": f"MCP endpoint (streamable HTTP) with the tool `{TOOL}`",
     "description": (
-        "Model Context Protocol over streamable HTTP, stateless; each reply is a server-sent event stream on the POST "
-        "(progress notifications per denoising step when the call sends a `progressToken`, then the JSON-RPC "
-        "response). Point an MCP client at this URL; "
+        "Model Context Protocol over streamable HTTP, stateless; JSON replies, except for a call that sends a "
+        "`progressToken`: a server-sent event stream on the POST (a progress notification per denoising step, then "
+        "the JSON-RPC response). Point an MCP client at this URL; "
         f"`tools/list` offers `{TOOL}`, whose result holds each image as MCP `ImageContent` (base64 and `mimeType`) "
         "and a text line with seed, size and model. Send `Authorization: Bearer <key>` when API keys are set."
     ),
@@ -82,8 +82,9 @@ MCP_OPERATION: dict[str, Any] = {
     },
     "responses": {
         "200": {
-            "description": "The JSON-RPC response, after any progress notifications, as server-sent events.",
-            "content": {"text/event-stream": {"schema": {}}},
+            "description": "The JSON-RPC response; with a `progressToken`, after the progress notifications, as "
+            "server-sent events.",
+            "content": {"application/json": {"schema": {}}, "text/event-stream": {"schema": {}}},
         },
         "202": {"description": "A notification or response was accepted."},
         "401": NATIVE_RESPONSES["401"],

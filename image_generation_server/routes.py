@@ -104,8 +104,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/images/generations", "api_key", RUN_BODY, errors="openai"),
     Route("POST", "/v1/images/edits", "api_key", UPLOAD_BODY, errors="openai"),
     Route("GET", "/v1/models", "api_key", errors="openai"),
-    # the MCP door (image_generation_server/mcp.py): stateless JSON-RPC over POST, answered as server-sent events
-    # (progress notifications, then the result); its SDK checks the body's shape
+    # the MCP door (image_generation_server/mcp.py): stateless JSON-RPC over POST, answered in JSON, or with a
+    # `progressToken` as server-sent events (progress notifications, then the result); its SDK checks the body's shape
     Route("POST", "/mcp", "api_key", UPLOAD_BODY),  # the edit_image tool takes images as base64
     # the web page (image_generation_server/page.py), unless IMAGE_GENERATION_UI=false
     Route("GET", "/", "public", optional=True),

@@ -7,7 +7,7 @@ import sys
 import httpx
 import openai
 import pytest
-from conftest import ROOT, running, server_env
+from conftest import ROOT, running, server_env, wait_for
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent, ImageGenStreamEvent
@@ -97,3 +97,18 @@ async def test_mcp_reports_a_progress_notification_per_step_when_asked(local_ser
 
     plain = await mcp_call(local_server, arguments)  # no progress token: the same images
     assert [item.data for item in plain.content[:2]] == [item.data for item in result.content[:2]]
+
+
+def test_a_client_that_leaves_the_stream_stops_the_generation(local_server, client):
+    """Streams are bounded by their client: hanging up after the first partial image cancels the generation."""
+    body = {**REQUEST, "seed": 31, "num_inference_steps": 150, "stream": True, "partial_images": 3}
+    with httpx.stream("POST", f"{local_server.url}/v1/images/generations", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line == "event: image_generation.partial_image":  # the first, at step 38 of 150
+                break
+    assert wait_for(lambda: "Client disconnected: cancelled POST /v1/images/generations" in local_server.log(), 30)
+    assert client.images.generate(**REQUEST, extra_body={"num_inference_steps": 1}).data  # the device is free
+    log = local_server.log()
+    assert "Seed 31: step 30/150" in log  # it was under way (a log line every 10% of the steps)...
+    assert "Seed 31: step 150/150" not in log  # ...and stopped

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from components.result_cache import CACHE_SCOPE
 from image_generation_server.answers import AnswerBudget, paced, share_of
 from image_generation_server.origins import HostAllowList, OriginPolicy
-from image_generation_server.quota import IDENTITY_SCOPE_KEY, Quota, identity, limited_send
+from image_generation_server.quota import IDENTITY_SCOPE_KEY, Quota, identity, images_asked, limited_send
 from image_generation_server.responses import clip, error_response
 from image_generation_server.routes import Inventory, Route
 
@@ -26,6 +26,7 @@ BODY_TIMEOUT_ENV = "IMAGE_GENERATION_BODY_TIMEOUT"
 DEFAULT_BODY_TIMEOUT = 20.0
 MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer
 MAX_ECHOED_NAME_CHARS = 64
+RATE_LIMIT_SPENT = "the rate limit is spent, retry later"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -55,7 +56,8 @@ class HTTPGuard:
     not take. While a route with a body runs, a client that disconnects cancels it, and with it the upstream call or
     the local generation. With API keys on, the request's cache scope is its key's hash, so that callers with
     different keys never share cached or coalesced results. With a quota (`IMAGE_GENERATION_RATE_LIMIT`), each keyed
-    route that takes a body takes one request from the caller's quota (429 past it), and every answer carries the
+    route that takes a body takes one request from the caller's quota (or, counting images, its `n` once the body is
+    read: `image_generation_server.quota.images_asked`; 429 past it), and every answer carries the
     limit headers. A request with a body holds a share of the answers' byte budget (`image_generation_server.answers`)
     until its answer is sent, which goes out a chunk at a time. A `HEAD` on a GET route is answered by the route as a
     GET, with its status and headers only.
@@ -102,11 +104,12 @@ class HTTPGuard:
         owner = key_id(key) if key is not None else None  # the key's cache scope and quota, hashed once
         # Whose quota, and share of jobs and streams (image_generation_server.job_shares).
         scope[IDENTITY_SCOPE_KEY] = identity(owner, scope.get("client"))
-        if refusal is None and isinstance(row, Route) and self.quota is not None and _metered(row, key, self.api_keys):
+        metered = isinstance(row, Route) and self.quota is not None and _metered(row, key, self.api_keys)
+        if refusal is None and metered and self.quota is not None and self.quota.unit == "requests":
             send, retry_after = await limited_send(self.quota, scope[IDENTITY_SCOPE_KEY], send)
             if retry_after is not None:
                 retry = {"Retry-After": str(retry_after)}
-                refusal = error_response(row.errors, 429, "the rate limit is spent, retry later", retry)
+                refusal = error_response(row.errors, 429, RATE_LIMIT_SPENT, retry)
         if refusal is None and isinstance(row, Route):
             if owner is not None:
                 CACHE_SCOPE.set(owner)
@@ -115,7 +118,7 @@ class HTTPGuard:
             elif row.body is None:
                 await self.app(scope, receive, send)
             else:
-                await self._run_with_body(scope, receive, send, headers, row)
+                await self._run_with_body(scope, receive, send, headers, row, metered=metered)
             return
         # Unless the client waits for a 100 Continue, let it finish sending (up to MAX_READ_BYTES): a client that is
         # still sending when the connection closes gets a reset instead of the answer.
@@ -151,7 +154,9 @@ class HTTPGuard:
             return None
         return error_response(row.errors if isinstance(row, Route) else "native", status, message, extra)
 
-    async def _run_with_body(self, scope: Scope, receive: Receive, send: Send, headers: Headers, row: Route) -> None:
+    async def _run_with_body(  # noqa: PLR0913
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, row: Route, *, metered: bool
+    ) -> None:
         assert row.body is not None
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -164,17 +169,23 @@ class HTTPGuard:
         if read is None:  # the client left while sending
             return
         body, size = read
+        refusal = None
         if size > row.body.max_bytes:
             refusal = error_response(row.errors, 413, f"the request body is over {row.body.max_bytes} bytes")
         elif not _is_multipart(headers) and (
             errors := _json_errors(body, self._json_fields(row) if row.body.closed else None)
         ):
             refusal = error_response(row.errors, 422, errors)
-        else:
-            async with share_of(self.answers):  # given back once the answer is sent, or the client is gone
-                await _run_until_disconnect(self.app, scope, body, receive, paced(send))
+        elif metered and self.quota is not None and self.quota.unit == "images":  # a request takes its images
+            cost = images_asked(body, _is_multipart(headers))
+            send, retry_after = await limited_send(self.quota, scope[IDENTITY_SCOPE_KEY], send, cost)
+            if retry_after is not None:
+                refusal = error_response(row.errors, 429, RATE_LIMIT_SPENT, {"Retry-After": str(retry_after)})
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
-        await refusal(scope, receive, send)
+        async with share_of(self.answers):  # given back once the answer is sent, or the client is gone
+            await _run_until_disconnect(self.app, scope, body, receive, paced(send))
 
     def _json_fields(self, row: Route) -> frozenset[str] | None:
         """The body fields the route takes, from its OpenAPI schema; None when its body is not a JSON object."""

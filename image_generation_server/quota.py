@@ -16,18 +16,23 @@ Every answer carries OpenAI's headers: `x-ratelimit-limit-requests`, `x-ratelimi
 """
 
 import ipaddress
+import json
 import math
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from hayhooks import log
 from prometheus_client import Counter
 from redis import asyncio as redis
 from redis.exceptions import RedisError
 from starlette.types import Message, Send
+
+from components.request import MAX_IMAGES
+from image_generation_server.settings import load_settings
 
 RATE_LIMIT_ENV = "IMAGE_GENERATION_RATE_LIMIT"
 IDENTITY_SCOPE_KEY = "image_generation.identity"  # where `HTTPGuard` leaves the request's `identity` for the doors
@@ -37,6 +42,7 @@ PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 MAX_MEMORY_IDENTITIES = 65536  # the in-process counter forgets the least recently seen beyond this
 REDIS_TIMEOUT = 0.5  # seconds a quota check may wait for Redis before failing open
 REDIS_KEY_PREFIX = "image-generation:quota"
+_FORM_N = re.compile(rb'name="n"\r\n\r\n(\d{1,3})\r\n')  # a multipart form's `n` field
 WARNING_INTERVAL = 60.0  # seconds between two warnings that Redis is unreachable
 
 STORE_ERRORS = Counter(
@@ -61,10 +67,10 @@ class RateLimit:
 
 
 class Counts(Protocol):
-    """Where the requests of each identity in each window are counted."""
+    """Where the requests (or images) of each identity in each window are counted."""
 
-    async def hit(self, identity: str, window: int, ttl: int) -> int:
-        """Count one request of `identity` in `window`; returns its count so far, this one included."""
+    async def hit(self, identity: str, window: int, ttl: int, amount: int = 1) -> int:
+        """Add `amount` to the count of `identity` in `window` (a negative one gives back); returns the count."""
         ...
 
 
@@ -75,10 +81,10 @@ class MemoryCounts:
         self.max_identities = max_identities
         self._counts: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
-    async def hit(self, identity: str, window: int, ttl: int) -> int:
-        """Count one request (the event loop is the only writer: no lock)."""
+    async def hit(self, identity: str, window: int, ttl: int, amount: int = 1) -> int:
+        """Add to the count (the event loop is the only writer: no lock)."""
         seen_window, count = self._counts.pop(identity, (window, 0))
-        count = count + 1 if seen_window == window else 1
+        count = (count if seen_window == window else 0) + amount
         self._counts[identity] = (window, count)
         if len(self._counts) > self.max_identities:
             self._counts.popitem(last=False)
@@ -91,20 +97,25 @@ class RedisCounts:
     def __init__(self, url: str) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
 
-    async def hit(self, identity: str, window: int, ttl: int) -> int:
-        """INCR and EXPIRE in one transaction."""
+    async def hit(self, identity: str, window: int, ttl: int, amount: int = 1) -> int:
+        """INCRBY and EXPIRE in one transaction."""
         key = f"{REDIS_KEY_PREFIX}:{identity}:{window}"
         async with self.client.pipeline(transaction=True) as pipe:
-            count, _ = await pipe.incr(key).expire(key, ttl).execute()
+            count, _ = await pipe.incrby(key, amount).expire(key, ttl).execute()
         return int(count)
 
 
 class Quota:
-    """Takes one request from an identity's quota and says what to answer."""
+    """
+    Takes a request from an identity's quota and says what to answer.
 
-    def __init__(self, limit: RateLimit, counts: Counts) -> None:
+    `unit` is what the quota counts: `requests`, or `images` (a request for `n` images takes `n`).
+    """
+
+    def __init__(self, limit: RateLimit, counts: Counts, unit: Literal["requests", "images"] = "requests") -> None:
         self.limit = limit
         self.counts = counts
+        self.unit = unit
         self._warned_at = -math.inf
 
     @classmethod
@@ -114,16 +125,28 @@ class Quota:
         if not raw:
             return None
         url = os.environ.get(REDIS_URL_ENV, "").strip()
-        return cls(RateLimit.parse(raw), RedisCounts(url) if url else MemoryCounts())
+        counts = RedisCounts(url) if url else MemoryCounts()
+        return cls(RateLimit.parse(raw), counts, load_settings().rate_limit_unit)
 
-    async def take(self, identity: str) -> tuple[list[tuple[bytes, bytes]], int | None]:
-        """The limit headers for this request, and the seconds to wait when it is over the limit (else None)."""
+    async def take(self, identity: str, cost: int = 1) -> tuple[list[tuple[bytes, bytes]], int | None]:
+        """
+        The limit headers for this request, and the seconds to wait when it is over the limit (else None).
+
+        A request over the limit takes nothing: its `cost` is given back.
+        """
         now = time.time()
         window = int(now // self.limit.period)
         reset = max(1, math.ceil((window + 1) * self.limit.period - now))
-        limit_header = (b"x-ratelimit-limit-requests", str(self.limit.requests).encode())
+        unit = self.unit.encode()
+        limit_header = (b"x-ratelimit-limit-" + unit, str(self.limit.requests).encode())
+        ttl = self.limit.period + 1
         try:
-            count = await self.counts.hit(identity, window, self.limit.period + 1)
+            count = await self.counts.hit(identity, window, ttl, cost)
+            if count > self.limit.requests:
+                count = await self.counts.hit(identity, window, ttl, -cost)
+                over = True
+            else:
+                over = False
         except (RedisError, OSError) as e:
             STORE_ERRORS.inc()
             if now - self._warned_at >= WARNING_INTERVAL:
@@ -132,10 +155,10 @@ class Quota:
             return [limit_header], None
         headers = [
             limit_header,
-            (b"x-ratelimit-remaining-requests", str(max(0, self.limit.requests - count)).encode()),
-            (b"x-ratelimit-reset-requests", f"{reset}s".encode()),
+            (b"x-ratelimit-remaining-" + unit, str(max(0, self.limit.requests - count)).encode()),
+            (b"x-ratelimit-reset-" + unit, f"{reset}s".encode()),
         ]
-        return headers, reset if count > self.limit.requests else None
+        return headers, reset if over else None
 
 
 def client_address(client: tuple[str, int] | None) -> str:
@@ -164,14 +187,33 @@ def identity(key_id: str | None, client: tuple[str, int] | None) -> str:
     return "address:" + client_address(client)
 
 
-async def limited_send(quota: Quota, who: str, send: Send) -> tuple[Send, int | None]:
+def images_asked(body: bytes, multipart: bool) -> int:
     """
-    Take one request from the quota of `who` (an `identity`).
+    How many images a request body asks for: its `n` (an MCP call's `arguments.n`, a form's `n` field), else 1.
+
+    A value that is not a whole number from 1 to `MAX_IMAGES` counts as 1: the route refuses it.
+    """
+    try:
+        if multipart:
+            found = _FORM_N.search(body)
+            n = int(found.group(1)) if found else 1
+        else:
+            value = json.loads(body)
+            arguments = value.get("params", {}).get("arguments", {}) if value.get("method") == "tools/call" else value
+            n = arguments.get("n", 1)
+    except (ValueError, AttributeError, RecursionError):
+        return 1
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_IMAGES else 1
+
+
+async def limited_send(quota: Quota, who: str, send: Send, cost: int = 1) -> tuple[Send, int | None]:
+    """
+    Take `cost` (requests, or images) from the quota of `who` (an `identity`).
 
     Returns `send` with the limit headers added to the answer, and the seconds to wait when the quota is spent (else
     None).
     """
-    headers, retry_after = await quota.take(who)
+    headers, retry_after = await quota.take(who, cost)
 
     async def send_with_limits(message: Message) -> None:
         if message["type"] == "http.response.start":

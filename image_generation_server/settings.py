@@ -142,6 +142,11 @@ class Settings(BaseSettings):
         "`X-Forwarded-For` and `X-Forwarded-Proto` are believed (default: none, forwarded headers are ignored; see "
         "[Security](security.md#behind-a-reverse-proxy-the-client-address)).",
     )
+    rate_limit_unit: Literal["requests", "images"] = Field(
+        "requests",
+        description="What `IMAGE_GENERATION_RATE_LIMIT` counts: `requests`, or `images` (a request for `n: 10` "
+        "takes ten); the limit headers are then `x-ratelimit-*-images`.",
+    )
     allowed_hosts: CommaList = Field(
         (),
         description="Comma-separated `Host` names the server answers to (`*.example.com` matches subdomains, `*` "

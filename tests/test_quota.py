@@ -1,6 +1,7 @@
 """Per-key quotas through real servers: limit headers on every answer, 429 past the limit, one quota over Redis."""
 
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -154,3 +155,29 @@ async def test_the_in_process_counts_forget_the_least_recently_seen_past_their_b
     for other in ("address:b", "address:c"):
         assert (await quota.take(other))[1] is None
     assert (await quota.take("address:a"))[1] is None  # forgotten: the table did not grow past two
+
+
+def test_a_quota_can_count_images(start, fresh_upstream):
+    """Issue 22: quotas counted requests only; with `images`, a request for `n: 10` takes ten."""
+    server = start(IMAGE_GENERATION_RATE_LIMIT="12/day", IMAGE_GENERATION_RATE_LIMIT_UNIT="images")
+
+    def images(n: int, route: str = "/v1/images/generations") -> tuple[int, dict[str, str]]:
+        body = {"prompt": "counted", "size": "64x64", "n": n} if route.startswith("/v1") else BODY
+        request = urllib.request.Request(
+            f"{server.url}{route}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, {k.lower(): v for k, v in response.headers.items()}
+        except urllib.error.HTTPError as e:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}
+
+    status, headers = images(10)
+    assert (status, headers["x-ratelimit-limit-images"], headers["x-ratelimit-remaining-images"]) == (200, "12", "2")
+    status, headers = images(3)
+    assert (status, headers["x-ratelimit-remaining-images"]) == (429, "2")  # more than is left: it takes nothing
+    assert headers["retry-after"]
+    assert images(2)[0] == 200
+    status, headers = images(1, "/image_generation/run")  # the native route makes one image
+    assert (status, headers["x-ratelimit-remaining-images"]) == (429, "0")
+    assert len(fresh_upstream.requests) == 12  # one upstream call per image, none for the refused ones

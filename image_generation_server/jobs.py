@@ -27,15 +27,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
 from components import errors, progress
-from components.request import BatchParameters, PartialImages
+from components.request import Batch, BatchParameters, EditParameters, PartialImages
 from components.result_cache import CACHE_SCOPE
 from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
-from image_generation_server.generation import COMPONENT, run_pipeline
+from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, run_pipeline
 from image_generation_server.guard import api_keys_from_env, key_id, matching_key
 from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.responses import classify
 from image_generation_server.settings import load_settings
+from image_generation_server.uploads import image_argument
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
 REVISION = "1"
@@ -54,10 +55,29 @@ JOB_EVENTS = {
 STREAM_ONLY = frozenset({"preview"})
 
 
-class JobRequest(BatchParameters):
-    """The body of `POST /{name}/run-durable`: the parameters of `/run`, with the same limits, plus `n`."""
+class CheckedAtSubmission(BaseModel):
+    """A job body that the component validates at submission (422), so that a job never fails on its input."""
 
     check: ClassVar[Any] = None  # the component's own validation, bound when the wrapper is set up
+
+    def pipeline_inputs(self) -> dict[str, Any]:
+        """The component's run inputs."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> "CheckedAtSubmission":
+        """Refuse at submission what the route refuses."""
+        check = type(self).check
+        if check is not None:
+            try:
+                check(**self.pipeline_inputs())
+            except errors.InvalidRequestError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+
+class JobRequest(CheckedAtSubmission, BatchParameters):
+    """The body of `POST /{name}/run-durable`: the parameters of `/run`, with the same limits, plus `n`."""
 
     partial_images: PartialImages = Field(
         0,
@@ -69,15 +89,29 @@ class JobRequest(BatchParameters):
         """The component's run inputs: every field but the stream's `partial_images`."""
         return self.model_dump(exclude={"partial_images"})
 
-    @model_validator(mode="after")
-    def _within_limits(self) -> "JobRequest":
-        """Refuse at submission (422) what `/run` refuses, so that a job never fails on its input."""
-        if JobRequest.check is not None:
-            try:
-                JobRequest.check(**self.pipeline_inputs())
-            except errors.InvalidRequestError as e:
-                raise ValueError(str(e)) from None
-        return self
+
+class EditJobRequest(CheckedAtSubmission, Batch, EditParameters):
+    """
+    The body of `POST /image_editing/run-durable`: an edit's parameters plus `n`, and the image and mask.
+
+    The image and mask are base64, or the path of an image of this server's store (`/images/...`, what a finished
+    job's result lists). Checked at submission (422), the uploads included, like `/image_editing/run`.
+    """
+
+    store: ClassVar[ImageStore | None] = None  # where `/images/...` paths are read from
+    partial_images: ClassVar[int] = 0  # no previews for edits
+
+    image: str = Field(description="The image: base64 (PNG, JPEG or WebP), or the path of an image of this server.")
+    mask: str | None = Field(
+        None, description="Optional: base64 or an image path of this server, the image's size, clear where to edit."
+    )
+
+    def pipeline_inputs(self) -> dict[str, Any]:
+        """The editing component's run inputs: the images read from base64 or the store."""
+        inputs = self.model_dump(exclude={"image", "mask"})
+        inputs["image"] = image_argument(EditJobRequest.store, self.image, "image")
+        inputs["mask"] = image_argument(EditJobRequest.store, self.mask, "mask") if self.mask is not None else None
+        return inputs
 
 
 class JobImage(BaseModel):
@@ -102,12 +136,15 @@ class Jobs:
 
     durable_revision = REVISION
     pipeline: Pipeline
+    component: ClassVar[str] = COMPONENT
+    request_model: ClassVar[Any] = JobRequest
 
     def setup(self) -> None:
         """Set up the wrapper, then bind the component's validation to job requests and open the image store."""
         super().setup()  # type: ignore[misc]
-        JobRequest.check = self.pipeline.get_component(COMPONENT).validate_request
         self.image_store = ImageStore.from_settings(load_settings())
+        self.request_model.check = self.pipeline.get_component(self.component).validate_request
+        self.request_model.store = self.image_store
 
     async def run_durable_async(self, context: DurableContext, request: JobRequest) -> JobResult:
         """
@@ -115,11 +152,28 @@ class Jobs:
 
         Cancelling the job stops a local generation at its next step and drops an upstream call.
         """
-        return await run_job(self.pipeline, self.image_store, context, request)
+        return await run_job(self.pipeline, self.image_store, context, request, self.component)
 
 
-class OwnedJobs(Jobs):
-    """`Jobs` whose executions belong to the API key that submitted them: other keys get 404 and their own list."""
+class EditJobs(Jobs):
+    """Jobs of the editing pipeline (`pipelines/image_editing/`): the same routes under `/image_editing/`."""
+
+    component = EDIT_COMPONENT
+    request_model = EditJobRequest
+
+    async def run_durable_async(  # type: ignore[override]
+        self, context: DurableContext, request: EditJobRequest
+    ) -> JobResult:
+        """
+        Edit the image `n` times with live progress, store the edits, and return their URLs.
+
+        Cancelling the job stops a local edit at its next step and drops an upstream call.
+        """
+        return await run_job(self.pipeline, self.image_store, context, request, self.component)
+
+
+class OwnedJobs:
+    """Mixed before `Jobs`: executions belong to the API key that submitted them (other keys get 404)."""
 
     def durable_owner_id(self, request: Request) -> str:
         """An id derived from the caller's API key (a hash, never the key); 401 without a valid key."""
@@ -167,9 +221,9 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, with_retry_after)
 
 
-def jobs_mixin() -> type[Jobs]:
-    """`OwnedJobs` when API keys are configured, else `Jobs` (job ids are then the only capability)."""
-    return OwnedJobs if api_keys_from_env() else Jobs
+def jobs_mixin(jobs: type[Jobs] = Jobs) -> type[Jobs]:
+    """`jobs` (`Jobs`, or `EditJobs`), owned by API keys when they are configured (else job ids are the capability)."""
+    return type(f"Owned{jobs.__name__}", (OwnedJobs, jobs), {}) if api_keys_from_env() else jobs
 
 
 def configure_durable_mode() -> None:
@@ -201,14 +255,20 @@ def configure_durable_mode() -> None:
         )
 
 
-async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext, request: JobRequest) -> JobResult:
+async def run_job(
+    pipeline: Pipeline,
+    store: ImageStore,
+    context: DurableContext,
+    request: JobRequest | EditJobRequest,
+    component: str = COMPONENT,
+) -> JobResult:
     """Run the job's generations, cancelled when the job is; progress goes to the job as it happens."""
     publisher = _ProgressPublisher(context)
     # The job runs in Hayhooks' durable worker, outside the request: scope the seeded cache to its owner's key here,
     # as the guard does for requests, so that one key's jobs are never answered from another key's images.
     CACHE_SCOPE.set((context.owner_id or "").removeprefix(OWNER_PREFIX))
     with progress.reporting_to(publisher.report, previews=request.partial_images):  # the tasks below inherit it
-        work = asyncio.ensure_future(_generate(pipeline, store, request))
+        work = asyncio.ensure_future(_generate(pipeline, store, request, component))
     watch = asyncio.ensure_future(_wait_for_cancel(context))
     started = time.monotonic()
     try:
@@ -227,9 +287,11 @@ async def run_job(pipeline: Pipeline, store: ImageStore, context: DurableContext
         await publisher.flush()
 
 
-async def _generate(pipeline: Pipeline, store: ImageStore, request: JobRequest) -> JobResult:
+async def _generate(
+    pipeline: Pipeline, store: ImageStore, request: JobRequest | EditJobRequest, component: str
+) -> JobResult:
     images = []
-    made = await run_pipeline(pipeline, **request.pipeline_inputs())
+    made = await run_pipeline(pipeline, component, **request.pipeline_inputs())
     for index, image in enumerate(made):
         data = pybase64.b64decode(image.base64_image, validate=True)
         stored = await asyncio.to_thread(store.put, data, image.meta["format"])

@@ -16,9 +16,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
-import pybase64
 from fastapi import FastAPI
 from hayhooks import log
 from haystack.dataclasses import ImageContent
@@ -30,14 +28,12 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field, ValidationError
 from starlette.routing import Route
 
-from components.errors import InvalidRequestError
 from components.request import Batch, BatchParameters, EditParameters
 from image_generation_server import answers
 from image_generation_server.generation import edit, generate, generate_watched, image_size, served_pipeline
-from image_generation_server.image_store import NAME
 from image_generation_server.responses import classify, validation_message
 from image_generation_server.settings import load_settings
-from image_generation_server.uploads import image_content
+from image_generation_server.uploads import image_argument
 
 MCP_PATH = "/mcp"
 TOOL = "generate_image"
@@ -264,35 +260,10 @@ async def _generated(app: FastAPI, context: Any, request: GenerateImageArguments
 async def _edited(app: FastAPI, context: Any, request: EditImageArguments) -> list[ImageContent]:
     """The edits of the request's image (base64, or an image of this server's store)."""
     host = context.request.headers.get("host", "") if context.request is not None else ""
-    image = _image_bytes(app, request.image, "image", host)
-    mask = _image_bytes(app, request.mask, "mask", host) if request.mask is not None else None
-    params = request.model_dump(exclude={"image", "mask"})
-    return await edit(app, image=image_content(image), mask=image_content(mask) if mask else None, **params)
-
-
-def _image_bytes(app: FastAPI, value: str, name: str, host: str) -> bytes:
-    """
-    The bytes of an image argument: base64, or a URL of this server's image store, read from the store itself.
-
-    Nothing is ever fetched: a URL is only a name in the store, and one on another host is refused.
-    """
-    if value.startswith(("http://", "https://", IMAGES_PATH)):
-        parts = urlsplit(value)
-        stored = parts.path.removeprefix(IMAGES_PATH)
-        if (
-            (parts.netloc and parts.netloc != host)
-            or not parts.path.startswith(IMAGES_PATH)
-            or not NAME.fullmatch(stored)
-        ):
-            raise InvalidRequestError(f"{name}: a URL must be one of this server's images (/images/...)")
-        data = app.state.image_store.read(stored)
-        if data is None:
-            raise InvalidRequestError(f"{name}: no such image in this server's store (they expire)")
-        return data
-    try:
-        return pybase64.b64decode(value, validate=True)
-    except ValueError as e:
-        raise InvalidRequestError(f"{name} must be base64, or the URL of one of this server's images") from e
+    store = app.state.image_store
+    image = image_argument(store, request.image, "image", host)
+    mask = image_argument(store, request.mask, "mask", host) if request.mask is not None else None
+    return await edit(app, image=image, mask=mask, **request.model_dump(exclude={"image", "mask"}))
 
 
 def _error(message: str) -> types.CallToolResult:

@@ -95,6 +95,13 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "POST", "/image_generation/executions/{execution_id}/resume", "api_key", Body(1024, closed=False), durable=True
     ),
+    # edit jobs (the editing wrapper's durable routes): the image comes as base64 or as a stored image's path
+    Route("POST", "/image_editing/run-durable", "api_key", replace(UPLOAD_BODY, closed=True), durable=True),
+    Route("GET", "/image_editing/executions", "api_key", durable=True),
+    Route("GET", "/image_editing/executions/{execution_id}", "api_key", durable=True),
+    Route("GET", "/image_editing/executions/{execution_id}/stream", "api_key", durable=True),
+    Route("POST", "/image_editing/executions/{execution_id}/cancel", "api_key", durable=True),
+    Route("POST", "/image_editing/executions/{execution_id}/resume", "api_key", Body(1024, closed=False), durable=True),
     # stored images (image_store.py): the unguessable name is the credential, so that an <img> can load it and
     # whoever has it (the page, once the browser holds the image) can delete it
     Route("GET", "/images/{name}", "capability"),

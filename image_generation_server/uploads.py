@@ -5,12 +5,17 @@ A form's values are all text: `form_model` reads each field's value as its type 
 """
 
 from typing import Annotated, TypeVar, get_type_hints
+from urllib.parse import urlsplit
 
 import pybase64
 from haystack.dataclasses import ImageContent
 from pydantic import BaseModel, Field, create_model
 
+from components.errors import InvalidRequestError
 from components.image_input import image_format
+from image_generation_server.image_store import NAME, ImageStore
+
+IMAGES_PATH = "/images/"
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -40,3 +45,28 @@ def form_model(model: type[M]) -> type[M]:
 def _types(schema: dict) -> set[str]:
     """The JSON types a property's schema allows."""
     return {schema["type"]} if "type" in schema else {t for option in schema.get("anyOf", []) for t in _types(option)}
+
+
+def image_argument(store: ImageStore | None, value: str, name: str, host: str | None = None) -> ImageContent:
+    """
+    An image given as text (a tool's or a job's argument): base64, or a URL of this server's image store.
+
+    A URL is only a name in the store, read from there: nothing is ever fetched. It is the store's path
+    (`/images/<name>`), or, when `host` (the request's `Host`) is given, an absolute URL on that host.
+
+    :raises InvalidRequestError: Any other URL, an image the store does not hold, or text that is not base64.
+    """
+    if value.startswith(("http://", "https://", IMAGES_PATH)):
+        parts = urlsplit(value)
+        stored = parts.path.removeprefix(IMAGES_PATH)
+        foreign = bool(parts.netloc) and (host is None or parts.netloc != host)
+        if foreign or not parts.path.startswith(IMAGES_PATH) or not NAME.fullmatch(stored) or store is None:
+            raise InvalidRequestError(f"{name}: a URL must be one of this server's images (/images/...)")
+        data = store.read(stored)
+        if data is None:
+            raise InvalidRequestError(f"{name}: no such image in this server's store (they expire)")
+        return image_content(data)
+    try:
+        return image_content(pybase64.b64decode(value, validate=True))
+    except ValueError as e:
+        raise InvalidRequestError(f"{name} must be base64, or the URL of one of this server's images") from e

@@ -36,22 +36,27 @@ def submit(base: str, body: dict, headers: dict[str, str] | None = None) -> dict
     return job
 
 
-def job(base: str, execution_id: str, headers: dict[str, str] | None = None) -> dict:
-    """The job as `GET executions/{id}` answers it."""
-    status, _, data = call(f"{base}{JOBS}/executions/{execution_id}", headers=headers)
+def job(base: str, execution_id: str, headers: dict[str, str] | None = None, jobs: str = JOBS) -> dict:
+    """The job as `GET executions/{id}` answers it (`jobs`: the pipeline's path, `/image_editing` for edit jobs)."""
+    status, _, data = call(f"{base}{jobs}/executions/{execution_id}", headers=headers)
     assert status == 200, (status, data)
     return json.loads(data)
 
 
 def wait_status(
-    base: str, execution_id: str, statuses: set[str], timeout: float = 90, headers: dict[str, str] | None = None
+    base: str,
+    execution_id: str,
+    statuses: set[str],
+    timeout: float = 90,
+    headers: dict[str, str] | None = None,
+    jobs: str = JOBS,
 ) -> dict:
     """Poll the job until its status is one of `statuses`."""
     found: dict = {}
 
     def reached() -> bool:
         nonlocal found
-        found = job(base, execution_id, headers)
+        found = job(base, execution_id, headers, jobs)
         return found["status"] in statuses
 
     assert wait_for(reached, timeout), found

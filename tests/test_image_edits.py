@@ -20,6 +20,7 @@ import openai
 import pytest
 from conftest import ROOT, running, server_env
 from fake_upstream import render
+from jobs_client import SSE, call, durable_env, wait_status
 from PIL import Image
 from test_image_input import png_header_only
 from test_mcp import session_call
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from tiny_diffusers import build
 
 KEY = "edits-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 SIZE = (64, 64)
 SOURCE_PNG = render("a source picture", 1, *SIZE, "png")
 SOURCE = Image.open(io.BytesIO(SOURCE_PNG)).convert("RGB")
@@ -275,3 +277,74 @@ async def test_mcp_edit_image_takes_this_servers_image_urls_only(api_server, fre
         assert result.isError
         assert "image" in result.content[0].text and len(result.content[0].text) < 120
     assert len(fresh_upstream.requests) == 1  # nothing fetched, nothing edited
+
+
+EDITS = "/image_editing"
+
+
+@pytest.fixture(scope="module")
+def edit_jobs_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("edit-jobs")
+    env = server_env(
+        **durable_env(), IMAGE_GENERATION_BACKEND="local", IMAGE_GENERATION_LOCAL_MODEL=str(build(tmp / "tiny-sd")),
+        IMAGE_GENERATION_CACHE_BYTES="0", IMAGE_GENERATION_API_KEYS=KEY, IMAGE_GENERATION_IMAGE_DIR=str(tmp / "images"),
+    )  # fmt: skip
+    with running(tmp, env, timeout=120) as server:
+        yield server
+
+
+def submit_edit(server, body: dict) -> dict:
+    status, _, data = call(f"{server.url}{EDITS}/run-durable", "POST", body, AUTH)
+    assert status == 202, (status, data)
+    return json.loads(data)
+
+
+def test_an_edit_job_reports_its_steps_and_stores_the_edit(edit_jobs_server):
+    base = edit_jobs_server.url
+    image, mask = base64.b64encode(SOURCE_PNG).decode(), base64.b64encode(MASK_PNG).decode()
+    accepted = submit_edit(
+        edit_jobs_server, {"image": image, "mask": mask, "prompt": "a hat", "num_inference_steps": 4}
+    )
+    stream = SSE(f"{base}{accepted['links']['stream']}", AUTH)
+    events = list(stream)
+    stream.close()
+    steps = [e.data["payload"]["step"] for e in events if e.event == "chunk" and e.data["payload"]["phase"] == "step"]
+    assert steps == [1, 2, 3]  # strength 0.8 of 4 steps
+    [edited] = events[-1].data["result"]["images"]
+    status, _, data = call(f"{base}{edited['url']}")
+    assert status == 200
+    assert_kept_outside(data)
+    # A stored image is an edit job's input by its path: read from the store, never fetched.
+    again = submit_edit(edit_jobs_server, {"image": edited["url"], "prompt": "a blue hat", "num_inference_steps": 2})
+    done = wait_status(base, again["execution_id"], {"completed", "failed"}, headers=AUTH, jobs=EDITS)
+    assert done["status"] == "completed", done
+
+
+def test_an_edit_job_is_cancelled_at_its_next_step(edit_jobs_server):
+    base = edit_jobs_server.url
+    body = {"image": base64.b64encode(SOURCE_PNG).decode(), "prompt": "a hat", "num_inference_steps": 150}
+    accepted = submit_edit(edit_jobs_server, body)
+    stream = SSE(f"{base}{accepted['links']['stream']}", AUTH)
+    for event in stream:
+        if event.event == "chunk" and event.data["payload"]["phase"] == "step" and event.data["payload"]["step"] >= 2:
+            break
+    assert call(f"{base}{accepted['links']['cancel']}", "POST", headers=AUTH)[0] in (200, 202)
+    finished = wait_status(
+        base, accepted["execution_id"], {"canceled", "completed", "failed"}, headers=AUTH, jobs=EDITS
+    )
+    stream.close()
+    assert finished["status"] == "canceled"
+    assert [p for p in finished["progress"] if p["kind"] == "step"][-1]["metadata"]["step"] < 120
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"image": "http://169.254.169.254/latest/meta-data"}, "a URL must be one of this server's images"),
+        ({"image": "/images/" + "0" * 32 + ".png"}, "no such image in this server's store"),
+        ({"image": base64.b64encode(SOURCE_PNG[:-20]).decode()}, "image is a truncated PNG"),
+    ],
+)
+def test_an_edit_job_with_a_bad_image_is_refused_at_submission(edit_jobs_server, body, message):
+    status, _, data = call(f"{edit_jobs_server.url}{EDITS}/run-durable", "POST", {"prompt": "a hat", **body}, AUTH)
+    assert status == 422 and message in data.decode()

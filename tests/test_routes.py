@@ -62,6 +62,12 @@ DURABLE_ONLY = {
     ("GET", "/image_generation/executions/{execution_id}/stream"),
     ("POST", "/image_generation/executions/{execution_id}/cancel"),
     ("POST", "/image_generation/executions/{execution_id}/resume"),
+    ("POST", "/image_editing/run-durable"),
+    ("GET", "/image_editing/executions"),
+    ("GET", "/image_editing/executions/{execution_id}"),
+    ("GET", "/image_editing/executions/{execution_id}/stream"),
+    ("POST", "/image_editing/executions/{execution_id}/cancel"),
+    ("POST", "/image_editing/executions/{execution_id}/resume"),
 }
 OPTIONAL = {("GET", "/"), ("GET", "/static/{name}"), ("GET", "/metrics")}
 ANY_METHOD = {"/mcp"}  # served by an ASGI app that takes any method: the guard answers 405 to all but the row's
@@ -194,7 +200,9 @@ def test_head_answers_every_get_route_as_get_does_without_a_body(server, fresh_u
 
 def test_upload_rows_take_the_upload_cap():
     """`IMAGE_GENERATION_MAX_UPLOAD_BYTES` caps the bodies that carry an image to edit; the others keep 64 KB."""
-    inventory = Inventory(max_upload_bytes=1234)
+    inventory = Inventory(durable=True, max_upload_bytes=1234)
     capped = {row.path for row in inventory.routes if row.body is not None and row.body.max_bytes == 1234}
-    assert capped == {"/image_editing/run", "/image_editing_json/run", "/v1/images/edits", "/mcp"}
+    assert capped == {
+        "/image_editing/run", "/image_editing_json/run", "/v1/images/edits", "/mcp", "/image_editing/run-durable"
+    }  # fmt: skip
     assert {row.body.max_bytes for row in inventory.routes if row.body and row.path not in capped} <= {64 * 1024, 1024}

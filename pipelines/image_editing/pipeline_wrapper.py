@@ -1,7 +1,9 @@
 """
 Hayhooks wrapper: `POST /image_editing/run` edits an uploaded image and answers with the edited image itself.
 
-The request is a multipart form, as Hayhooks takes files: `files` holds the image, then optionally the mask.
+The request is a multipart form, as Hayhooks takes files: `files` holds the image, then optionally the mask. In
+Hayhooks' durable mode the wrapper also runs edit jobs (`POST /image_editing/run-durable`, see
+`image_generation_server.jobs`), chosen at import as for the generation wrapper.
 """
 
 from pathlib import Path
@@ -9,10 +11,12 @@ from typing import Any
 
 from fastapi import HTTPException, Response, UploadFile
 from hayhooks import BasePipelineWrapper
+from hayhooks.settings import settings as hayhooks_settings
 from starlette.datastructures import Headers
 
 from components.request import EditParameters
 from image_generation_server.generation import EDIT_COMPONENT, load_backend_pipeline, run_pipeline
+from image_generation_server.jobs import EditJobs, jobs_mixin
 from image_generation_server.log import configure_server_log
 from image_generation_server.responses import http_error, image_response
 from image_generation_server.signature import takes
@@ -25,7 +29,7 @@ PIPELINE_FILES = {
 }
 
 
-class PipelineWrapper(BasePipelineWrapper):
+class LivePipelineWrapper(BasePipelineWrapper):
     """Serves the configured backend's editing pipeline; the image bytes go out as the response body."""
 
     skip_mcp = True  # image_generation_server.mcp serves edits to MCP clients (`edit_image`)
@@ -58,3 +62,10 @@ class PipelineWrapper(BasePipelineWrapper):
         except Exception as e:
             raise http_error(e) from None
         return image_response(edited, headers)
+
+
+class DurablePipelineWrapper(jobs_mixin(EditJobs), LivePipelineWrapper):
+    """The same route, plus edit jobs: `/image_editing/run-durable`, `executions/{id}` (`/stream`, `/cancel`)."""
+
+
+PipelineWrapper = DurablePipelineWrapper if hayhooks_settings.durable_mode else LivePipelineWrapper

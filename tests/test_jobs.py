@@ -293,7 +293,8 @@ def test_status_says_only_that_the_server_is_alive(jobs_server):
     for headers in (None, A):
         status, _, data = call(f"{jobs_server.url}/status", headers=headers)
         assert status == 200
-        assert json.loads(data) == {"status": "Up!", "pipelines": ["image_generation", "image_generation_json"]}
+        served = ["image_editing", "image_editing_json", "image_generation", "image_generation_json"]
+        assert json.loads(data) == {"status": "Up!", "pipelines": served}
     assert wait_status(jobs_server.url, accepted["execution_id"], {"completed"}, headers=A)
 
 

@@ -8,7 +8,7 @@ Failures are raised as they come; each door maps them with `image_generation_ser
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +62,19 @@ async def generate(app: FastAPI, **params: Any) -> list[ImageContent]:
     return await run_pipeline(served_pipeline(app), **params)
 
 
+Runner = Callable[..., Awaitable[list[ImageContent]]]
+
+
 async def generate_watched(
-    app: FastAPI, phases: frozenset[str], previews: int = 0, **params: Any
+    app: FastAPI, phases: frozenset[str], previews: int = 0, run: Runner | None = None, **params: Any
 ) -> AsyncIterator[dict[str, Any] | list[ImageContent]]:
     """
-    Run the served image pipeline like `generate`, yielding its progress events of `phases`, then its images.
+    Run a served image pipeline, yielding its progress events of `phases`, then its images.
 
-    Events come as they happen (see `components.progress`; `previews` asks the backend for that many `preview`
-    events per image). A failure is raised where the images would come. Closing the iterator early cancels the
-    generation (a local one stops at its next step). The events are bounded by the generation: its steps and previews.
+    `run` is `generate` (the default) or `edit`, with `params` as its inputs. Events come as they happen (see
+    `components.progress`; `previews` asks the backend for that many `preview` events per image). A failure is
+    raised where the images would come. Closing the iterator early cancels the generation (a local one stops at its
+    next step). The events are bounded by the generation: its steps and previews.
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -80,7 +84,7 @@ async def generate_watched(
             loop.call_soon_threadsafe(events.put_nowait, event)
 
     with progress.reporting_to(report, previews=previews):  # the task inherits it
-        task = asyncio.ensure_future(generate(app, **params))
+        task = asyncio.ensure_future((run or generate)(app, **params))
     try:
         while not task.done():
             event = asyncio.ensure_future(events.get())

@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 import pybase64
@@ -182,6 +182,7 @@ class Refused(Exception):
 
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible images"])
+PREVIEWS = frozenset({"preview"})  # the progress events a stream carries
 STREAM_EVENT = {
     "type": "object",
     "description": "`event: image_generation.partial_image` or `event: image_generation.completed` (OpenAI's "
@@ -211,7 +212,14 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
     except Refused as e:
         return openai_error(400, str(e), param=e.param)
     if body.stream:
-        return await _streamed(body, params, request)
+
+        def start() -> AsyncIterator[dict[str, Any] | list[ImageContent]]:
+            # The image's base64, its recompressed copy, and the event that carries it; previews are smaller.
+            size = image_size(served_pipeline(request.app), params.get("width"), params.get("height"))
+            answers.reserve(1, *size, copies=3)
+            return generate_watched(request.app, PREVIEWS, body.partial_images or 0, **params)
+
+        return await _streamed(body, start)
     try:
         # The images' base64, and one image at a time beside it (sent, stored, or recompressed): two copies at most.
         size = image_size(served_pipeline(request.app), params.get("width"), params.get("height"))
@@ -251,6 +259,10 @@ async def edit_images(request: Request) -> Any:
     except ValidationError as e:
         param, message = validation_message(e.errors())
         return openai_error(400, message, param=param)
+    if body.stream:
+        return await _streamed(
+            body, lambda: generate_watched(request.app, PREVIEWS, body.partial_images or 0, edit, **params, **uploads)
+        )
     try:
         images = await edit(request.app, **params, **uploads)
     except Exception as e:
@@ -336,19 +348,19 @@ def install(app: FastAPI) -> None:
     app.router.routes.insert(0, app.router.routes.pop())
 
 
-async def _streamed(body: ImageGenerationRequest, params: dict[str, Any], request: Request) -> Any:
+async def _streamed(
+    body: ImageGenerationRequest, start: Callable[[], AsyncIterator[dict[str, Any] | list[ImageContent]]]
+) -> Any:
     """
     OpenAI's image stream: a partial image event per preview, then the completed event, or `event: error`.
 
-    Nothing is sent until the first preview or the image is there, so that a refusal or a failure before that is an
-    ordinary error response with its status (422 → 400, 429, 503...). A client that disconnects cancels the
-    generation (the guard cancels the route, which closes the generation's iterator).
+    `start()` runs the generation or the edit. Nothing is sent until the first preview or the image is there, so
+    that a refusal or a failure before that is an ordinary error response with its status (422 → 400, 429, 503...).
+    A client that disconnects cancels the generation (the guard cancels the route, which closes the generation's
+    iterator).
     """
     try:
-        # The image's base64, its recompressed copy, and the event that carries it; previews are smaller.
-        size = image_size(served_pipeline(request.app), params.get("width"), params.get("height"))
-        answers.reserve(1, *size, copies=3)
-        watched = generate_watched(request.app, frozenset({"preview"}), previews=body.partial_images or 0, **params)
+        watched = start()
         first = await anext(watched)
     except Exception as e:
         failure = classify(e)
@@ -425,8 +437,6 @@ def _pipeline_params(body: ImageGenerationRequest) -> dict[str, Any]:
 
 def _edit_params(body: ImageEditRequest) -> dict[str, Any]:
     """The editing component's run inputs for `body` (its image and mask apart), or `Refused`."""
-    if body.stream:
-        raise Refused("stream", "streamed edits are not offered: leave stream out")
     if body.input_fidelity is not None:
         raise Refused("input_fidelity", "input_fidelity is not offered; set strength instead")
     return {**_pipeline_params(body), "strength": body.strength}

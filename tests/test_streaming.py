@@ -112,3 +112,16 @@ def test_a_client_that_leaves_the_stream_stops_the_generation(local_server, clie
     log = local_server.log()
     assert "Seed 31: step 30/150" in log  # it was under way (a log line every 10% of the steps)...
     assert "Seed 31: step 150/150" not in log  # ...and stopped
+
+
+def test_openai_edit_stream_sends_partials_then_the_same_image(client):
+    source = io.BytesIO()
+    Image.radial_gradient("L").convert("RGB").resize((64, 64)).save(source, format="PNG")
+    edit = {"image": ("source.png", source.getvalue(), "image/png"), "prompt": "a red hat", "size": "64x64"}
+    plain = client.images.edit(**edit, extra_body=EXTRA)
+    events = list(client.images.edit(**edit, stream=True, partial_images=2, extra_body=EXTRA))
+
+    *partials, completed = [TypeAdapter(ImageGenStreamEvent).validate_python(event.model_dump()) for event in events]
+    assert [event.partial_image_index for event in partials] == [0, 1]
+    assert isinstance(completed, ImageGenCompletedEvent)
+    assert completed.b64_json == plain.data[0].b64_json

@@ -99,6 +99,7 @@ def test_the_models_picker_lists_the_servers_models(page, page_server):
     _, _, body = get(page_server.url + "/v1/models")
     models = [m["id"] for m in json.loads(body)["data"]]
     open_page(page, page_server)
+    expect(page.locator("#model option")).to_have_text(models)  # once the page has asked for them
     assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == models
 
 

@@ -10,6 +10,9 @@ with keys off), gives each client a share below them:
   that names the limit. The client's unfinished jobs are counted from a ledger of the ids it submitted (in this
   process, or in Redis with the Redis job store, so that replicas share it), each checked against the job store.
 - at most `IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT` open progress streams per replica: past it, a 429.
+- at most `IMAGE_GENERATION_MAX_FINISHED_JOBS_PER_CLIENT` finished jobs are kept: when it submits another, the
+  oldest beyond that are deleted from the job store (their status is then a 404). Every finished job is kept no
+  longer than its images anyway (`image_generation_server.jobs.configure_durable_mode`).
 - its `Idempotency-Key` is its own: the key is scoped to the client before Hayhooks sees it, so that with API keys off
   one client can neither replay nor block another's (with keys on, Hayhooks scopes it to the key already).
 
@@ -77,18 +80,22 @@ def queue_answer(state: durable_queue.QueueState) -> dict[str, int | None]:
 
 
 class Ledger(Protocol):
-    """The ids of the jobs each client submitted that may still be unfinished."""
+    """The ids of the jobs each client submitted: those that may be unfinished, and the finished ones, oldest first."""
 
-    async def members(self, client: str) -> list[str]:
-        """The ids recorded for `client`."""
+    async def unfinished(self, client: str) -> list[str]:
+        """The ids of `client`'s jobs not yet seen finished."""
         ...
 
     async def add(self, client: str, run_id: str) -> None:
         """Record a job `client` submitted."""
         ...
 
-    async def remove(self, client: str, run_ids: list[str]) -> None:
-        """Forget jobs that finished."""
+    async def finish(self, client: str, finished: list[str], gone: list[str], keep: int) -> list[str]:
+        """
+        Move `finished` jobs to the client's finished ones and forget `gone` ones.
+
+        Returns the oldest finished jobs beyond `keep`, forgotten here: the caller deletes them from the job store.
+        """
         ...
 
 
@@ -96,58 +103,73 @@ class MemoryLedger:
     """The ledger in this process, for at most `MAX_MEMORY_IDENTITIES` clients."""
 
     def __init__(self) -> None:
-        self._jobs: collections.OrderedDict[str, list[str]] = collections.OrderedDict()
+        self._jobs: collections.OrderedDict[str, tuple[list[str], list[str]]] = collections.OrderedDict()
 
-    async def members(self, client: str) -> list[str]:
-        """The ids recorded for `client`."""
-        return list(self._jobs.get(client, ()))
+    async def unfinished(self, client: str) -> list[str]:
+        """The ids of `client`'s jobs not yet seen finished."""
+        return list(self._jobs.get(client, ([], []))[0])
 
     async def add(self, client: str, run_id: str) -> None:
         """Record a job (the event loop is the only writer: no lock)."""
-        self._jobs.setdefault(client, []).append(run_id)
+        self._jobs.setdefault(client, ([], []))[0].append(run_id)
         self._jobs.move_to_end(client)
         if len(self._jobs) > MAX_MEMORY_IDENTITIES:
             self._jobs.popitem(last=False)
 
-    async def remove(self, client: str, run_ids: list[str]) -> None:
-        """Forget jobs."""
-        kept = [run_id for run_id in self._jobs.get(client, ()) if run_id not in run_ids]
-        if kept:
-            self._jobs[client] = kept
-        else:
-            self._jobs.pop(client, None)
+    async def finish(self, client: str, finished: list[str], gone: list[str], keep: int) -> list[str]:
+        """Move, forget, and return the finished jobs beyond `keep`."""
+        open_jobs, done = self._jobs.setdefault(client, ([], []))
+        open_jobs[:] = [run_id for run_id in open_jobs if run_id not in finished and run_id not in gone]
+        done.extend(finished)
+        dropped = done[: max(0, len(done) - keep)]
+        del done[: len(dropped)]
+        return dropped
 
 
 class RedisLedger:
-    """The ledger in Redis, one set per client, expiring with the jobs it lists."""
+    """The ledger in Redis: per client a set of unfinished ids and a list of finished ones, expiring with the jobs."""
 
     def __init__(self, url: str, ttl_seconds: int) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
         self.ttl_seconds = ttl_seconds
 
-    async def members(self, client: str) -> list[str]:
-        """The ids recorded for `client`."""
-        return [member.decode() for member in await self.client.smembers(f"{LEDGER_KEY_PREFIX}:{client}")]
+    @staticmethod
+    def _keys(client: str) -> tuple[str, str]:
+        return f"{LEDGER_KEY_PREFIX}:{client}:open", f"{LEDGER_KEY_PREFIX}:{client}:finished"
+
+    async def unfinished(self, client: str) -> list[str]:
+        """SMEMBERS."""
+        return [member.decode() for member in await self.client.smembers(self._keys(client)[0])]
 
     async def add(self, client: str, run_id: str) -> None:
         """SADD and EXPIRE in one transaction."""
-        key = f"{LEDGER_KEY_PREFIX}:{client}"
+        key = self._keys(client)[0]
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.sadd(key, run_id).expire(key, self.ttl_seconds).execute()
 
-    async def remove(self, client: str, run_ids: list[str]) -> None:
-        """SREM."""
-        await self.client.srem(f"{LEDGER_KEY_PREFIX}:{client}", *run_ids)
+    async def finish(self, client: str, finished: list[str], gone: list[str], keep: int) -> list[str]:
+        """SREM, RPUSH, then LPOP beyond `keep`, in one transaction."""
+        open_key, done_key = self._keys(client)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.srem(open_key, *finished, *gone)
+            if finished:
+                pipe.rpush(done_key, *finished).expire(done_key, self.ttl_seconds)
+            pipe.llen(done_key)
+            length = (await pipe.execute())[-1]
+        if length <= keep:
+            return []
+        return [member.decode() for member in await self.client.lpop(done_key, length - keep) or []]
 
 
 class JobShares:
     """ASGI middleware in front of the job routes of `PIPELINE`: each client's share of jobs and streams."""
 
-    def __init__(self, app: ASGIApp, api: FastAPI, max_jobs: int, max_streams: int) -> None:
+    def __init__(self, app: ASGIApp, api: FastAPI, max_jobs: int, max_streams: int, max_finished: int) -> None:
         self.app = app
         self.api = api
         self.max_jobs = max_jobs
         self.max_streams = max_streams
+        self.max_finished = max_finished
         self.prefix = f"/{PIPELINE}/"
         self.ledger: Ledger = (
             RedisLedger(hayhooks_settings.durable_redis_url, hayhooks_settings.durable_terminal_ttl_seconds)
@@ -203,15 +225,15 @@ class JobShares:
                     log.warning("Job ledger unreachable ({}): a job is not counted", type(e).__name__)
 
     async def _unfinished(self, durable: DurableDeployment, client: str) -> list[str]:
-        """The client's jobs that are queued or running; the ledger forgets the others."""
-        recorded = await self.ledger.members(client)
+        """The client's jobs that are queued or running; its finished ones beyond its share are deleted."""
+        recorded = await self.ledger.unfinished(client)
         controls = await asyncio.gather(*(durable.store.read_control(run_id) for run_id in recorded))
-        finished = [
-            run_id for run_id, control in zip(recorded, controls, strict=True) if control is None or control.terminal
-        ]
-        if finished:
-            await self.ledger.remove(client, finished)
-        return [run_id for run_id in recorded if run_id not in finished]
+        finished = [run_id for run_id, control in zip(recorded, controls, strict=True) if control and control.terminal]
+        gone = [run_id for run_id, control in zip(recorded, controls, strict=True) if control is None]
+        if finished or gone:
+            for run_id in await self.ledger.finish(client, finished, gone, self.max_finished):
+                await durable_queue.forget(durable, run_id)
+        return [run_id for run_id in recorded if run_id not in finished and run_id not in gone]
 
     async def _stream(  # noqa: PLR0913
         self, scope: Scope, receive: Receive, send: Send, durable: DurableDeployment, client: str, run_id: str

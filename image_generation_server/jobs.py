@@ -208,7 +208,11 @@ def install(app: FastAPI) -> None:
         # After HTTPGuard (appended before the doors are installed), which names the client.
         app.user_middleware.append(
             Middleware(
-                JobShares, api=app, max_jobs=shares.max_jobs_per_client, max_streams=shares.max_streams_per_client
+                JobShares,
+                api=app,
+                max_jobs=shares.max_jobs_per_client,
+                max_streams=shares.max_streams_per_client,
+                max_finished=shares.max_finished_jobs_per_client,
             )
         )
     native = app.exception_handlers[StarletteHTTPException]

@@ -168,6 +168,11 @@ class Settings(BaseSettings):
         description="Job progress streams one client may hold open at once on a replica; beyond, 429. All clients "
         "together are bounded by `HAYHOOKS_DURABLE_REDIS_MAX_VIEWERS` (100 per replica, with the Redis job store).",
     )
+    max_finished_jobs_per_client: int = Field(
+        100,
+        description="Finished jobs kept per client: when it submits another, the oldest beyond this are deleted "
+        "(their status is then a 404). Each is kept no longer than its images (`IMAGE_GENERATION_IMAGE_MAX_AGE`).",
+    )
     # Jobs' images
     image_dir: Path | None = Field(
         None,

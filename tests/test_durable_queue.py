@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from redis import asyncio as redis
 from redis_server import RedisServer
 
-from image_generation_server.durable_queue import QueueState, deployment, queue_state
+from image_generation_server.durable_queue import QueueState, deployment, forget, queue_state
 
 NAME = "queue_test"
 
@@ -88,3 +88,23 @@ async def test_jobs_ahead_are_those_queued_before_and_those_running(queue):
     states = sorted([await queue_state(queue, run_id) for run_id in waiting], key=lambda state: state.ahead)
     assert states == [QueueState(queued_ahead=0, running=1), QueueState(queued_ahead=1, running=1)]
     assert [state.ahead for state in states] == [1, 2]
+
+
+async def test_forget_deletes_a_finished_job_and_leaves_an_unfinished_one(queue):
+    run_id = (await queue.submit({"prompt": "forget me"}, idempotency_key="once")).control.run_id
+    async with asyncio.timeout(20):
+        while (await queue.store.read_control(run_id)).status.value != "running":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    await forget(queue, run_id)
+    assert (await queue.store.read_control(run_id)).status.value == "running"  # not finished: left alone
+
+    RELEASE.set()
+    async with asyncio.timeout(20):
+        while not (await queue.store.read_control(run_id)).terminal:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    await forget(queue, run_id)
+    assert await queue.store.read_control(run_id) is None
+    if isinstance(queue.store, RedisExecutionStore):
+        assert await queue.store.redis.keys(f"*{run_id}*") == []  # control, progress, chunks, payloads
+    again = await queue.submit({"prompt": "forget me"}, idempotency_key="once")
+    assert again.created and again.control.run_id != run_id  # its idempotency key went with it

@@ -29,6 +29,7 @@ A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
 MAX_PENDING = 5  # jobs of all keys together
 MAX_PER_KEY = 3  # unfinished jobs of one key
+MAX_FINISHED = 4  # finished jobs kept per key
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def jobs_server(tiny_model, tmp_path_factory):
         IMAGE_GENERATION_CACHE_BYTES="0",
         IMAGE_GENERATION_API_KEYS=f"{KEY_A},{KEY_B}",
         IMAGE_GENERATION_MAX_JOBS_PER_CLIENT=str(MAX_PER_KEY),
+        IMAGE_GENERATION_MAX_FINISHED_JOBS_PER_CLIENT=str(MAX_FINISHED),
         IMAGE_GENERATION_IMAGE_DIR=str(tmp / "images"),
     )
     server = start_server(tmp, env, timeout=120)
@@ -285,6 +287,23 @@ def test_a_queued_job_says_how_many_are_ahead_and_when_it_starts(jobs_server):
     assert "queue" not in wait_status(base, third["execution_id"], {"completed"}, headers=A)
     assert wait_status(base, first["execution_id"], {"canceled"}, headers=A)
     assert wait_status(base, second["execution_id"], {"completed"}, headers=A)
+
+
+def test_finished_jobs_are_kept_per_key_up_to_a_count(jobs_server):
+    """Issue 22: finished jobs were kept 7 days with no cap (one key made 12,000 in 50 s)."""
+    base = jobs_server.url
+    finished = []
+    for seed in range(MAX_FINISHED + 2):
+        accepted = submit(base, body(seed=seed, num_inference_steps=1), B)
+        assert wait_status(base, accepted["execution_id"], {"completed"}, headers=B)
+        finished.append(accepted["execution_id"])
+    submit(base, body(seed=99, num_inference_steps=1), B)  # a submission prunes the key's oldest finished jobs
+    kept = [call(f"{base}{JOBS}/executions/{execution_id}", headers=B)[0] for execution_id in finished]
+    assert kept[-MAX_FINISHED:] == [200] * MAX_FINISHED
+    assert kept[0] == 404
+    listed = json.loads(call(f"{base}{JOBS}/executions", headers=B)[2])["executions"]
+    assert finished[0] not in {e["execution_id"] for e in listed}
+    assert len([e for e in listed if e["status"] != "queued" and e["status"] != "running"]) <= MAX_FINISHED
 
 
 def test_status_says_only_that_the_server_is_alive(jobs_server):

@@ -76,8 +76,8 @@ class CheckedAtSubmission(BaseModel):
         return self
 
 
-class JobRequest(CheckedAtSubmission, BatchParameters):
-    """The body of `POST /{name}/run-durable`: the parameters of `/run`, with the same limits, plus `n`."""
+class Previewed(BaseModel):
+    """A job body's ask for previews on its stream (not a pipeline input)."""
 
     partial_images: PartialImages = Field(
         0,
@@ -85,12 +85,16 @@ class JobRequest(CheckedAtSubmission, BatchParameters):
         "generation in progress, from the local backend (the Hugging Face API backend sends none).",
     )
 
+
+class JobRequest(CheckedAtSubmission, Previewed, BatchParameters):
+    """The body of `POST /{name}/run-durable`: the parameters of `/run`, with the same limits, plus `n`."""
+
     def pipeline_inputs(self) -> dict[str, Any]:
         """The component's run inputs: every field but the stream's `partial_images`."""
         return self.model_dump(exclude={"partial_images"})
 
 
-class EditJobRequest(CheckedAtSubmission, Batch, EditParameters):
+class EditJobRequest(CheckedAtSubmission, Previewed, Batch, EditParameters):
     """
     The body of `POST /image_editing/run-durable`: an edit's parameters plus `n`, and the image and mask.
 
@@ -99,7 +103,6 @@ class EditJobRequest(CheckedAtSubmission, Batch, EditParameters):
     """
 
     store: ClassVar[ImageStore | None] = None  # where `/images/...` paths are read from
-    partial_images: ClassVar[int] = 0  # no previews for edits
 
     image: str = Field(description="The image: base64 (PNG, JPEG or WebP), or the path of an image of this server.")
     mask: str | None = Field(
@@ -108,7 +111,7 @@ class EditJobRequest(CheckedAtSubmission, Batch, EditParameters):
 
     def pipeline_inputs(self) -> dict[str, Any]:
         """The editing component's run inputs: the images read from base64 or the store."""
-        inputs = self.model_dump(exclude={"image", "mask"})
+        inputs = self.model_dump(exclude={"image", "mask", "partial_images"})
         inputs["image"] = image_argument(EditJobRequest.store, self.image, "image")
         inputs["mask"] = image_argument(EditJobRequest.store, self.mask, "mask") if self.mask is not None else None
         return inputs

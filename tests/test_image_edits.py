@@ -303,13 +303,16 @@ def test_an_edit_job_reports_its_steps_and_stores_the_edit(edit_jobs_server):
     base = edit_jobs_server.url
     image, mask = base64.b64encode(SOURCE_PNG).decode(), base64.b64encode(MASK_PNG).decode()
     accepted = submit_edit(
-        edit_jobs_server, {"image": image, "mask": mask, "prompt": "a hat", "num_inference_steps": 4}
+        edit_jobs_server,
+        {"image": image, "mask": mask, "prompt": "a hat", "num_inference_steps": 4, "partial_images": 2},
     )
     stream = SSE(f"{base}{accepted['links']['stream']}", AUTH)
     events = list(stream)
     stream.close()
     steps = [e.data["payload"]["step"] for e in events if e.event == "chunk" and e.data["payload"]["phase"] == "step"]
     assert steps == [1, 2, 3]  # strength 0.8 of 4 steps
+    previews = [e.data["payload"] for e in events if e.event == "chunk" and e.data["payload"]["phase"] == "preview"]
+    assert [(p["index"], p["step"], p["steps"]) for p in previews] == [(0, 1, 3), (1, 2, 3)]  # the edit as it goes
     [edited] = events[-1].data["result"]["images"]
     status, _, data = call(f"{base}{edited['url']}")
     assert status == 200

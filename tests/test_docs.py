@@ -12,6 +12,7 @@ Every command and code block of README.md and docs/*.md, read from the files and
 """
 
 import io
+import json
 import os
 import re
 import signal
@@ -137,6 +138,7 @@ def _run_serve_block(block: Block, upstream, tmp_path: Path) -> None:
             image = Image.open(io.BytesIO(r.read())).convert("RGB")
         if "--demo" in block.code:  # the labelled test pattern, pixel for pixel
             assert image.tobytes() == draw("A cat sitting on a rainbow", 42, 256, 256).tobytes()
+            _readme_curl_draws_the_demo_pattern(page.rstrip("/"), tmp_path)
         else:
             assert image.size == (256, 256)
     finally:
@@ -146,6 +148,18 @@ def _run_serve_block(block: Block, upstream, tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def _readme_curl_draws_the_demo_pattern(server_url: str, tmp_path: Path) -> None:
+    """The README's first curl example, run against the demonstration, saves the labelled test pattern it asked for."""
+    [curl] = [b for b in blocks(ROOT / "README.md") if "curl" in b.code and "/image_generation/run " in b.code][:1]
+    folder = tmp_path / "curl"
+    folder.mkdir()
+    _run(["bash", "-euo", "pipefail"], LOCAL_URL.sub(server_url, curl.code), folder, server_env())
+    asked = json.loads(re.search(r"-d '(\{.*?\})'", curl.code.replace("\\\n", " "))[1])
+    [saved] = list(folder.iterdir())
+    expected = draw(asked["prompt"], asked["seed"], asked["width"], asked["height"])
+    assert Image.open(saved).convert("RGB").tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("block", ALL, ids=[b.id for b in ALL])

@@ -32,6 +32,7 @@ from components.image_results import ImageResults
 from components.request import GenerationRequest, OutputFormat
 from components.settings import resolve, serving_settings
 from components.text_to_image_base import TextToImageBase
+from components.urls import is_http_url, parse_http_url
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,8 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         :param cache_max_bytes: Byte budget of the seeded-result cache, 0 to disable; else
             `IMAGE_GENERATION_CACHE_BYTES`.
         """
-        if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint_url={endpoint_url!r} must be an http(s) URL")
+        if endpoint_url is not None and not is_http_url(endpoint_url):
+            raise ValueError(f"endpoint_url={endpoint_url!r} must be an http(s) URL with a host")
         check_provider(provider, self.task)
         self.model = model
         self.provider = provider
@@ -134,8 +135,8 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         if self._results is not None:
             return
         endpoint_url = resolve(self.endpoint_url, "IMAGE_GENERATION_ENDPOINT", None, str)
-        if endpoint_url is not None and not endpoint_url.startswith(("http://", "https://")):
-            raise ValueError("IMAGE_GENERATION_ENDPOINT must be an http(s) URL")
+        if endpoint_url is not None and not is_http_url(endpoint_url):
+            raise ValueError("IMAGE_GENERATION_ENDPOINT must be an http(s) URL with a host")
         quiet_hub_library()
         token = self.token.resolve_value() or _token_file()
         router_url = resolve(None, "IMAGE_GENERATION_ROUTER_URL", HF_ROUTER_URL, _http_url)
@@ -285,8 +286,7 @@ def _token_file() -> str | None:
 
 
 def _http_url(raw: str) -> str:
-    if not raw.startswith(("http://", "https://")):
-        raise ValueError("not an http(s) URL")
+    parse_http_url(raw)
     return raw.rstrip("/")
 
 

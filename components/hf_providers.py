@@ -35,6 +35,7 @@ from components.errors import (
     UpstreamTimeoutError,
 )
 from components.request import EditRequest, GenerationRequest
+from components.urls import is_http_url
 
 TASK = "text-to-image"
 EDIT_TASK = "image-to-image"
@@ -274,7 +275,7 @@ def _read_reply(reply: bytes) -> bytes | str:
     if not isinstance(value, dict):
         raise InvalidImageError("the upstream reply is not an image")
     url = _first(value, "images", "url") or _replicate_output(value)  # fal-ai, replicate
-    if isinstance(url, str) and url.startswith(("https://", "http://")):
+    if is_http_url(url):
         return url
     encoded = _first(value, "data", "b64_json")  # together, nscale
     if isinstance(encoded, str):

@@ -41,6 +41,7 @@ from components.errors import (
     UpstreamUnavailableError,
 )
 from components.hf_providers import Call
+from components.urls import parse_http_url
 
 _DEFAULT_RETRY_AFTER = 5
 _MAX_RETRY_AFTER = 3600
@@ -249,15 +250,12 @@ async def _resolve_async(call: Call, bounds: Bounds) -> Address | None:
 
 def _host_port(url: str) -> tuple[str, int]:
     try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        parts = parse_http_url(url)
         host = parts.hostname or ""
         host.encode("idna")
     except (ValueError, UnicodeError) as e:
-        raise InvalidImageError("the upstream named a result URL that cannot be parsed") from e
-    if parts.scheme not in ("http", "https") or not host:
-        raise InvalidImageError("the upstream named a result URL that is not http(s)")
-    return host, port
+        raise InvalidImageError("the upstream named a result URL that is not an http(s) URL with a host") from e
+    return host, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def check_address(addresses: list[str], allowed_networks: tuple[Network, ...] = ()) -> Address:

@@ -17,6 +17,7 @@ from components.c2pa_signer import PARENT_LABEL, C2paSigner
 from components.image_codec import replace_metadata
 from components.request import EditRequest, GenerationRequest
 from components.settings import resolve
+from components.urls import is_http_url
 
 SERVICE_NAME = "hayhooks-image-generation"
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -68,8 +69,8 @@ def provenance_settings() -> ProvenanceSettings:
     if (cert is None) != (key_path is None):
         raise ValueError("IMAGE_GENERATION_C2PA_CERT and IMAGE_GENERATION_C2PA_KEY must be set together")
     tsa_url = resolve(None, "IMAGE_GENERATION_C2PA_TSA_URL", None, str)
-    if tsa_url is not None and not tsa_url.startswith(("http://", "https://")):
-        raise ValueError("IMAGE_GENERATION_C2PA_TSA_URL must be an http(s) URL")
+    if tsa_url is not None and not is_http_url(tsa_url):
+        raise ValueError("IMAGE_GENERATION_C2PA_TSA_URL must be an http(s) URL with a host")
     return ProvenanceSettings(
         embed_parameters=resolve(None, "IMAGE_GENERATION_EMBED_PARAMETERS", False, parse_bool),
         c2pa_cert=cert,

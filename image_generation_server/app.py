@@ -24,11 +24,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from image_generation_server import api_docs, image_store, jobs, mcp, metrics, openai_images, page, readiness
+from image_generation_server.access import ApiKeys, HostAllowList, OriginPolicy, configure_cors, cors_enabled
 from image_generation_server.allocator import tune_allocator
 from image_generation_server.answers import AnswerBudget
-from image_generation_server.guard import HTTPGuard, api_keys_from_env, body_timeout_from_env, json_bodies
+from image_generation_server.guard import HTTPGuard, body_timeout_from_env, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol
-from image_generation_server.origins import HostAllowList, OriginPolicy, configure_cors, cors_enabled
 from image_generation_server.quota import Quota
 from image_generation_server.responses import http_exception_handler, validation_error_handler
 from image_generation_server.routes import Inventory, prune
@@ -71,8 +71,8 @@ def create_app() -> FastAPI:
         HTTPGuard,
         api=app,
         inventory=inventory,
-        api_keys=api_keys_from_env(),
-        hosts=HostAllowList(settings.host),
+        api_keys=ApiKeys(limits.api_keys),
+        hosts=HostAllowList(settings.host, limits.allowed_hosts),
         origins=OriginPolicy(settings),
         body_timeout=body_timeout_from_env(),
         quota=Quota.from_env(),

@@ -1,8 +1,6 @@
 """ASGI middleware in front of every route: the route inventory's policy, applied before the route runs."""
 
 import asyncio
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -15,24 +13,18 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components.result_cache import CACHE_SCOPE
+from image_generation_server.access import ApiKeys, HostAllowList, OriginPolicy
 from image_generation_server.answers import AnswerBudget, paced, share_of
-from image_generation_server.origins import HostAllowList, OriginPolicy
 from image_generation_server.quota import IDENTITY_SCOPE_KEY, Quota, identity, images_asked, limited_send
 from image_generation_server.responses import clip, error_response
 from image_generation_server.routes import Inventory, Route
 
-API_KEYS_ENV = "IMAGE_GENERATION_API_KEYS"
 BODY_TIMEOUT_ENV = "IMAGE_GENERATION_BODY_TIMEOUT"
 DEFAULT_BODY_TIMEOUT = 20.0
 MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer
 MAX_ECHOED_NAME_CHARS = 64
 RATE_LIMIT_SPENT = "the rate limit is spent, retry later"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def api_keys_from_env() -> tuple[bytes, ...]:
-    """The accepted API keys from `IMAGE_GENERATION_API_KEYS` (comma-separated); none means auth is off."""
-    return tuple(key.strip().encode() for key in os.environ.get(API_KEYS_ENV, "").split(",") if key.strip())
 
 
 def body_timeout_from_env() -> float:
@@ -68,7 +60,7 @@ class HTTPGuard:
         app: ASGIApp,
         api: FastAPI,
         inventory: Inventory,
-        api_keys: tuple[bytes, ...],
+        api_keys: ApiKeys,
         hosts: HostAllowList,
         origins: OriginPolicy,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
@@ -99,12 +91,12 @@ class HTTPGuard:
         headers = Headers(scope=scope)
         row = self.inventory.match(scope["method"], scope["path"].removeprefix(scope.get("root_path", "")))
         keyed = isinstance(row, Route) and row.auth == "api_key" and bool(self.api_keys)
-        key = matching_key(headers.get("authorization", ""), self.api_keys) if keyed else None
-        refusal = self._refusal_unread(scope, headers, row, key)
-        owner = key_id(key) if key is not None else None  # the key's cache scope and quota, hashed once
+        # The key's id, hashed once: its cache scope, its quota, and (`request.state.key_id`) the owner of its jobs.
+        owner = self.api_keys.owner(headers.get("authorization", "")) if keyed else None
+        refusal = self._refusal_unread(scope, headers, row, owner)
         # Whose quota, and share of jobs and streams (image_generation_server.job_shares).
         scope[IDENTITY_SCOPE_KEY] = identity(owner, scope.get("client"))
-        metered = isinstance(row, Route) and self.quota is not None and _metered(row, key, self.api_keys)
+        metered = isinstance(row, Route) and self.quota is not None and _metered(row, owner, self.api_keys)
         if refusal is None and metered and self.quota is not None and self.quota.unit == "requests":
             send, retry_after = await limited_send(self.quota, scope[IDENTITY_SCOPE_KEY], send)
             if retry_after is not None:
@@ -113,6 +105,7 @@ class HTTPGuard:
         if refusal is None and isinstance(row, Route):
             if owner is not None:
                 CACHE_SCOPE.set(owner)
+                scope.setdefault("state", {})["key_id"] = owner
             if scope["method"] == "HEAD":  # a GET row's route, answered without its body
                 await self.app({**scope, "method": "GET"}, receive, _headers_only(send))
             elif row.body is None:
@@ -132,7 +125,7 @@ class HTTPGuard:
         await refusal(scope, receive, send)
 
     def _refusal_unread(
-        self, scope: Scope, headers: Headers, row: Route | int | None, key: bytes | None
+        self, scope: Scope, headers: Headers, row: Route | int | None, owner: str | None
     ) -> Response | None:
         """The answer decided from the request line and headers alone, or None to go on."""
         host = headers.get("host", "")
@@ -146,7 +139,7 @@ class HTTPGuard:
             status, message = 403, "requests from another origin are refused"
         elif method == "POST" and "*" in (tag.strip() for tag in headers.get("if-none-match", "").split(",")):
             status, message = 412, "If-None-Match: * never matches a request that creates an image"
-        elif row.auth == "api_key" and self.api_keys and key is None:
+        elif row.auth == "api_key" and self.api_keys and owner is None:
             status, message, extra = 401, "a valid API key is required", {"WWW-Authenticate": "Bearer"}
         elif _declared_length(headers) > (cap := row.body.max_bytes if row.body is not None else 0):
             status, message = 413, f"the request body is over {cap} bytes"
@@ -212,23 +205,9 @@ def _headers_only(send: Send) -> Send:
     return send_headers
 
 
-def _metered(row: Route, key: bytes | None, api_keys: tuple[bytes, ...]) -> bool:
+def _metered(row: Route, owner: str | None, api_keys: ApiKeys) -> bool:
     """Whether a request takes from a quota: the keyed routes that do work (take a body), by key or client address."""
-    return row.auth == "api_key" and row.body is not None and (key is not None or not api_keys)
-
-
-def key_id(key: bytes) -> str:
-    """A stable id for an API key that reveals nothing of it: its cache scope, and the owner of its jobs."""
-    return hashlib.sha256(key).hexdigest()[:32]
-
-
-def matching_key(authorization: str, api_keys: tuple[bytes, ...]) -> bytes | None:
-    """The API key an `Authorization: Bearer <key>` header carries, if it is one of `api_keys`; else None."""
-    scheme, _, supplied = authorization.partition(" ")
-    supplied_bytes = supplied.strip().encode()
-    # Compare against every key so that the time taken does not depend on which one matched.
-    matched = [key for key in api_keys if hmac.compare_digest(supplied_bytes, key)]
-    return matched[0] if matched and scheme.lower() == "bearer" else None
+    return row.auth == "api_key" and row.body is not None and (owner is not None or not api_keys)
 
 
 def json_bodies(schema: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -31,7 +31,6 @@ from components.request import Batch, BatchParameters, EditParameters, PartialIm
 from components.result_cache import CACHE_SCOPE
 from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
 from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, run_pipeline
-from image_generation_server.guard import api_keys_from_env, key_id, matching_key
 from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.responses import classify
@@ -179,11 +178,11 @@ class OwnedJobs:
     """Mixed before `Jobs`: executions belong to the API key that submitted them (other keys get 404)."""
 
     def durable_owner_id(self, request: Request) -> str:
-        """An id derived from the caller's API key (a hash, never the key); 401 without a valid key."""
-        key = matching_key(request.headers.get("authorization", ""), api_keys_from_env())
-        if key is None:
+        """The id of the caller's API key (a hash, never the key) that `HTTPGuard` found; 401 without one."""
+        owner = getattr(request.state, "key_id", None)
+        if owner is None:  # the guard refuses such a request first; this holds without it too
             raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
-        return OWNER_PREFIX + key_id(key)
+        return OWNER_PREFIX + owner
 
 
 def install(app: FastAPI) -> None:
@@ -230,7 +229,7 @@ def install(app: FastAPI) -> None:
 
 def jobs_mixin(jobs: type[Jobs] = Jobs) -> type[Jobs]:
     """`jobs` (`Jobs`, or `EditJobs`), owned by API keys when they are configured (else job ids are the capability)."""
-    return type(f"Owned{jobs.__name__}", (OwnedJobs, jobs), {}) if api_keys_from_env() else jobs
+    return type(f"Owned{jobs.__name__}", (OwnedJobs, jobs), {}) if load_settings().api_keys else jobs
 
 
 def configure_durable_mode() -> None:

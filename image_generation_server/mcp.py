@@ -1,18 +1,18 @@
 """
 MCP at `/mcp`: the tools `generate_image` and `edit_image`, which answer with the images themselves (`ImageContent`).
 
-The official `mcp` SDK's streamable HTTP transport, stateless (any replica answers any call; no sticky sessions),
-runs inside the server's app: its session manager runs in the app's lifespan, the tool runs the one image pipeline
-through `generation`, its errors carry the same messages as HTTP, and `HTTPGuard` asks for the same API keys. A call
-whose client sent a `progressToken` is answered with a short server-sent event stream on the POST itself: a progress
-notification per denoising step (local backend), then its result. Any other call is answered in plain JSON: current
-clients refuse a server-sent event over 1 MiB (the `mcp` SDK 2.x by default), and two 512x512 PNGs are more.
-Hayhooks' own MCP tool for the wrapper is turned off (`skip_mcp`): it could only return text.
+The official `mcp` SDK's streamable HTTP transport, stateless (any replica answers any call; no sticky sessions), runs
+inside the server's app: its session manager runs in the app's lifespan, the tool runs the one image pipeline through
+`generation`, its errors carry the same messages as HTTP, and `HTTPGuard` applies the same API keys, `Host` allow-list
+and origin check as on every route (`access`). A call whose client sent a `progressToken` is answered with a short
+server-sent event stream on the POST itself: a progress notification per denoising step (local backend), then its
+result. Any other call is answered in plain JSON: current clients refuse a server-sent event over 1 MiB (the `mcp` SDK
+2.x by default), and two 512x512 PNGs are more. Hayhooks' own MCP tool for the wrapper is turned off (`skip_mcp`): it
+could only return text.
 """
 
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
@@ -39,8 +39,9 @@ MCP_PATH = "/mcp"
 TOOL = "generate_image"
 EDIT_TOOL = "edit_image"
 IMAGES_PATH = "/images/"
-ALLOWED_HOSTS_ENV = "IMAGE_GENERATION_ALLOWED_HOSTS"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+# The SDK's own DNS-rebinding check is off: it would be a second Host and Origin allow-list, and it disagreed with the
+# server's (the bind address passed one and was refused by the other). `HTTPGuard` checks both before the SDK runs.
+TRANSPORT_SECURITY = TransportSecuritySettings(enable_dns_rebinding_protection=False)
 
 DESCRIPTION = """\
 Generate images from a text prompt and get them back as images.
@@ -143,7 +144,7 @@ def install(app: FastAPI) -> None:
             app=server,
             json_response=json_response,
             stateless=True,
-            security_settings=transport_security(),
+            security_settings=TRANSPORT_SECURITY,
             max_request_body_size=load_settings().max_upload_bytes,  # an edit's image comes as base64
         )
         for json_response in (True, False)
@@ -201,25 +202,6 @@ def _asks_for_progress(body: bytes) -> bool:
         if isinstance(meta, dict) and meta.get("progressToken") is not None:
             return True
     return False
-
-
-def transport_security() -> TransportSecuritySettings:
-    """
-    The SDK's DNS-rebinding check: the `Host` names in `IMAGE_GENERATION_ALLOWED_HOSTS`, else the loopback names.
-
-    A wildcard in that list (`*`, `*.example.com`) turns the SDK's own check off: the server's Host check applies.
-    """
-    names = [name.strip().lower() for name in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if name.strip()]
-    if any("*" in name for name in names):
-        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
-    hosts = [f"[{name}]" if ":" in name else name for name in names] or list(LOOPBACK_HOSTS)
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=[*hosts, *(f"{host}:*" for host in hosts)],
-        allowed_origins=[
-            f"{scheme}://{host}{port}" for scheme in ("http", "https") for host in hosts for port in ("", ":*")
-        ],
-    )
 
 
 def short_validation_warnings(record: logging.LogRecord) -> bool:

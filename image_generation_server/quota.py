@@ -180,7 +180,7 @@ def identity(key_id: str | None, client: tuple[str, int] | None) -> str:
     """
     Whose quota (and share of jobs and streams) a request takes from.
 
-    Its API key's id (`guard.key_id`), else its client address (`client_address`): at most 64 characters either way.
+    Its API key's id (`access.key_id`), else its client address (`client_address`): at most 64 characters either way.
     """
     if key_id is not None:
         return "key:" + key_id

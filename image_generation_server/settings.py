@@ -14,10 +14,11 @@ import ipaddress
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from components.urls import parse_http_url
 
 ENV_PREFIX = "IMAGE_GENERATION_"
 HF_ROUTER_URL = "https://router.huggingface.co"
@@ -35,9 +36,7 @@ class SettingsError(ValueError):
 
 def http_url(value: str) -> str:
     """`value` if it is an absolute http(s) URL with a host, without a trailing slash; else `ValueError`."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http(s) URL with a host")
+    parse_http_url(value)
     return value.rstrip("/")
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, create_model
 
 from components.errors import InvalidRequestError
 from components.image_input import image_format
+from components.urls import is_http_url
 from image_generation_server.image_store import NAME, ImageStore
 
 IMAGES_PATH = "/images/"
@@ -56,7 +57,7 @@ def image_argument(store: ImageStore | None, value: str, name: str, host: str | 
 
     :raises InvalidRequestError: Any other URL, an image the store does not hold, or text that is not base64.
     """
-    if value.startswith(("http://", "https://", IMAGES_PATH)):
+    if is_http_url(value) or value.startswith(IMAGES_PATH):
         parts = urlsplit(value)
         stored = parts.path.removeprefix(IMAGES_PATH)
         foreign = bool(parts.netloc) and (host is None or parts.netloc != host)

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_upstream import FakeUpstream  # noqa: E402
+from hayhooks.server.pipelines.registry import registry  # noqa: E402
+from hayhooks.settings import settings  # noqa: E402
 from haystack.dataclasses import ImageContent  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -209,3 +211,19 @@ def hang_up_during(server: Server, body: bytes, started: Callable[[], bool], hol
 def post(server: Server, body: dict) -> tuple[int, dict[str, str], bytes]:
     """POST a JSON body to the image route."""
     return post_raw(server, json.dumps(body).encode())
+
+
+@pytest.fixture
+def hayhooks_settings(monkeypatch, upstream):
+    """Hayhooks' settings for an in-process app serving our pipelines against the fake upstream."""
+    monkeypatch.setenv("IMAGE_GENERATION_ENDPOINT", upstream.url)
+    monkeypatch.setattr(settings, "pipelines_dir", str(ROOT / "served"))
+    monkeypatch.setattr(settings, "durable_store", "memory")
+    for name in ("cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "cors_expose_headers"):
+        monkeypatch.setattr(settings, name, getattr(settings, name))  # create_app sets our defaults; undo after
+    for name in ("tracing_enabled", "tracing_include_haystack_spans", "tracing_buffer_capacity"):
+        # create_app sets these process-wide, in any earlier test too: start from Hayhooks' defaults, restore after
+        monkeypatch.setattr(settings, name, type(settings).model_fields[name].get_default())
+    registry.clear()  # live mode deploys into Hayhooks' process-wide registry
+    yield settings
+    registry.clear()

@@ -38,7 +38,14 @@ def test_init_default():
 
 @pytest.mark.parametrize(
     ("kwargs", "named"),
-    [({"endpoint_url": "file:///etc/passwd"}, "endpoint_url"), ({"width": 100}, "width"), ({"model": "../x"}, "model")],
+    [
+        *(
+            ({"endpoint_url": url}, "endpoint_url")
+            for url in ("file:///etc/passwd", "http://", "https:/x", "http://h:x/")
+        ),
+        ({"width": 100}, "width"),
+        ({"model": "../x"}, "model"),
+    ],
 )
 def test_init_rejects_bad_settings(kwargs, named):
     with pytest.raises(ValueError, match=named):

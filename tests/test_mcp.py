@@ -11,9 +11,12 @@ import openai
 import pytest
 from conftest import post_raw, running, server_env, start_server, stop_server
 from fake_upstream import Fault
+from fastapi.testclient import TestClient
 from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 from PIL import Image
+
+from image_generation_server.app import create_app
 
 KEY = "mcp-door-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -123,6 +126,26 @@ def test_a_dns_rebound_host_is_refused(mcp_server):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code in (400, 421)
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["live", "durable"])
+def test_the_bind_address_is_answered_by_mcp_as_by_every_route(hayhooks_settings, monkeypatch, durable):
+    """`HAYHOOKS_HOST=10.0.0.5` passed the guard's Host check and was refused by the MCP SDK's own (issue 21)."""
+    monkeypatch.setattr(hayhooks_settings, "host", "10.0.0.5")
+    monkeypatch.setattr(hayhooks_settings, "durable_mode", durable)
+    monkeypatch.setattr(hayhooks_settings, "cors_allow_origins", [])  # no origin but the server's own
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    accept = {"Accept": "application/json, text/event-stream"}
+    with TestClient(create_app(), base_url="http://10.0.0.5:1416") as client:
+        listed = client.post("/mcp", json=body, headers=accept)
+        assert listed.status_code == 200, listed.text
+        assert "generate_image" in [tool["name"] for tool in listed.json()["result"]["tools"]]
+        assert client.get("/status").status_code == 200
+        for other in ("10.0.0.6", "attacker.example"):  # one allow-list: refused by the guard on every route
+            assert client.post("/mcp", json=body, headers={**accept, "Host": other}).status_code == 400
+            assert client.get("/status", headers={"Host": other}).status_code == 400
+        cross_site = {**accept, "Origin": "https://attacker.example"}
+        assert client.post("/mcp", json=body, headers=cross_site).status_code == 403
 
 
 def test_hayhooks_own_mcp_tool_is_off(mcp_server):

@@ -8,31 +8,12 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import ROOT
 from fastapi.testclient import TestClient
 from hayhooks import create_app as create_hayhooks_app
-from hayhooks.server.pipelines.registry import registry
 from hayhooks.settings import settings
 
 from image_generation_server.app import create_app
 from image_generation_server.routes import Inventory, listed_routes
-
-
-@pytest.fixture
-def hayhooks_settings(monkeypatch, upstream):
-    """Hayhooks' settings for an in-process app serving our pipelines against the fake upstream."""
-    monkeypatch.setenv("IMAGE_GENERATION_ENDPOINT", upstream.url)
-    monkeypatch.setattr(settings, "pipelines_dir", str(ROOT / "served"))
-    monkeypatch.setattr(settings, "durable_store", "memory")
-    for name in ("cors_allow_origins", "cors_allow_methods", "cors_allow_headers", "cors_expose_headers"):
-        monkeypatch.setattr(settings, name, getattr(settings, name))  # create_app sets our defaults; undo after
-    for name in ("tracing_enabled", "tracing_include_haystack_spans", "tracing_buffer_capacity"):
-        # create_app sets these process-wide, in any earlier test too: start from Hayhooks' defaults, restore after
-        monkeypatch.setattr(settings, name, type(settings).model_fields[name].get_default())
-    registry.clear()  # live mode deploys into Hayhooks' process-wide registry
-    yield settings
-    registry.clear()
-
 
 # The routes, written out rather than read from the inventory under test: a row dropped from `ROUTES` (the job
 # routes, say) or a route a door stops serving fails here, not only end to end.

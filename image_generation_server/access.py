@@ -1,18 +1,24 @@
 """
-Who may reach the server from a browser: the `Host` names it answers to and the origins allowed to call it.
+Who may reach the server, defined once: the API keys, the `Host` names it answers to, the browser origins.
 
-By default nothing is cross-origin and only loopback names are answered, so neither a page on another site (CSRF)
-nor a DNS-rebound name can drive the server. `IMAGE_GENERATION_ALLOWED_HOSTS` and Hayhooks' `HAYHOOKS_CORS_*`
-settings open it up.
+`HTTPGuard` applies them to every route, MCP and the job routes included; the job routes take the key's id that the
+guard found.
+
+By default nothing is cross-origin and only loopback names (and the bind address) are answered, so neither a page on
+another site (CSRF) nor a DNS-rebound name can drive the server. `IMAGE_GENERATION_ALLOWED_HOSTS` and Hayhooks'
+`HAYHOOKS_CORS_*` settings open it up. The values come from the settings object; nothing here reads the environment.
 """
 
-import os
+import hashlib
+import hmac
 import re
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from hayhooks.settings import AppSettings
 
-ALLOWED_HOSTS_ENV = "IMAGE_GENERATION_ALLOWED_HOSTS"
+from components.urls import is_http_url
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")  # noqa: S104 (names, not a bind)
 # CORS defaults for when origins are listed but these are not (Hayhooks allows every method and header by default).
@@ -36,17 +42,40 @@ def cors_enabled(settings: AppSettings) -> bool:
     return bool(settings.cors_allow_origins or settings.cors_allow_origin_regex)
 
 
+class ApiKeys:
+    """The API keys accepted as `Authorization: Bearer <key>`; none means auth is off."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = tuple(key.encode() for key in keys if key)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def owner(self, authorization: str) -> str | None:
+        """The id (`key_id`) of the key an `Authorization` header carries, if it is one of these; else None."""
+        scheme, _, supplied = authorization.partition(" ")
+        supplied_bytes = supplied.strip().encode()
+        # Compare against every key so that the time taken does not depend on which one matched.
+        matched = [key for key in self._keys if hmac.compare_digest(supplied_bytes, key)]
+        return key_id(matched[0]) if matched and scheme.lower() == "bearer" else None
+
+
+def key_id(key: bytes) -> str:
+    """A stable id for an API key that reveals nothing of it: its cache scope, its quota and the owner of its jobs."""
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
 class HostAllowList:
     """
     The `Host` names the server answers to.
 
-    `IMAGE_GENERATION_ALLOWED_HOSTS` (comma-separated; `*.example.com` matches subdomains, `*` anything) when set;
-    otherwise the loopback names, plus the address the server binds to when that is one specific address.
+    The configured names (`IMAGE_GENERATION_ALLOWED_HOSTS`; `*.example.com` matches subdomains, `*` anything) when
+    there are any; otherwise the loopback names, plus the address the server binds to when that is one specific
+    address.
     """
 
-    def __init__(self, bind_host: str, configured: str | None = None) -> None:
-        configured = os.environ.get(ALLOWED_HOSTS_ENV, "") if configured is None else configured
-        names = [name.strip().lower() for name in configured.split(",") if name.strip()]
+    def __init__(self, bind_host: str, configured: Iterable[str] = ()) -> None:
+        names = [name.strip().lower() for name in configured if name.strip()]
         if not names:
             names = list(LOOPBACK_NAMES)
             if bind_host not in WILDCARD_BINDS and bind_host.lower() not in names:
@@ -83,8 +112,7 @@ class OriginPolicy:
         origin = origin.rstrip("/").lower()
         if origin in self.origins or (self.regex is not None and self.regex.fullmatch(origin)):
             return True
-        parts = urlsplit(origin)
-        return parts.scheme in ("http", "https") and bool(parts.netloc) and parts.netloc == host_header.lower()
+        return is_http_url(origin) and urlsplit(origin).netloc == host_header.lower()
 
 
 def host_name(host_header: str) -> str:

@@ -14,6 +14,7 @@ import pytest
 from conftest import server_env, start_server, stop_server, wait_for
 from fake_upstream import Fault
 from jobs_client import JOBS, SSE, call, durable_env, submit, wait_status
+from redis import Redis
 from redis_server import RedisServer
 
 OPERATOR_TOKEN = "operator-token-for-tests-0123456789abcdef"
@@ -250,3 +251,20 @@ def test_an_idempotency_key_is_each_clients_own(replicas, fresh_upstream):
     assert status == 409  # its own key is bound to its own job: never a replay of the first client's
     for done in (first, other):
         assert wait_status(server.url, done["execution_id"], {"completed"})["status"] == "completed"
+
+
+def test_finished_jobs_beyond_a_clients_share_are_deleted_from_redis(replicas, redis, fresh_upstream):
+    (server,) = replicas(1, IMAGE_GENERATION_MAX_FINISHED_JOBS_PER_CLIENT="1")
+    done = []
+    for seed in (81, 82):
+        accepted = submit(server.url, body(seed=seed))
+        assert wait_status(server.url, accepted["execution_id"], {"completed"})["status"] == "completed"
+        done.append(accepted["execution_id"])
+    submit(server.url, body(seed=83))  # the submission that prunes: one finished job is kept, the newest
+    assert call(f"{server.url}{JOBS}/executions/{done[0]}")[0] == 404
+    assert call(f"{server.url}{JOBS}/executions/{done[1]}")[0] == 200
+    client = Redis.from_url(redis.url)
+    try:
+        assert client.keys(f"*{done[0]}*") == []  # nothing of it is left in Redis
+    finally:
+        client.close()

@@ -7,11 +7,13 @@ tiny random-weight model, 64x64, 2 steps. Outside the mask, the decoded answer e
 """
 
 import base64
+import email.policy
 import io
 import json
 import sys
 import urllib.request
 import zipfile
+from email.parser import BytesParser
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,7 @@ from conftest import ROOT, running, server_env
 from fake_upstream import render
 from jobs_client import SSE, call, durable_env, wait_status
 from PIL import Image
+from playwright.sync_api import expect
 from test_image_input import png_header_only
 from test_mcp import session_call
 
@@ -351,3 +354,65 @@ def test_an_edit_job_is_cancelled_at_its_next_step(edit_jobs_server):
 def test_an_edit_job_with_a_bad_image_is_refused_at_submission(edit_jobs_server, body, message):
     status, _, data = call(f"{edit_jobs_server.url}{EDITS}/run-durable", "POST", {"prompt": "a hat", **body}, AUTH)
     assert status == 422 and message in data.decode()
+
+
+@pytest.fixture(scope="module")
+def page_server(upstream, tmp_path_factory):
+    with running(tmp_path_factory.mktemp("edit-page"), server_env(IMAGE_GENERATION_ENDPOINT=upstream.url)) as server:
+        yield server
+
+
+def form_parts(content_type: str, body: bytes) -> dict[str, bytes]:
+    """The parts of a multipart/form-data body, by name."""
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    return {
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        for part in message.iter_parts()
+    }
+
+
+def test_the_page_sends_the_mask_that_was_painted(page_server, fresh_upstream, page):
+    page.goto(page_server.url + "/")
+    expect(page.locator("#model option").first).to_be_attached()
+    page.set_input_files("#edit-upload", files=[{"name": "mine.png", "mimeType": "image/png", "buffer": SOURCE_PNG}])
+    expect(page.locator("#edit-dialog")).to_be_visible()
+    box = page.locator("#edit-mask").bounding_box()
+    scale = box["width"] / SIZE[0]  # the 64x64 image is shown larger
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return box["x"] + x * scale, box["y"] + y * scale
+
+    page.mouse.move(*at(16, 32))  # a brush stroke (16 px wide) from (16, 32) to (48, 32)
+    page.mouse.down()
+    page.mouse.move(*at(48, 32), steps=8)
+    page.mouse.up()
+    page.check('input[name="tool"][value="eraser"]')
+    page.mouse.move(*at(44, 32))  # the eraser takes back a dab at its end
+    page.mouse.down()
+    page.mouse.up()
+    page.fill("#edit-prompt", "a red hat")
+    with page.expect_request("**/v1/images/edits") as sent, page.expect_response("**/v1/images/edits") as answered:
+        page.click("#edit-apply")
+    assert answered.value.status == 200, answered.value.text()
+    parts = form_parts(sent.value.headers["content-type"], sent.value.post_data_buffer)
+    assert parts["image"] == SOURCE_PNG and parts["prompt"] == b"a red hat" and parts["strength"] == b"0.8"
+    alpha = np.asarray(Image.open(io.BytesIO(parts["mask"])).convert("RGBA"))[:, :, 3]
+    assert alpha.shape == SIZE
+    painted = alpha == 0
+    assert painted[32, 20] and painted[28, 30] and painted[36, 12]  # under the stroke (x 8..56, y 24..40)
+    assert not painted[32, 44] and not painted[32, 50]  # erased
+    assert not painted[5, 5] and not painted[50, 32] and not painted[20, 32]  # never painted
+    assert (alpha[~painted] == 255).all()  # the rest is fully opaque: kept
+    edited = base64.b64decode(answered.value.json()["data"][0]["b64_json"])
+    assert_kept_outside(edited, mask=Image.open(io.BytesIO(parts["mask"])).convert("RGBA"))
+    # The edit is shown and kept in the history with its source.
+    expect(page.locator("#results figure img.source")).to_be_visible()
+    expect(page.locator("#history li")).to_have_count(1)
+    page.locator("#history .restore").first.click()
+    expect(page.locator("#results figcaption")).to_contain_text("masked edit (strength 0.8)")
+    # "Edit" on a result opens the editor on that image, the mask cleared.
+    page.click("#results .edit")
+    expect(page.locator("#edit-dialog")).to_be_visible()
+    assert page.input_value("#edit-prompt") == "a red hat"
+    page.click("#edit-cancel")
+    expect(page.locator("#edit-dialog")).to_be_hidden()

@@ -75,7 +75,7 @@ export async function listModels() {
 function optional(params) {
   const out = {};
   for (const name of ["negative_prompt", "num_inference_steps", "guidance_scale", "seed", "model"]) {
-    if (params[name] !== null && params[name] !== "") out[name] = params[name];
+    if (params[name] != null && params[name] !== "") out[name] = params[name]; // neither null nor undefined
   }
   return out;
 }
@@ -118,7 +118,11 @@ export async function generateImages(params, n, signal) {
     signal,
   });
   if (!response.ok) throw await failure(response);
-  const result = await response.json();
+  return imagesOf(await response.json(), params);
+}
+
+/** An OpenAI images answer as [{blob, seed}], the size and the format. */
+function imagesOf(result, params) {
   const format = result.output_format || params.output_format;
   const [width, height] = (result.size || `${params.width}x${params.height}`).split("x").map(Number);
   return {
@@ -130,6 +134,26 @@ export async function generateImages(params, n, signal) {
       seed: image.seed ?? null,
     })),
   };
+}
+
+/**
+ * `POST /v1/images/edits`: one edit of `image` (a Blob) at its own size, changed where `mask` (a PNG Blob) is
+ * transparent, everywhere when `mask` is null. A new seed each time. Returns what `generateImages` returns.
+ */
+export async function editImage(image, mask, params) {
+  const form = new FormData();
+  form.append("image", image, "image");
+  if (mask) form.append("mask", mask, "mask.png");
+  form.append("prompt", params.prompt);
+  form.append("strength", String(params.strength));
+  form.append("response_format", "b64_json");
+  form.append("output_format", params.output_format || "png");
+  for (const [name, value] of Object.entries(optional(params))) {
+    if (name !== "seed") form.append(name, String(value));
+  }
+  const response = await fetch("v1/images/edits", { method: "POST", headers: headers(), body: form });
+  if (!response.ok) throw await failure(response);
+  return imagesOf(await response.json(), params);
 }
 
 /** Whether the server runs jobs for the image pipeline (its durable mode): they report progress as they go. */

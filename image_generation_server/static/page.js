@@ -1,6 +1,7 @@
 // The page: the form, the generation in progress (Generate becomes Cancel), the results and the history.
 
 import { ApiError, apiKey, curlCommand, generateImages, jobsOffered, listModels, runJob, setApiKey } from "./api.js";
+import { openEditor, setUpEditor } from "./editor.js";
 import * as history from "./history.js";
 
 const $ = (id) => document.getElementById(id);
@@ -370,6 +371,8 @@ function resultFigure(entry) {
   reuse.addEventListener("click", () => writeParams(params));
   const reuseSeed = element("button", { type: "button", textContent: "Reuse seed", className: "reuse-seed" });
   reuseSeed.addEventListener("click", () => setSeed(params.seed, "keep"));
+  const edit = element("button", { type: "button", textContent: "Edit", className: "edit" });
+  edit.addEventListener("click", () => openEditor(entry.image, params, keepEdit));
   const copy = element("button", { type: "button", textContent: "Copy as curl", className: "copy-curl" });
   copy.addEventListener("click", async () => {
     curl.textContent = curlCommand(params);
@@ -381,7 +384,43 @@ function resultFigure(entry) {
       copy.textContent = "Select and copy below";
     }
   });
-  return element("figure", { className: "result" }, image, caption, element("div", { className: "actions" }, download, reuse, reuseSeed, copy), curl);
+  if (entry.source) {
+    const source = URL.createObjectURL(entry.source);
+    resultUrls.push(source);
+    const from = entry.masked ? "masked edit" : "edit";
+    caption.append(` · ${from} (strength ${entry.strength}) of `, element("img", { src: source, alt: "the source", className: "source" }));
+  }
+  const actions = element("div", { className: "actions" }, download, edit, reuse, reuseSeed, copy);
+  return element("figure", { className: "result" }, image, caption, actions, curl);
+}
+
+/** An edit's result goes into the history with its source (a thumbnail of it), as a generation's does. */
+async function keepEdit(result, source) {
+  const entries = [];
+  for (const image of result.images) {
+    const entry = {
+      created: Date.now(),
+      params: { ...source.params, prompt: $("edit-prompt").value.trim(), width: result.width, height: result.height, seed: image.seed },
+      format: result.format,
+      ms: 0,
+      image: image.blob,
+      thumb: await thumbnail(image.blob),
+      source: await thumbnail(source.blob),
+      strength: source.strength,
+      masked: source.masked,
+    };
+    entry.id = await history.add(entry);
+    entries.push(entry);
+  }
+  showResults(entries);
+  status.textContent = "Edited";
+  await renderHistory();
+}
+
+/** Opens the editor on an image file the person picked or dropped. */
+function editFile(file) {
+  if (!file || !file.type.startsWith("image/")) return;
+  openEditor(file, { prompt: "", output_format: "png" }, keepEdit);
 }
 
 async function renderHistory() {
@@ -485,6 +524,13 @@ $("key-form").addEventListener("submit", () => {
   then?.();
 });
 $("key-cancel").addEventListener("click", () => $("key-dialog").close());
+$("edit-upload").addEventListener("change", (event) => editFile(event.target.files[0]));
+document.addEventListener("dragover", (event) => event.preventDefault());
+document.addEventListener("drop", (event) => {
+  event.preventDefault();
+  editFile(event.dataTransfer.files[0]);
+});
+setUpEditor();
 
 restoreForm();
 setSeed($("seed").value);

@@ -27,12 +27,12 @@ from image_generation_server import api_docs, image_store, jobs, mcp, metrics, o
 from image_generation_server.access import ApiKeys, HostAllowList, OriginPolicy, configure_cors, cors_enabled
 from image_generation_server.allocator import tune_allocator
 from image_generation_server.answers import AnswerBudget
-from image_generation_server.guard import HTTPGuard, body_timeout_from_env, json_bodies
+from image_generation_server.guard import HTTPGuard, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol
 from image_generation_server.quota import Quota
 from image_generation_server.responses import http_exception_handler, validation_error_handler
 from image_generation_server.routes import Inventory, prune
-from image_generation_server.settings import load_settings
+from image_generation_server.settings import Settings, load_settings
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
 DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp, readiness)
@@ -40,14 +40,19 @@ DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp, readiness)
 KEEP_ALIVE_SECONDS = 5
 
 
-def create_app() -> FastAPI:
+def create_app(config: Settings | None = None) -> FastAPI:
     """
     Hayhooks' app, configured by its `HAYHOOKS_*` settings, with only the inventory's routes and `HTTPGuard` added.
 
     Also an app factory for `uvicorn --factory image_generation_server.app:create_app`, e.g. with `--workers`.
+
+    :param config: Our settings; read from the environment (`load_settings()`) when not given. Passed to the guard
+        and to every door.
+    :raises SettingsError: A setting is invalid; the message names its variable.
     """
+    config = config or load_settings()
     tune_allocator()
-    jobs.configure_durable_mode()
+    jobs.configure_durable_mode(config)
     # Hayhooks prepares startup pipelines in parallel threads; two threads importing `components` modules at once can
     # deadlock on Python's import locks (seen with the wrapper and the JSON variant). Two pipelines gain nothing.
     settings.startup_deploy_strategy = StartupDeployStrategy.SEQUENTIAL
@@ -61,22 +66,21 @@ def create_app() -> FastAPI:
     if not cors_enabled(settings):  # Starlette's CORS middleware would still wrap every answer
         app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
     app.redoc_url = app.swagger_ui_oauth2_redirect_url = None  # FastAPI re-adds its doc routes when a pipeline deploys
-    inventory = Inventory(durable=app.state.durable_mode, max_upload_bytes=load_settings().max_upload_bytes)
+    inventory = Inventory(durable=app.state.durable_mode, max_upload_bytes=config.max_upload_bytes)
     app.state.inventory = inventory
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)  # type: ignore[arg-type]
     # Innermost of the middleware: its refusals still get hayhooks' request id and CORS headers.
-    limits = load_settings()
     guard = Middleware(
         HTTPGuard,
         api=app,
         inventory=inventory,
-        api_keys=ApiKeys(limits.api_keys),
-        hosts=HostAllowList(settings.host, limits.allowed_hosts),
+        api_keys=ApiKeys(config.api_keys),
+        hosts=HostAllowList(settings.host, config.allowed_hosts),
         origins=OriginPolicy(settings),
-        body_timeout=body_timeout_from_env(),
-        quota=Quota.from_env(),
-        answers=AnswerBudget(limits.max_answer_bytes, limits.max_request_pixels),
+        body_timeout=config.body_timeout,
+        quota=Quota.from_settings(config),
+        answers=AnswerBudget(config.max_answer_bytes, config.max_request_pixels),
     )
     app.user_middleware.append(guard)
     build_openapi = app.openapi
@@ -95,7 +99,7 @@ def create_app() -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     for door in DOORS:
-        door.install(app)
+        door.install(app, config)
     prune(app, inventory)
     hayhooks_lifespan = app.router.lifespan_context
 
@@ -117,11 +121,11 @@ def main() -> None:
     """Serve on `HAYHOOKS_HOST:HAYHOOKS_PORT` the pipelines in `HAYHOOKS_PIPELINES_DIR`."""
     argparse.ArgumentParser(description=main.__doc__).parse_args()  # settings come from the environment only
     try:
-        limits = load_settings()
-        app = create_app()
+        config = load_settings()
+        app = create_app(config)
     except ValueError as e:  # a setting the server cannot start with; the message names it
         sys.exit(f"image-generation-server: {e}")
-    trusted_proxies = [str(network) for network in limits.trusted_proxies]
+    trusted_proxies = [str(network) for network in config.trusted_proxies]
     intercept_stdlib_logging(
         settings.intercepted_loggers, access_log_excluded_path_prefixes=settings.access_log_excluded_path_prefixes
     )
@@ -131,7 +135,7 @@ def main() -> None:
         app,
         host=settings.host,
         port=settings.port,
-        http=functools.partial(CappedHttpToolsProtocol, send_timeout=limits.send_timeout),
+        http=functools.partial(CappedHttpToolsProtocol, send_timeout=config.send_timeout),
         loop="uvloop",
         # Uvicorn believes `X-Forwarded-For` from 127.0.0.1 unless told otherwise: only the listed proxies are.
         proxy_headers=bool(trusted_proxies),

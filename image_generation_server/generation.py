@@ -7,7 +7,6 @@ Failures are raised as they come; each door maps them with `image_generation_ser
 """
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from haystack.dataclasses import ImageContent
 
 from components import progress
 from components.errors import PipelineNotServedError
+from image_generation_server.settings import load_settings
 
 PIPELINE_NAME = "image_generation"  # the folder the wrapper is deployed from, hence its route /image_generation/run
 COMPONENT = "text_to_image"
@@ -28,15 +28,12 @@ EDIT_COMPONENT = "image_to_image"
 
 def load_backend_pipeline(files: dict[str, Path]) -> Pipeline:
     """
-    The serialized pipeline of the `IMAGE_GENERATION_BACKEND` (one of `files`' keys), loaded and warmed up.
+    The serialized pipeline of the settings' backend (one of `files`' keys), loaded and warmed up.
 
     Haystack may deserialize our `components` only. Settings errors and model loading fail here, at startup.
     """
-    backend = os.environ.get("IMAGE_GENERATION_BACKEND", "").strip() or "huggingface_api"
-    if backend not in files:
-        raise ValueError(f"IMAGE_GENERATION_BACKEND={backend!r} must be one of {', '.join(files)}")
     allow_deserialization_module("components")
-    pipeline = Pipeline.loads(files[backend].read_text())
+    pipeline = Pipeline.loads(files[load_settings().backend].read_text())
     pipeline.warm_up()
     return pipeline
 

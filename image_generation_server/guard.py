@@ -63,7 +63,7 @@ class HTTPGuard:
         api_keys: ApiKeys,
         hosts: HostAllowList,
         origins: OriginPolicy,
-        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        body_timeout: float,
         quota: Quota | None = None,
         *,
         answers: AnswerBudget,

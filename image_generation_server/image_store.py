@@ -36,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from components.errors import ServerBusyError
 from image_generation_server.responses import etag_matches
-from image_generation_server.settings import Settings, env_name, load_settings
+from image_generation_server.settings import Settings, env_name
 
 DIR_ENV = env_name("image_dir")
 MAX_SWEEP_INTERVAL_SECONDS = 60.0
@@ -285,9 +285,9 @@ class ImageFileResponse(Response):
             os.close(self.image.fd)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """Serve `GET` and `DELETE /images/{id}.{ext}` from the store, and run its sweeper while the app runs."""
-    store = ImageStore.from_settings(load_settings())
+    store = ImageStore.from_settings(settings)
     app.state.image_store = store
 
     @app.get("/images/{name}", tags=["images"])

@@ -34,7 +34,7 @@ from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, run_pi
 from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.responses import classify
-from image_generation_server.settings import load_settings
+from image_generation_server.settings import Settings, load_settings
 from image_generation_server.uploads import image_argument
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
@@ -185,7 +185,7 @@ class OwnedJobs:
         return OWNER_PREFIX + owner
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """
     Give every 503 a `Retry-After`, and in durable mode each client its share of jobs and streams.
 
@@ -193,14 +193,13 @@ def install(app: FastAPI) -> None:
     `image_generation_server.job_shares`.
     """
     if app.state.durable_mode:
-        shares = load_settings()
         limits = {
             "IMAGE_GENERATION_MAX_JOBS_PER_CLIENT": (
-                shares.max_jobs_per_client, "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS",
+                settings.max_jobs_per_client, "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS",
                 hayhooks_settings.durable_max_nonterminal_executions,
             ),
             "IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT": (
-                shares.max_streams_per_client, "HAYHOOKS_DURABLE_REDIS_MAX_VIEWERS",
+                settings.max_streams_per_client, "HAYHOOKS_DURABLE_REDIS_MAX_VIEWERS",
                 hayhooks_settings.durable_redis_max_viewers if hayhooks_settings.durable_store == "redis" else 0,
             ),
         }  # fmt: skip
@@ -212,9 +211,9 @@ def install(app: FastAPI) -> None:
             Middleware(
                 JobShares,
                 api=app,
-                max_jobs=shares.max_jobs_per_client,
-                max_streams=shares.max_streams_per_client,
-                max_finished=shares.max_finished_jobs_per_client,
+                max_jobs=settings.max_jobs_per_client,
+                max_streams=settings.max_streams_per_client,
+                max_finished=settings.max_finished_jobs_per_client,
             )
         )
     native = app.exception_handlers[StarletteHTTPException]
@@ -232,7 +231,7 @@ def jobs_mixin(jobs: type[Jobs] = Jobs) -> type[Jobs]:
     return type(f"Owned{jobs.__name__}", (OwnedJobs, jobs), {}) if load_settings().api_keys else jobs
 
 
-def configure_durable_mode() -> None:
+def configure_durable_mode(settings: Settings) -> None:
     """
     Our defaults for Hayhooks' durable mode, applied before the app is built.
 
@@ -244,15 +243,15 @@ def configure_durable_mode() -> None:
     """
     if not hayhooks_settings.durable_mode:
         return
-    configured = {name.upper() for name in os.environ}
-    if not {"HAYHOOKS_DURABLE_STORE", "HAYHOOKS_DURABLE_REDIS_URL"} & configured:
+    configured = hayhooks_settings.model_fields_set  # what the `HAYHOOKS_*` environment (or a caller) set
+    if not {"durable_store", "durable_redis_url"} & configured:
         hayhooks_settings.durable_store = "memory"
     if hayhooks_settings.durable_store == "redis" and not os.environ.get(SHARED_CACHE_URL_ENV, "").strip():
         os.environ[SHARED_CACHE_URL_ENV] = hayhooks_settings.durable_redis_url  # read when the pipeline warms up
-    if "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS" not in configured:
+    if "durable_max_nonterminal_executions" not in configured:
         hayhooks_settings.durable_max_nonterminal_executions = DEFAULT_MAX_PENDING_JOBS
     # A finished job is kept no longer than its images: past that its result would list URLs that answer 404.
-    image_lifetime = math.ceil(load_settings().image_max_age)
+    image_lifetime = math.ceil(settings.image_max_age)
     hayhooks_settings.durable_terminal_ttl_seconds = min(hayhooks_settings.durable_terminal_ttl_seconds, image_lifetime)
     if hayhooks_settings.durable_store == "memory" and multiprocessing.parent_process() is not None:
         raise RuntimeError(

@@ -32,7 +32,7 @@ from components.request import Batch, BatchParameters, EditParameters
 from image_generation_server import answers
 from image_generation_server.generation import edit, generate, generate_watched, image_size, served_pipeline
 from image_generation_server.responses import classify, validation_message
-from image_generation_server.settings import load_settings
+from image_generation_server.settings import Settings
 from image_generation_server.uploads import image_argument
 
 MCP_PATH = "/mcp"
@@ -135,7 +135,7 @@ def create_mcp_server(app: FastAPI) -> Server:
     return server
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """Serve MCP at `/mcp`, its session manager running for as long as the app's lifespan."""
     logging.getLogger().addFilter(short_validation_warnings)
     server = create_mcp_server(app)
@@ -145,7 +145,7 @@ def install(app: FastAPI) -> None:
             json_response=json_response,
             stateless=True,
             security_settings=TRANSPORT_SECURITY,
-            max_request_body_size=load_settings().max_upload_bytes,  # an edit's image comes as base64
+            max_request_body_size=settings.max_upload_bytes,  # an edit's image comes as base64
         )
         for json_response in (True, False)
     )

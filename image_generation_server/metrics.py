@@ -36,8 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components import progress
 from image_generation_server.routes import Inventory, Route
+from image_generation_server.settings import Settings
 
-METRICS_KEY_ENV = "IMAGE_GENERATION_METRICS_KEY"
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SIZE_BUCKETS = (256, 512, 768, 1024, 2048)  # an image counts in the first square bucket with as many pixels
 UPSTREAM_STATUSES = frozenset((200, 400, 401, 403, 404, 408, 413, 422, 429, 500, 502, 503, 504))
@@ -88,9 +88,9 @@ DEVICE_MEMORY_PEAK = Gauge(
 )
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """Serve `GET /metrics` and count requests and generations, when `IMAGE_GENERATION_METRICS_KEY` is set."""
-    key = os.environ.get(METRICS_KEY_ENV, "").strip()
+    key = settings.metrics_key
     if not key:
         return
     app.add_middleware(

@@ -34,6 +34,7 @@ from image_generation_server.generation import (
     served_pipeline,
 )
 from image_generation_server.responses import classify, openai_error, validation_message
+from image_generation_server.settings import Settings
 from image_generation_server.uploads import form_model, image_content
 
 PREFIX = "/v1/"
@@ -336,7 +337,7 @@ async def list_models(request: Request) -> Any:
     return ModelList(data=[Model(id=model, created=created, owned_by="image-generation") for model in models])
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """
     Add the routes ahead of Hayhooks' own `GET /v1/models` (its chat models), which `routes.prune` removes.
 

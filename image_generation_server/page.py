@@ -10,7 +10,6 @@ that allows exactly its one inline script by hash. `IMAGE_GENERATION_UI=false` t
 
 import base64
 import hashlib
-import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ from components.request import (
 )
 from image_generation_server.generation import COMPONENT, served_pipeline
 from image_generation_server.responses import etag_matches
+from image_generation_server.settings import Settings
 
-UI_ENV = "IMAGE_GENERATION_UI"
 STATIC = Path(__file__).with_name("static")
 SWAGGER_ASSETS = files("fastapi_offline") / "static"
 MEDIA_TYPES = {
@@ -84,15 +83,10 @@ class Asset:
         return Response(self.body, media_type=self.media_type, headers=headers)
 
 
-def ui_enabled() -> bool:
-    """Whether `IMAGE_GENERATION_UI` leaves the page on (anything but false/0/no/off)."""
-    return os.environ.get(UI_ENV, "true").strip().lower() not in {"false", "0", "no", "off"}
-
-
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """Serve the page at `/` and its files under `/static/` (unless turned off), and `/docs` from local assets."""
     _install_docs(app)
-    if not ui_enabled():
+    if not settings.ui:
         return
     template = Template((STATIC / "index.html").read_text())
     page: list[Asset] = []  # rendered at the first request, once the pipeline is deployed, then kept

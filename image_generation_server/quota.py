@@ -18,7 +18,6 @@ Every answer carries OpenAI's headers: `x-ratelimit-limit-requests`, `x-ratelimi
 import ipaddress
 import json
 import math
-import os
 import re
 import time
 from collections import OrderedDict
@@ -26,19 +25,17 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from hayhooks import log
+from hayhooks.settings import settings as hayhooks_settings
 from prometheus_client import Counter
 from redis import asyncio as redis
 from redis.exceptions import RedisError
 from starlette.types import Message, Send
 
 from components.request import MAX_IMAGES
-from image_generation_server.settings import load_settings
+from image_generation_server.settings import Settings
 
-RATE_LIMIT_ENV = "IMAGE_GENERATION_RATE_LIMIT"
 IDENTITY_SCOPE_KEY = "image_generation.identity"  # where `HTTPGuard` leaves the request's `identity` for the doors
 IPV6_SUBSCRIBER_PREFIX = 64  # one IPv6 client is its /64: a subscriber gets at least that many addresses
-REDIS_URL_ENV = "HAYHOOKS_DURABLE_REDIS_URL"
-PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 MAX_MEMORY_IDENTITIES = 65536  # the in-process counter forgets the least recently seen beyond this
 REDIS_TIMEOUT = 0.5  # seconds a quota check may wait for Redis before failing open
 REDIS_KEY_PREFIX = "image-generation:quota"
@@ -56,14 +53,6 @@ class RateLimit:
 
     requests: int
     period: int
-
-    @classmethod
-    def parse(cls, raw: str) -> "RateLimit":
-        """`<count>/<second|minute|hour|day>`, such as `60/minute`."""
-        count, _, unit = raw.strip().partition("/")
-        if not count.strip().isdigit() or int(count) < 1 or unit.strip().lower() not in PERIODS:
-            raise ValueError(f"{RATE_LIMIT_ENV}={raw!r} must look like 60/minute (second, minute, hour or day)")
-        return cls(int(count), PERIODS[unit.strip().lower()])
 
 
 class Counts(Protocol):
@@ -119,14 +108,18 @@ class Quota:
         self._warned_at = -math.inf
 
     @classmethod
-    def from_env(cls) -> "Quota | None":
-        """The quota `IMAGE_GENERATION_RATE_LIMIT` sets (None if unset), in Redis if `HAYHOOKS_DURABLE_REDIS_URL` is."""
-        raw = os.environ.get(RATE_LIMIT_ENV, "").strip()
-        if not raw:
+    def from_settings(cls, settings: Settings) -> "Quota | None":
+        """
+        The quota `IMAGE_GENERATION_RATE_LIMIT` sets (None if unset).
+
+        Counted in Redis when Hayhooks' `HAYHOOKS_DURABLE_REDIS_URL` is set (every replica sees the same counts),
+        else in this process.
+        """
+        if settings.quota is None:
             return None
-        url = os.environ.get(REDIS_URL_ENV, "").strip()
-        counts = RedisCounts(url) if url else MemoryCounts()
-        return cls(RateLimit.parse(raw), counts, load_settings().rate_limit_unit)
+        url = hayhooks_settings.durable_redis_url if "durable_redis_url" in hayhooks_settings.model_fields_set else ""
+        counts = RedisCounts(url) if url.strip() else MemoryCounts()
+        return cls(RateLimit(*settings.quota), counts, settings.rate_limit_unit)
 
     async def take(self, identity: str, cost: int = 1) -> tuple[list[tuple[bytes, bytes]], int | None]:
         """

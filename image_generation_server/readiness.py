@@ -24,6 +24,7 @@ from hayhooks.server.routers.status import StatusResponse, status_all
 
 from components.errors import PipelineNotServedError
 from image_generation_server.generation import COMPONENT, served_pipeline
+from image_generation_server.settings import Settings
 
 PROBE_TIMEOUT = 2.0
 REUSE_SECONDS = 5.0
@@ -83,7 +84,7 @@ async def status(request: Request) -> dict[str, object] | StatusResponse:
     return answer
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     """
     Serve `GET /status` and `GET /ready`.
 

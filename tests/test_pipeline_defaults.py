@@ -33,9 +33,8 @@ DEFAULTS = {"width": 768, "height": 512, "output_format": "webp"}
 def served_copy(tmp_path):
     """The served folder (the wrapper's folder and the JSON variant), with the defaults above in every pipeline."""
     served = tmp_path / "served"
-    shutil.copytree(ROOT / "pipelines", served / "image_generation", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "served" / "image_generation_json.yml", served)
-    for path in [*(served / "image_generation").glob("*.yml"), served / "image_generation_json.yml"]:
+    shutil.copytree(ROOT / "served", served, ignore=shutil.ignore_patterns("__pycache__"))  # links copied as files
+    for path in served.rglob("*.yml"):
         pipeline = yaml.safe_load(path.read_text())
         pipeline["components"]["text_to_image"]["init_parameters"].update(DEFAULTS)
         path.write_text(yaml.safe_dump(pipeline, sort_keys=False))

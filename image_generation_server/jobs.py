@@ -34,7 +34,7 @@ from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, run_pi
 from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.responses import classify
-from image_generation_server.settings import Settings, load_settings
+from image_generation_server.settings import Settings, env_name, load_settings
 from image_generation_server.uploads import image_argument
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
@@ -194,11 +194,11 @@ def install(app: FastAPI, settings: Settings) -> None:
     """
     if app.state.durable_mode:
         limits = {
-            "IMAGE_GENERATION_MAX_JOBS_PER_CLIENT": (
+            env_name("max_jobs_per_client"): (
                 settings.max_jobs_per_client, "HAYHOOKS_DURABLE_MAX_NONTERMINAL_EXECUTIONS",
                 hayhooks_settings.durable_max_nonterminal_executions,
             ),
-            "IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT": (
+            env_name("max_streams_per_client"): (
                 settings.max_streams_per_client, "HAYHOOKS_DURABLE_REDIS_MAX_VIEWERS",
                 hayhooks_settings.durable_redis_max_viewers if hayhooks_settings.durable_store == "redis" else 0,
             ),

@@ -36,8 +36,9 @@ def served_copy(tmp_path):
     shutil.copytree(ROOT / "served", served, ignore=shutil.ignore_patterns("__pycache__"))  # links copied as files
     for path in served.rglob("*.yml"):
         pipeline = yaml.safe_load(path.read_text())
-        pipeline["components"]["text_to_image"]["init_parameters"].update(DEFAULTS)
-        path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+        if "text_to_image" in pipeline["components"]:  # the image pipelines (not the editing ones)
+            pipeline["components"]["text_to_image"]["init_parameters"].update(DEFAULTS)
+            path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return served
 
 

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import math
-import os
 from typing import Any
 
 from fastapi import FastAPI
@@ -19,21 +18,10 @@ from image_generation_server.quota import IDENTITY_SCOPE_KEY, Quota, identity, i
 from image_generation_server.responses import clip, error_response
 from image_generation_server.routes import Inventory, Route
 
-BODY_TIMEOUT_ENV = "IMAGE_GENERATION_BODY_TIMEOUT"
-DEFAULT_BODY_TIMEOUT = 20.0
 MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer
 MAX_ECHOED_NAME_CHARS = 64
 RATE_LIMIT_SPENT = "the rate limit is spent, retry later"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def body_timeout_from_env() -> float:
-    """Seconds a client has to send a whole request body (`IMAGE_GENERATION_BODY_TIMEOUT`, default 20)."""
-    value = os.environ.get(BODY_TIMEOUT_ENV, "").strip()
-    timeout = float(value) if value else DEFAULT_BODY_TIMEOUT
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"{BODY_TIMEOUT_ENV}={value!r} must be a positive number of seconds")
-    return timeout
 
 
 class HTTPGuard:

@@ -99,8 +99,7 @@ def test_the_configuration_table_in_the_docs_is_the_settings():
 CODE = ("components", "image_generation_server", "pipelines")
 OUR_VARIABLE = re.compile(r"IMAGE_GENERATION_[A-Z0-9_]+")
 # Modules that still name one of our variables as a whole string (to read it) while the rest of issue 21 lands: the
-# generators' settings become init parameters applied by the serving layer, the guard's by the access policy. The
-# list may only shrink.
+# generators' settings become init parameters applied when the server loads the pipeline. The list may only shrink.
 NOT_YET = {
     "components/c2pa_signer.py",
     "components/diffusers_text_to_image.py",
@@ -108,9 +107,6 @@ NOT_YET = {
     "components/provenance.py",
     "components/settings.py",
     "components/shared_cache.py",
-    "image_generation_server/guard.py",
-    "image_generation_server/mcp.py",
-    "image_generation_server/origins.py",
 }
 # Haystack's own telemetry opt-out, set before Haystack is imported (not one of ours); and the shared cache's Redis,
 # handed to the component by the environment until the serving layer owns the cache.

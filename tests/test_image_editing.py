@@ -231,12 +231,26 @@ def test_too_little_strength_for_the_steps_is_refused_before_any_compute(local):
         local.run(image=content(SOURCE), prompt="a hat", strength=0.2)
 
 
+def weight_bytes(pipelines: list) -> int:
+    """The bytes of the distinct tensors (parameters and buffers) that the pipelines' models hold in memory."""
+    tensors = {}
+    for pipeline in pipelines:
+        for module in pipeline.components.values():
+            if isinstance(module, torch.nn.Module):
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    tensors[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(tensors.values())
+
+
 def test_edits_reuse_the_loaded_weights(local):
     loaded = local._loaded
     weights = {name: p.data_ptr() for name, p in loaded.pipeline.unet.named_parameters()}
+    before = weight_bytes([loaded.pipeline])
     local.run(image=content(SOURCE), prompt="a hat")
     local.run(image=content(SOURCE), mask=content(hole()), prompt="a hat")
     assert set(loaded.derived) == {"img2img", "inpaint"}
+    # Memory held by weights, before the first edit and after both kinds: the same bytes, no second copy.
+    assert weight_bytes([loaded.pipeline, *loaded.derived.values()]) == before > 0
     for pipeline in loaded.derived.values():
         assert pipeline.unet is loaded.pipeline.unet and pipeline.vae is loaded.pipeline.vae
         assert {name: p.data_ptr() for name, p in pipeline.unet.named_parameters()} == weights

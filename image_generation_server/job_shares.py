@@ -43,7 +43,6 @@ from image_generation_server import durable_queue
 from image_generation_server.quota import IDENTITY_SCOPE_KEY
 from image_generation_server.responses import error_response
 
-PIPELINE = "image_generation"
 LEDGER_KEY_PREFIX = "image-generation:jobs"
 MAX_MEMORY_IDENTITIES = 65536  # the in-process ledger forgets the least recently seen clients beyond this
 REDIS_TIMEOUT = 0.5
@@ -162,7 +161,12 @@ class RedisLedger:
 
 
 class JobShares:
-    """ASGI middleware in front of the job routes of `PIPELINE`: each client's share of jobs and streams."""
+    """
+    ASGI middleware in front of the job routes of every durable pipeline: each client's share of jobs and streams.
+
+    A client's jobs are counted per pipeline (image generation, image editing: each has its own job limit in
+    Hayhooks); its open streams across them (a replica's streams share one pool).
+    """
 
     def __init__(self, app: ASGIApp, api: FastAPI, max_jobs: int, max_streams: int, max_finished: int) -> None:
         self.app = app
@@ -170,7 +174,6 @@ class JobShares:
         self.max_jobs = max_jobs
         self.max_streams = max_streams
         self.max_finished = max_finished
-        self.prefix = f"/{PIPELINE}/"
         self.ledger: Ledger = (
             RedisLedger(hayhooks_settings.durable_redis_url, hayhooks_settings.durable_terminal_ttl_seconds)
             if hayhooks_settings.durable_store == "redis"
@@ -183,13 +186,13 @@ class JobShares:
         """Apply the client's share to a submission or a stream; add the queue to a queued job's status."""
         path = scope.get("path", "") if scope["type"] == "http" else ""
         client = scope.get(IDENTITY_SCOPE_KEY)
-        durable = durable_queue.deployment(self.api, PIPELINE) if path.startswith(self.prefix) else None
+        name, *parts = path.removeprefix("/").split("/")
+        durable = durable_queue.deployment(self.api, name) if parts else None
         if durable is None or client is None:
             await self.app(scope, receive, send)
             return
-        parts = path.removeprefix(self.prefix).split("/")
         if scope["method"] == "POST" and parts == ["run-durable"]:
-            await self._submit(scope, receive, send, durable, client)
+            await self._submit(scope, receive, send, durable, f"{name}:{client}")
         elif scope["method"] == "GET" and len(parts) == 3 and parts[0] == "executions" and parts[2] == "stream":
             await self._stream(scope, receive, send, durable, client, parts[1])
         elif scope["method"] == "GET" and len(parts) == 2 and parts[0] == "executions":

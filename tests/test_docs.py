@@ -225,3 +225,23 @@ def test_the_clients_are_current_releases() -> None:
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert done.stdout.strip() == version, f"{name} {done.stdout.strip()} in .venv-clients, {version} pinned"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_lead_somewhere() -> None:
+    """Every relative link of README.md and docs/ names a file that exists and, with a #fragment, a heading of it."""
+    for path in DOCUMENTS:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, fragment = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            assert linked.exists(), f"{path.relative_to(ROOT)}: {target} leads nowhere"
+            if fragment and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", linked.read_text(), flags=re.DOTALL), re.M)
+                assert fragment in {_anchor(h) for h in headings}, f"{path.relative_to(ROOT)}: no heading for {target}"

@@ -50,12 +50,7 @@ class Share:
         :raises InvalidRequestError: `n x width x height` is over the per-request cap.
         :raises ServerBusyError: The answers in flight leave no room for this one.
         """
-        pixels = n * width * height
-        if pixels > self.budget.max_pixels:
-            raise InvalidRequestError(
-                f"n x width x height = {pixels} pixels is over this server's cap of {self.budget.max_pixels} "
-                f"({env_name('max_request_pixels')}): ask for fewer or smaller images"
-            )
+        check_pixels(n, width, height, self.budget.max_pixels)
         self._take(copies * n * (width * height * 4 + HEADROOM_BYTES))
 
     def shrink_to(self, size: int) -> None:
@@ -69,6 +64,15 @@ class Share:
             raise ServerBusyError("too many answers in flight", retry_after=RETRY_AFTER_SECONDS)
         self.budget.in_use += size
         self.held += size
+
+
+def check_pixels(n: int, width: int, height: int, max_pixels: int) -> None:
+    """Refuse a request for more than `max_pixels` in all (`InvalidRequestError`, a 4xx at every door)."""
+    if (pixels := n * width * height) > max_pixels:
+        raise InvalidRequestError(
+            f"n x width x height = {pixels} pixels is over this server's cap of {max_pixels} "
+            f"({env_name('max_request_pixels')}): ask for fewer or smaller images"
+        )
 
 
 _SHARE: ContextVar[Share | None] = ContextVar("answer_share", default=None)

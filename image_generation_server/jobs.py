@@ -30,7 +30,8 @@ from components import errors, progress
 from components.request import Batch, BatchParameters, EditParameters, PartialImages
 from components.result_cache import CACHE_SCOPE
 from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
-from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, run_pipeline
+from image_generation_server import answers
+from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, image_size, run_pipeline
 from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.responses import classify
@@ -142,10 +143,19 @@ class Jobs:
     request_model: ClassVar[Any] = JobRequest
 
     def setup(self) -> None:
-        """Set up the wrapper, then bind the component's validation to job requests and open the image store."""
+        """Set up the wrapper, bind the component's validation and the pixel cap to job requests, open the store."""
         super().setup()  # type: ignore[misc]
-        self.image_store = ImageStore.from_settings(load_settings())
-        self.request_model.check = self.pipeline.get_component(self.component).validate_request
+        settings, pipeline = load_settings(), self.pipeline
+        self.image_store = ImageStore.from_settings(settings)
+        validate = pipeline.get_component(self.component).validate_request
+
+        def check(**inputs: Any) -> None:
+            validate(**inputs)
+            if self.component == COMPONENT:  # an edit's size is its image's, known once the image is read
+                size = image_size(pipeline, inputs.get("width"), inputs.get("height"))
+                answers.check_pixels(inputs.get("n", 1), *size, settings.max_request_pixels)
+
+        self.request_model.check = check
         self.request_model.store = self.image_store
 
     async def run_durable_async(self, context: DurableContext, request: JobRequest) -> JobResult:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from conftest import running, server_env, wait_for
 from fake_upstream import FakeUpstream
+from jobs_client import JOBS, call, durable_env
 
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 COMPOSE_LIMIT = 2 * 1024**3  # docker-compose.yml: the API service's memory limit
@@ -81,6 +82,7 @@ def tight_server(big_upstream, tmp_path_factory):
     """Room for one 1024² answer at most, and a pixel cap of one 1024² image per request."""
     tmp = tmp_path_factory.mktemp("tight")
     env = server_env(
+        **durable_env(),
         IMAGE_GENERATION_ENDPOINT=big_upstream.url,
         IMAGE_GENERATION_CACHE_BYTES="0",
         IMAGE_GENERATION_MAX_ANSWER_BYTES=str(12 * 1024**2),
@@ -100,6 +102,8 @@ def test_pixels_per_request_are_capped_before_any_work(tight_server, big_upstrea
     assert error["param"] == "n" and "IMAGE_GENERATION_MAX_REQUEST_PIXELS" in error["message"]
     result = mcp_result(httpx.post(f"{tight_server.url}/mcp", headers=MCP_HEADERS, json=mcp_call(prompt="x", n=5)))
     assert result["isError"] and "IMAGE_GENERATION_MAX_REQUEST_PIXELS" in result["content"][0]["text"]
+    status, _, job = call(f"{tight_server.url}{JOBS}/run-durable", "POST", {"prompt": "x", "n": 5})
+    assert status == 422 and b"IMAGE_GENERATION_MAX_REQUEST_PIXELS" in job
     assert big_upstream.requests == []
 
 

@@ -37,7 +37,9 @@ def mcp_call(**arguments) -> dict:
 
 
 def mcp_result(answer: httpx.Response) -> dict:
-    """The tool's result from the one-event stream `/mcp` answers a call with."""
+    """The tool's result, from `/mcp`'s JSON reply (or its one-event stream, for a call that asks for progress)."""
+    if answer.headers["content-type"].startswith("application/json"):
+        return answer.json()["result"]
     [data] = [line for line in answer.text.splitlines() if line.startswith("data: {")]
     return json.loads(data.removeprefix("data: "))["result"]
 

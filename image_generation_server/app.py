@@ -5,6 +5,7 @@ Uvicorn runs on uvloop with httptools, under a cap on the request head (`image_g
 """
 
 import argparse
+import contextlib
 import functools
 import gc
 import sys
@@ -34,7 +35,8 @@ from image_generation_server.responses import http_exception_handler, validation
 from image_generation_server.routes import Inventory, prune
 from image_generation_server.settings import Settings, load_settings
 
-# The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app.
+# The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app, and returns
+# what must run while the app runs (an async context manager factory), if anything: the app's one lifespan enters it.
 DOORS: tuple = (metrics, page, image_store, jobs, openai_images, mcp, readiness)
 # Seconds an idle keep-alive connection stays open.
 KEEP_ALIVE_SECONDS = 5
@@ -98,15 +100,16 @@ def create_app(config: Settings | None = None) -> FastAPI:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for door in DOORS:
-        door.install(app, config)
+    running = [context for door in DOORS if (context := door.install(app, config)) is not None]
     prune(app, inventory)
-    hayhooks_lifespan = app.router.lifespan_context
+    hayhooks_lifespan = app.router.lifespan_context  # the one place it is replaced (docs/upstream.md)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        """Hayhooks' startup deploy, the routes it added pruned to the inventory again, what startup made frozen."""
-        async with hayhooks_lifespan(app) as state:
+        """Hayhooks' startup deploy, what each door runs, the routes Hayhooks added pruned again, startup frozen."""
+        async with hayhooks_lifespan(app) as state, contextlib.AsyncExitStack() as doors:
+            for context in running:
+                await doors.enter_async_context(context())
             prune(app, inventory)
             # What startup made (modules, models, the app) lives as long as the process: out of the collector's
             # sight, a full collection no longer walks it. Those walks paused the loop for tens of ms under load.

@@ -23,7 +23,8 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,8 +286,8 @@ class ImageFileResponse(Response):
             os.close(self.image.fd)
 
 
-def install(app: FastAPI, settings: Settings) -> None:
-    """Serve `GET` and `DELETE /images/{id}.{ext}` from the store, and run its sweeper while the app runs."""
+def install(app: FastAPI, settings: Settings) -> Callable[[], AbstractAsyncContextManager[None]]:
+    """Serve `GET` and `DELETE /images/{id}.{ext}` from the store; returns its sweeper, to run while the app runs."""
     store = ImageStore.from_settings(settings)
     app.state.image_store = store
 
@@ -319,15 +320,13 @@ def install(app: FastAPI, settings: Settings) -> None:
             raise HTTPException(404, "no such image (it may have expired)")
         return Response(status_code=204)
 
-    serve = app.router.lifespan_context
-
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
-        async with serve(app) as state:
-            sweeper = asyncio.create_task(store.sweep_forever())
-            try:
-                yield state
-            finally:
-                sweeper.cancel()
+    async def sweeping() -> AsyncIterator[None]:
+        """The sweeper, for as long as the app runs (`app.create_app` enters it in the app's one lifespan)."""
+        sweeper = asyncio.create_task(store.sweep_forever())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
 
-    app.router.lifespan_context = lifespan
+    return sweeping

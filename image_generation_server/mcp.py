@@ -13,8 +13,8 @@ could only return text.
 
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -135,8 +135,8 @@ def create_mcp_server(app: FastAPI) -> Server:
     return server
 
 
-def install(app: FastAPI, settings: Settings) -> None:
-    """Serve MCP at `/mcp`, its session manager running for as long as the app's lifespan."""
+def install(app: FastAPI, settings: Settings) -> Callable[[], AbstractAsyncContextManager[None]]:
+    """Serve MCP at `/mcp`; returns its session managers' context, to run for as long as the app's lifespan."""
     logging.getLogger().addFilter(short_validation_warnings)
     server = create_mcp_server(app)
     plain, streamed = (
@@ -151,14 +151,14 @@ def install(app: FastAPI, settings: Settings) -> None:
     )
     endpoint = _ByProgressToken(StreamableHTTPASGIApp(plain), StreamableHTTPASGIApp(streamed))
     app.router.routes.append(Route(MCP_PATH, endpoint=endpoint, include_in_schema=False))
-    serve = app.router.lifespan_context
 
     @asynccontextmanager
-    async def lifespan(served: Any) -> AsyncIterator[Any]:
-        async with plain.run(), streamed.run(), serve(served) as state:
-            yield state
+    async def running() -> AsyncIterator[None]:
+        """The session managers, for as long as the app runs (`app.create_app` enters it in the app's one lifespan)."""
+        async with plain.run(), streamed.run():
+            yield
 
-    app.router.lifespan_context = lifespan
+    return running
 
 
 class _ByProgressToken:

@@ -87,9 +87,9 @@ RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
  && /usr/local/bin/python -m pip uninstall --yes --quiet --disable-pip-version-check --root-user-action=ignore \
         pip setuptools wheel
 # Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only. The JSON variant
-# (a top-level YAML) is deployed at startup beside it.
+# (a wrapper folder sharing that pipeline) is deployed at startup beside it.
 COPY pipelines /opt/pipelines/image_generation
-COPY served/image_generation_json.yml /opt/pipelines/
+COPY served/image_generation_json /opt/pipelines/image_generation_json
 USER 10001:10001
 WORKDIR /home/app
 EXPOSE 1416

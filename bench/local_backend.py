@@ -50,7 +50,7 @@ def overhead(model: Path, size: int, steps: int, rounds: int) -> tuple[float, fl
     pipeline = AutoPipelineForText2Image.from_pretrained(str(model), dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     component = DiffusersTextToImage(
-        model=str(model), device=ComponentDevice.from_str("cpu"), num_inference_steps=steps, cache_max_bytes=0
+        model=str(model), device=ComponentDevice.from_str("cpu"), num_inference_steps=steps
     )
     component.warm_up()
 
@@ -79,7 +79,7 @@ def overhead(model: Path, size: int, steps: int, rounds: int) -> tuple[float, fl
 def memory(model: Path, requests: int) -> tuple[float, float, int]:
     """RSS (MB) after 20 warm-up requests and after `requests` more, and the number of weight copies held."""
     cpu = ComponentDevice.from_str("cpu")
-    components = [DiffusersTextToImage(model=str(model), device=cpu, num_inference_steps=2, cache_max_bytes=0)
+    components = [DiffusersTextToImage(model=str(model), device=cpu, num_inference_steps=2)
                   for _ in range(2)]  # fmt: skip
     for component in components:
         component.warm_up()

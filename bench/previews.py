@@ -29,7 +29,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from tiny_diffusers import build  # noqa: E402
 
-from components import progress  # noqa: E402
 from components.diffusers_text_to_image import DiffusersTextToImage  # noqa: E402
 from components.image_codec import encode  # noqa: E402
 from components.previews import PREVIEW_MAX_SIDE, LatentPreviewer  # noqa: E402
@@ -41,17 +40,17 @@ PREVIEWS = 3
 def compare(model: Path, size: int, steps: int, rounds: int) -> tuple[float, float, float, int]:
     """Median seconds per image without and with previews, the median of the per-round ratios, previews per image."""
     component = DiffusersTextToImage(
-        model=str(model), device=ComponentDevice.from_str("cpu"), num_inference_steps=steps, cache_max_bytes=0
+        model=str(model), device=ComponentDevice.from_str("cpu"), num_inference_steps=steps
     )
     component.warm_up()
     seen: list[dict] = []
 
     def timed(previews: int, seed: int) -> float:
         seen.clear()
-        with progress.reporting_to(seen.append, previews=previews):
-            started = time.perf_counter()
-            component.run(prompt=PROMPT, width=size, height=size, seed=seed)
-            return time.perf_counter() - started
+        started = time.perf_counter()
+        params = {"progress_callback": seen.append, "previews": previews}
+        component.run(prompt=PROMPT, width=size, height=size, seed=seed, **params)
+        return time.perf_counter() - started
 
     timed(PREVIEWS, 0), timed(0, 0)  # warm-up
     times: dict[int, list[float]] = {0: [], PREVIEWS: []}
@@ -67,7 +66,7 @@ def compare(model: Path, size: int, steps: int, rounds: int) -> tuple[float, flo
 
 def preview_cost(model: Path, size: int, repeats: int = 50) -> float:
     """Median seconds of one preview alone (projection and PNG encoding) of a `size`² image's latents."""
-    component = DiffusersTextToImage(model=str(model), device=ComponentDevice.from_str("cpu"), cache_max_bytes=0)
+    component = DiffusersTextToImage(model=str(model), device=ComponentDevice.from_str("cpu"))
     component.warm_up()
     pipeline = component._loaded.pipeline
     previewer = LatentPreviewer(pipeline)

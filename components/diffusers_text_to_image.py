@@ -14,13 +14,12 @@ from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.lazy_imports import LazyImport
 from haystack.utils import ComponentDevice
 
-from components import progress
 from components.errors import GenerationTimeoutError, ImageGenerationError, InvalidRequestError
 from components.image_codec import encode
-from components.image_results import ImageResults
 from components.previews import LatentPreviewer, preview_steps
+from components.progress import ProgressCallback
 from components.request import MAX_STEPS, GenerationRequest, OutputFormat
-from components.settings import resolve, serving_settings
+from components.settings import generator_settings, resolve
 from components.text_to_image_base import TextToImageBase
 
 with LazyImport(message="Run 'pip install \".[local]\"' to use the local diffusers backend.") as torch_import:
@@ -142,9 +141,8 @@ class DiffusersTextToImage(TextToImageBase):
     weights are loaded once per process in `warm_up()`; generations on one device run one at a time, off the event
     loop, and stop at the next denoising step when their deadline passes or their caller goes away.
 
-    When whoever runs it asks for previews (`components.progress.reporting_to(callback, previews=n)`), it reports
-    `n` small images of the generation in progress, at evenly spaced steps (`components.previews`); the final image
-    is the same bytes either way.
+    A run asked for `previews=n` reports `n` small images of the generation in progress to its `progress_callback`,
+    at evenly spaced steps (`components.previews`); the final image is the same bytes either way.
 
     Usage:
     ```python
@@ -170,8 +168,6 @@ class DiffusersTextToImage(TextToImageBase):
         size_multiple: int | None = None,
         max_steps: int = MAX_STEPS,
         timeout: float | None = None,
-        max_queue: int | None = None,
-        cache_max_bytes: int | None = None,
         preview_decoder: str | None = None,
     ) -> None:
         """
@@ -190,9 +186,6 @@ class DiffusersTextToImage(TextToImageBase):
         :param size_multiple: What width and height must be multiples of; `None` derives it from the model.
         :param max_steps: The most denoising steps a request may ask for.
         :param timeout: Deadline in seconds for one image; else `IMAGE_GENERATION_TIMEOUT`.
-        :param max_queue: Requests that may wait for the device; else `IMAGE_GENERATION_MAX_QUEUE`.
-        :param cache_max_bytes: Byte budget of the seeded-result cache, 0 to disable; else
-            `IMAGE_GENERATION_CACHE_BYTES`.
         :param preview_decoder: Hub id or local folder of a tiny autoencoder (`AutoencoderTiny`, e.g. TAESD for SD
             1.x/2.x, TAESDXL, TAESD3, TAEF1) that decodes previews; `None` projects the latents to RGB with no extra
             weights.
@@ -218,31 +211,24 @@ class DiffusersTextToImage(TextToImageBase):
         self.size_multiple = size_multiple
         self.max_steps = max_steps
         self.timeout = timeout
-        self.max_queue = max_queue
-        self.cache_max_bytes = cache_max_bytes
         self.preview_decoder = preview_decoder
         self._loaded: LoadedModel | None = None
         self._previewer: LatentPreviewer | None = None
 
     def warm_up(self) -> None:
         """Load the model (once per process, whichever instance asks first) and resolve the settings. Idempotent."""
-        if self._results is not None:
+        if self.settings is not None:
             return
         model = resolve(self.model, "IMAGE_GENERATION_LOCAL_MODEL", DEFAULT_LOCAL_MODEL, str)
         device = ComponentDevice.resolve_device(self.device).to_torch_str()
         loaded = load(model, device, self.dtype, self.cpu_offload)
         name = served_name(model)
-        settings = serving_settings(
-            allowed_models=[name], timeout=self.timeout, max_image_bytes=None, max_concurrency=1,
-            max_queue=self.max_queue, cache_max_bytes=self.cache_max_bytes,
-        )  # fmt: skip
+        settings = generator_settings(allowed_models=[name], timeout=self.timeout, max_image_bytes=None)
         decoder = load_decoder(self.preview_decoder, device, self.dtype) if self.preview_decoder else None
         self._previewer = LatentPreviewer(loaded.pipeline, decoder)
         self._loaded = loaded
         self.defaults = replace(self.defaults, model=name)
-        self._results = ImageResults(
-            settings, {"backend": "diffusers", "provider": "local", "device": loaded.device}, name
-        )
+        self.settings = settings
 
     def ready(self) -> bool:
         """Whether the model is loaded, and on a device that is still there (a GPU can fail or vanish)."""
@@ -253,7 +239,7 @@ class DiffusersTextToImage(TextToImageBase):
 
     async def warm_up_async(self) -> None:
         """Like `warm_up`, off the event loop."""
-        if self._results is None:
+        if self.settings is None:
             await asyncio.to_thread(self.warm_up)
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,8 +259,6 @@ class DiffusersTextToImage(TextToImageBase):
             size_multiple=self.size_multiple,
             max_steps=self.max_steps,
             timeout=self.timeout,
-            max_queue=self.max_queue,
-            cache_max_bytes=self.cache_max_bytes,
             preview_decoder=self.preview_decoder,
         )
 
@@ -295,24 +279,30 @@ class DiffusersTextToImage(TextToImageBase):
         if request.num_inference_steps is not None and request.num_inference_steps > self.max_steps:
             raise InvalidRequestError(f"num_inference_steps={request.num_inference_steps} must be ≤ {self.max_steps}")
 
-    def _produce(self, request: GenerationRequest) -> bytes:
-        return self._generate(request, threading.Event())
+    def backend_meta(self) -> dict[str, Any]:
+        """The meta every image carries about the backend: `backend`, `provider` (`local`) and `device`."""
+        assert self._loaded is not None
+        return {"backend": "diffusers", "provider": "local", "device": self._loaded.device}
 
-    async def _produce_async(self, request: GenerationRequest) -> bytes:
+    def _produce(self, request: GenerationRequest, report: ProgressCallback, previews: int) -> bytes:
+        return self._generate(request, report, previews, threading.Event())
+
+    async def _produce_async(self, request: GenerationRequest, report: ProgressCallback, previews: int) -> bytes:
         cancel = threading.Event()
         try:
-            return await asyncio.to_thread(self._generate, request, cancel)
+            return await asyncio.to_thread(self._generate, request, report, previews, cancel)
         except asyncio.CancelledError:
             cancel.set()  # the thread stops at its next step instead of finishing an image nobody waits for
             raise
 
-    def _generate(self, request: GenerationRequest, cancel: threading.Event) -> bytes:
-        assert self._loaded is not None and self._results is not None
-        loaded, timeout = self._loaded, self._results.settings.timeout
+    def _generate(
+        self, request: GenerationRequest, report: ProgressCallback, previews: int, cancel: threading.Event
+    ) -> bytes:
+        assert self._loaded is not None and self.settings is not None
+        loaded, timeout = self._loaded, self.settings.timeout
         with loaded.lock:
             deadline = time.monotonic() + timeout
-            previews = progress.previews_wanted()
-            stop = _StepWatch(request, cancel, deadline, self._previewer if previews else None, previews)
+            stop = _StepWatch(request, report, cancel, deadline, self._previewer if previews else None, previews)
             generator = torch.Generator("cpu" if loaded.device == "mps" else loaded.device)
             kwargs = {
                 "prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
@@ -328,9 +318,9 @@ class DiffusersTextToImage(TextToImageBase):
             started = time.monotonic()
             image = pipeline(**kwargs).images[0]
             if stop.steps_done:  # counted by the step callback: a pipeline without one reports nothing
-                progress.report({"phase": "denoised", "steps": stop.steps_done, "seconds": time.monotonic() - started})
+                report({"phase": "denoised", "steps": stop.steps_done, "seconds": time.monotonic() - started})
             if loaded.device == "cuda":
-                progress.report(
+                report(
                     {
                         "phase": "device_memory",
                         "device_memory_bytes": torch.cuda.memory_allocated(),
@@ -352,19 +342,21 @@ class _StepWatch:
     """
     The `callback_on_step_end` of one generation: reports each step, and interrupts on cancel or past the deadline.
 
-    Each step goes to the progress callback set for this generation, if any (an exception it raises stops the
-    generation there), and so do the previews asked for, at their steps; every 10% of the steps also goes to the log.
+    Each step goes to the run's progress callback (an exception it raises stops the generation there), and so do the
+    previews asked for, at their steps; every 10% of the steps also goes to the log.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913
         self,
         request: GenerationRequest,
+        report: ProgressCallback,
         cancel: threading.Event,
         deadline: float,
         previewer: LatentPreviewer | None = None,
         previews: int = 0,
     ) -> None:
         self.request = request
+        self.report = report
         self.cancel = cancel
         self.deadline = deadline
         self.previewer = previewer
@@ -378,7 +370,7 @@ class _StepWatch:
         total = getattr(pipeline, "num_timesteps", None) or self.steps_done
         if self.steps_done == total or self.steps_done % max(1, total // 10) == 0:
             logger.info("Seed {seed}: step {step}/{total}", seed=self.request.seed, step=self.steps_done, total=total)
-        progress.report({"phase": "step", "step": self.steps_done, "steps": total})
+        self.report({"phase": "step", "step": self.steps_done, "steps": total})
         if self.previewer is not None:
             if self.preview_at is None:
                 self.preview_at = sorted(preview_steps(total, self.previews))
@@ -402,7 +394,7 @@ class _StepWatch:
         except Exception as e:  # a preview is a courtesy: the generation goes on without it
             logger.warning("Preview at step {step} failed: {error}", step=self.steps_done, error=type(e).__name__)
             return
-        progress.report(
+        self.report(
             {
                 "phase": "preview", "index": index, "previews": len(self.preview_at or ()), "step": self.steps_done,
                 "steps": total, "image": pybase64.b64encode_as_string(data),

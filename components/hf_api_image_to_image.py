@@ -31,5 +31,5 @@ class HuggingFaceAPIImageToImage(ImageToImageBase, HuggingFaceAPITextToImage):
     task = EDIT_TASK
 
     def _calls(self, request: GenerationRequest) -> Any:
-        assert self._target is not None and self._results is not None and isinstance(request, EditRequest)
-        return edit_calls(self._target, self._mappings, request, self._results.settings.max_image_bytes)
+        assert self._target is not None and self.settings is not None and isinstance(request, EditRequest)
+        return edit_calls(self._target, self._mappings, request, self.settings.max_image_bytes)

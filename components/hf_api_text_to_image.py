@@ -16,7 +16,7 @@ from haystack import component, default_from_dict, default_to_dict, logging
 from haystack.utils import Secret, deserialize_secrets_inplace
 from huggingface_hub import constants
 
-from components.admission import ByteBudget
+from components.byte_budget import ByteBudget
 from components.errors import MissingTokenError, UpstreamAuthError
 from components.hf_providers import (
     HF_ROUTER_URL,
@@ -28,9 +28,9 @@ from components.hf_providers import (
     quiet_hub_library,
 )
 from components.hf_transport import Bounds, Network, run_calls, run_calls_async
-from components.image_results import ImageResults
+from components.progress import ProgressCallback
 from components.request import GenerationRequest, OutputFormat
-from components.settings import resolve, serving_settings
+from components.settings import generator_settings, resolve
 from components.text_to_image_base import TextToImageBase
 from components.urls import is_http_url, parse_http_url
 
@@ -77,9 +77,6 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         allowed_models: list[str] | None = None,
         timeout: float | None = None,
         max_image_bytes: int | None = None,
-        max_concurrency: int | None = None,
-        max_queue: int | None = None,
-        cache_max_bytes: int | None = None,
     ) -> None:
         """
         Create the component; nothing is resolved or connected until `warm_up()`.
@@ -100,10 +97,6 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             an endpoint only `model` (it serves one model, whatever a request names).
         :param timeout: Deadline in seconds for one image, retries included; else `IMAGE_GENERATION_TIMEOUT`.
         :param max_image_bytes: Largest upstream reply accepted; else `IMAGE_GENERATION_MAX_IMAGE_BYTES`.
-        :param max_concurrency: Upstream calls at once; else `IMAGE_GENERATION_MAX_CONCURRENCY`.
-        :param max_queue: Requests that may wait for a slot; else `IMAGE_GENERATION_MAX_QUEUE`.
-        :param cache_max_bytes: Byte budget of the seeded-result cache, 0 to disable; else
-            `IMAGE_GENERATION_CACHE_BYTES`.
         """
         if endpoint_url is not None and not is_http_url(endpoint_url):
             raise ValueError(f"endpoint_url={endpoint_url!r} must be an http(s) URL with a host")
@@ -120,9 +113,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         self.allowed_models = allowed_models
         self.timeout = timeout
         self.max_image_bytes = max_image_bytes
-        self.max_concurrency = max_concurrency
-        self.max_queue = max_queue
-        self.cache_max_bytes = cache_max_bytes
+        self._backend = {"backend": "huggingface_api", "provider": provider}
         self._target: UpstreamTarget | None = None
         self._mappings = ProviderMappings()
         self._bytes: ByteBudget | None = None
@@ -132,7 +123,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         self._session_loop: asyncio.AbstractEventLoop | None = None
 
     def _resolve(self) -> None:
-        if self._results is not None:
+        if self.settings is not None:
             return
         endpoint_url = resolve(self.endpoint_url, "IMAGE_GENERATION_ENDPOINT", None, str)
         if endpoint_url is not None and not is_http_url(endpoint_url):
@@ -149,10 +140,9 @@ class HuggingFaceAPITextToImage(TextToImageBase):
                 "No Hugging Face token (HF_API_TOKEN, HF_TOKEN or HF_TOKEN_FILE) and no IMAGE_GENERATION_ENDPOINT: "
                 "Hugging Face will refuse the requests"
             )
-        settings = serving_settings(
-            allowed_models=self.allowed_models, timeout=self.timeout, max_image_bytes=self.max_image_bytes,
-            max_concurrency=self.max_concurrency, max_queue=self.max_queue, cache_max_bytes=self.cache_max_bytes,
-        )  # fmt: skip
+        settings = generator_settings(
+            allowed_models=self.allowed_models, timeout=self.timeout, max_image_bytes=self.max_image_bytes
+        )
         if endpoint_url is not None and settings.allowed_models is None:
             # An endpoint serves one model, whatever a request names: `model` may only be that one, so that the marks
             # never name a model that did not make the image.
@@ -160,7 +150,8 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         if inflight < settings.max_image_bytes:
             raise ValueError("IMAGE_GENERATION_MAX_INFLIGHT_BYTES must be at least IMAGE_GENERATION_MAX_IMAGE_BYTES")
         backend = "endpoint" if endpoint_url else self.provider
-        self._results = ImageResults(settings, {"backend": "huggingface_api", "provider": backend}, self.model)
+        self._backend = {"backend": "huggingface_api", "provider": backend}
+        self.settings = settings
         logger.info("Text-to-image upstream: {backend}", backend=backend)
 
     def upstream_urls(self) -> tuple[str, ...]:
@@ -170,16 +161,19 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             return (self._target.endpoint_url,)
         return (self._target.router_url, constants.ENDPOINT)
 
-    def _max_connections(self) -> int:
-        assert self._results is not None
-        return self._results.settings.max_concurrency
+    def backend_meta(self) -> dict[str, Any]:
+        """The meta every image carries about the backend: `backend`, and `provider` (`endpoint` with an endpoint)."""
+        return self._backend
 
     def warm_up(self) -> None:
-        """Resolve token and settings and open the blocking connection pool. Idempotent."""
+        """
+        Resolve token and settings and open the blocking connection pool. Idempotent.
+
+        The pools have no cap of their own: whoever runs the component bounds the calls in flight.
+        """
         self._resolve()
         if self._client is None:
-            n = self._max_connections()
-            limits = httpx2.Limits(max_connections=n, max_keepalive_connections=n)
+            limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
             self._client = httpx2.Client(limits=limits, timeout=None, trust_env=False)
 
     async def warm_up_async(self) -> None:
@@ -192,7 +186,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._session_loop is not loop:
             self._session_loop = loop
-            connector = aiohttp.TCPConnector(limit=self._max_connections())
+            connector = aiohttp.TCPConnector(limit=0)
             # Deadlines are the request's (`Bounds`), replies are read raw, and no proxy or netrc is read.
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False, trust_env=False
@@ -227,9 +221,6 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             allowed_models=self.allowed_models,
             timeout=self.timeout,
             max_image_bytes=self.max_image_bytes,
-            max_concurrency=self.max_concurrency,
-            max_queue=self.max_queue,
-            cache_max_bytes=self.cache_max_bytes,
         )
 
     @classmethod
@@ -239,24 +230,25 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         return default_from_dict(cls, data)
 
     def _bounds(self) -> tuple[float, ByteBudget]:
-        assert self._results is not None and self._bytes is not None
-        return time.monotonic() + self._results.settings.timeout, self._bytes
+        assert self.settings is not None and self._bytes is not None
+        return time.monotonic() + self.settings.timeout, self._bytes
 
     def _calls(self, request: GenerationRequest) -> Any:
-        assert self._target is not None and self._results is not None
-        return generation_calls(self._target, self._mappings, request, self._results.settings.max_image_bytes)
+        assert self._target is not None and self.settings is not None
+        return generation_calls(self._target, self._mappings, request, self.settings.max_image_bytes)
 
-    def _produce(self, request: GenerationRequest) -> bytes:
+    def _produce(self, request: GenerationRequest, report: ProgressCallback, previews: int) -> bytes:
         assert self._client is not None
         deadline, budget = self._bounds()
         with budget.lease() as lease, self._token_refusals():
-            return run_calls(self._client, self._calls(request), Bounds(deadline, lease, self._allowed_networks))
+            bounds = Bounds(deadline, lease, report, self._allowed_networks)
+            return run_calls(self._client, self._calls(request), bounds)
 
-    async def _produce_async(self, request: GenerationRequest) -> bytes:
+    async def _produce_async(self, request: GenerationRequest, report: ProgressCallback, previews: int) -> bytes:
         assert self._session is not None
         deadline, budget = self._bounds()
         with budget.lease() as lease, self._token_refusals():
-            bounds = Bounds(deadline, lease, self._allowed_networks)
+            bounds = Bounds(deadline, lease, report, self._allowed_networks)
             return await run_calls_async(self._session, self._calls(request), bounds)
 
     @contextmanager

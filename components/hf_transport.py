@@ -26,8 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import httpx2
 
-from components import progress
-from components.admission import ByteLease
+from components.byte_budget import ByteLease
 from components.errors import (
     ImageGenerationError,
     InvalidImageError,
@@ -41,6 +40,7 @@ from components.errors import (
     UpstreamUnavailableError,
 )
 from components.hf_providers import Call
+from components.progress import ProgressCallback
 from components.urls import parse_http_url
 
 _DEFAULT_RETRY_AFTER = 5
@@ -57,10 +57,11 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True)
 class Bounds:
-    """What one generation may spend: a deadline (`time.monotonic()`), its byte lease, and the result-URL rule."""
+    """What one generation may spend: a deadline (`time.monotonic()`), a byte lease; its progress callback, URL rule."""
 
     deadline: float
     lease: ByteLease
+    report: ProgressCallback
     allowed_networks: tuple[Network, ...] = ()
 
 
@@ -126,7 +127,7 @@ def fetch(client: httpx2.Client, call: Call, bounds: Bounds) -> bytes:
         except (httpx2.TransportError, OSError) as e:
             raise UpstreamError("the upstream could not be reached") from e
         finally:
-            progress.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
+            bounds.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
         time.sleep(wait)  # the provider is loading the model: try again
 
 
@@ -157,7 +158,7 @@ async def fetch_async(session: aiohttp.ClientSession, call: Call, bounds: Bounds
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError("the upstream could not be reached") from e
         finally:
-            progress.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
+            bounds.report({"phase": "upstream", "status": status, "seconds": time.monotonic() - started})
         await asyncio.sleep(wait)  # the provider is loading the model: try again
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from components.errors import InvalidRequestError
 from components.image_codec import encode, sniff
 from components.image_input import composite, read_image, read_mask
-from components.image_results import ImageResults
+from components.progress import ProgressCallback, ignore
 from components.request import EditRequest, GenerationRequest, OutputFormat
 from components.text_to_image_base import TextToImageBase
 
@@ -34,7 +34,7 @@ class ImageToImageBase:
 
     request_type = EditRequest
 
-    def _requests(self, n: int, **overrides: Any) -> tuple[list[GenerationRequest], ImageResults, bool]:
+    def requests(self, n: int = 1, **overrides: Any) -> list[GenerationRequest]:
         """
         Check and decode the uploads, then apply defaults and validate as for text-to-image.
 
@@ -48,19 +48,19 @@ class ImageToImageBase:
             for name, value in zip(("width", "height"), source.size, strict=True):
                 if overrides.get(name) is None:
                     overrides[name] = value
-        requests, results, pinned = TextToImageBase._requests(self, n, image=source, mask=edit_mask, **overrides)
+        requests = TextToImageBase.requests(self, n, image=source, mask=edit_mask, **overrides)
         size = (requests[0].width, requests[0].height)
         if size != source.size:
             source = source.resized(size)
             edit_mask = edit_mask.resized(size) if edit_mask is not None else None
             requests = [replace(r, image=source, mask=edit_mask) for r in requests]
-        return requests, results, pinned
+        return requests
 
-    def _produce(self, request: GenerationRequest) -> bytes:
-        return self._kept_outside_mask(super()._produce(request), request)  # type: ignore[misc]
+    def _produce(self, request: GenerationRequest, report: ProgressCallback, previews: int) -> bytes:
+        return self._kept_outside_mask(super()._produce(request, report, previews), request)  # type: ignore[misc]
 
-    async def _produce_async(self, request: GenerationRequest) -> bytes:
-        raw = await super()._produce_async(request)  # type: ignore[misc]
+    async def _produce_async(self, request: GenerationRequest, report: ProgressCallback, previews: int) -> bytes:
+        raw = await super()._produce_async(request, report, previews)  # type: ignore[misc]
         assert isinstance(request, EditRequest)
         if request.mask is None and sniff(raw)[1:] == (request.width, request.height):
             return raw
@@ -94,6 +94,7 @@ class ImageToImageBase:
         model: str | None = None,
         output_format: OutputFormat | None = None,
         n: int = 1,
+        progress_callback: ProgressCallback | None = None,
     ) -> dict[str, list[ImageContent]]:
         """
         Edit `image` `n` times, with seeds `seed`, `seed+1`, ...
@@ -113,17 +114,19 @@ class ImageToImageBase:
         :param model: Hub model id; overrides the default.
         :param output_format: `png`, `jpeg` or `webp`; overrides the default.
         :param n: How many images, 1..10; image *i* is the edit that seed `seed+i` gives alone.
+        :param progress_callback: Called with each progress event (`components.progress`); an exception it raises
+            stops the edit.
         :returns: `images`: `n` `ImageContent`s, with the same meta as text-to-image plus `strength` and `edited`.
         :raises InvalidRequestError: A parameter is out of range, or an upload is refused; nothing was sent.
         :raises ImageGenerationError: The edit failed; subclasses say how.
         """
         self.warm_up()  # type: ignore[attr-defined]
-        requests, results, pinned = self._requests(
+        requests = self.requests(
             n, image=image, mask=mask, strength=strength, prompt=prompt, negative_prompt=negative_prompt,
             width=width, height=height, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             seed=seed, model=model, output_format=output_format,
         )  # fmt: skip
-        images = self._images(requests, results, pinned)  # type: ignore[attr-defined]
+        images = self._images(requests, progress_callback or ignore, 0)  # type: ignore[attr-defined]
         return {"images": [_edited(image, request) for image, request in zip(images, requests, strict=True)]}
 
     @component.output_types(images=list[ImageContent])
@@ -142,6 +145,7 @@ class ImageToImageBase:
         model: str | None = None,
         output_format: OutputFormat | None = None,
         n: int = 1,
+        progress_callback: ProgressCallback | None = None,
     ) -> dict[str, list[ImageContent]]:
         """
         Edit `image` `n` times without blocking the event loop: the uploads are decoded in a worker thread.
@@ -149,12 +153,12 @@ class ImageToImageBase:
         Parameters, returns and errors are those of `run`.
         """
         await self.warm_up_async()  # type: ignore[attr-defined]
-        requests, results, pinned = await asyncio.to_thread(
-            self._requests, n, image=image, mask=mask, strength=strength, prompt=prompt,
+        requests = await asyncio.to_thread(
+            self.requests, n, image=image, mask=mask, strength=strength, prompt=prompt,
             negative_prompt=negative_prompt, width=width, height=height, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, model=model, output_format=output_format,
         )  # fmt: skip
-        images = await self._images_async(requests, results, pinned)  # type: ignore[attr-defined]
+        images = await self._images_async(requests, progress_callback or ignore, 0)  # type: ignore[attr-defined]
         return {"images": [_edited(image, request) for image, request in zip(images, requests, strict=True)]}
 
 

@@ -1,12 +1,12 @@
 """
-What every image says about where it comes from: the IPTC digital source type in XMP, and C2PA Content Credentials.
+What an image says about where it comes from: the IPTC digital source type in XMP, and C2PA Content Credentials.
 
-The XMP is always there and costs a few hundred bytes. The prompt and the generation parameters go in only when
-`IMAGE_GENERATION_EMBED_PARAMETERS` is on. Images are signed with C2PA when a certificate and key are configured.
+`AIImageMarker` (`components.ai_image_marker`) puts them in. The XMP costs a few hundred bytes. The prompt and the
+generation parameters go in only when `embed_parameters` is on. Images are signed with C2PA when a certificate and
+key are configured.
 """
 
 import importlib.metadata
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +16,6 @@ from xml.sax.saxutils import escape
 from components.c2pa_signer import PARENT_LABEL, C2paSigner
 from components.image_codec import replace_metadata
 from components.request import EditRequest, GenerationRequest
-from components.settings import resolve
-from components.urls import is_http_url
 
 SERVICE_NAME = "hayhooks-image-generation"
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -39,16 +37,6 @@ def service_version() -> str:
         return "unknown"
 
 
-def parse_bool(raw: str) -> bool:
-    """`true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`, in any case."""
-    value = raw.lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(raw)
-
-
 @dataclass(frozen=True)
 class ProvenanceSettings:
     """What goes into every image besides its pixels."""
@@ -59,28 +47,8 @@ class ProvenanceSettings:
     c2pa_tsa_url: str | None
 
 
-def provenance_settings() -> ProvenanceSettings:
-    """Read `IMAGE_GENERATION_EMBED_PARAMETERS` and the C2PA settings (certificate, key, timestamp authority)."""
-    key = os.environ.get("IMAGE_GENERATION_C2PA_KEY", "").strip()
-    if key.startswith("-----"):  # never echoed: it is the key itself
-        raise ValueError("IMAGE_GENERATION_C2PA_KEY must be the path of a key file (or a Docker secret), not a key")
-    cert = resolve(None, "IMAGE_GENERATION_C2PA_CERT", None, Path)
-    key_path = Path(key) if key else None
-    if (cert is None) != (key_path is None):
-        raise ValueError("IMAGE_GENERATION_C2PA_CERT and IMAGE_GENERATION_C2PA_KEY must be set together")
-    tsa_url = resolve(None, "IMAGE_GENERATION_C2PA_TSA_URL", None, str)
-    if tsa_url is not None and not is_http_url(tsa_url):
-        raise ValueError("IMAGE_GENERATION_C2PA_TSA_URL must be an http(s) URL with a host")
-    return ProvenanceSettings(
-        embed_parameters=resolve(None, "IMAGE_GENERATION_EMBED_PARAMETERS", False, parse_bool),
-        c2pa_cert=cert,
-        c2pa_key=key_path,
-        c2pa_tsa_url=tsa_url,
-    )
-
-
 class Provenance:
-    """Replaces an image's metadata with ours and signs it; built once per component, in `warm_up()`."""
+    """Replaces an image's metadata with ours and signs it; built once per marker, in `warm_up()`."""
 
     def __init__(self, settings: ProvenanceSettings) -> None:
         """
@@ -97,11 +65,6 @@ class Provenance:
             if settings.c2pa_cert is not None and settings.c2pa_key is not None
             else None
         )
-
-    @classmethod
-    def from_env(cls) -> "Provenance":
-        """The provenance the environment configures."""
-        return cls(provenance_settings())
 
     def mark(self, data: bytes, request: GenerationRequest, size: tuple[int, int]) -> bytes:
         """Strip the upstream's metadata, insert ours, then sign: the bytes every door serves and the cache keeps."""

@@ -11,11 +11,11 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from components.result_cache import CACHE_SCOPE
 from image_generation_server.access import ApiKeys, HostAllowList, OriginPolicy
 from image_generation_server.answers import AnswerBudget, paced, share_of
 from image_generation_server.quota import IDENTITY_SCOPE_KEY, Quota, identity, images_asked, limited_send
 from image_generation_server.responses import clip, error_response
+from image_generation_server.result_cache import CACHE_SCOPE
 from image_generation_server.routes import Inventory, Route
 
 MAX_READ_BYTES = 1024 * 1024  # what a refused body is read (and dropped) up to, so that its client reads the answer

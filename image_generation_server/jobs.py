@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import math
 import multiprocessing
-import os
 import time
 from typing import Any, ClassVar
 
@@ -26,15 +25,14 @@ from pydantic import BaseModel, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
-from components import errors, progress
+from components import errors
 from components.request import Batch, BatchParameters, EditParameters, PartialImages
-from components.result_cache import CACHE_SCOPE
-from components.shared_cache import URL_ENV as SHARED_CACHE_URL_ENV
-from image_generation_server import answers
-from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, image_size, run_pipeline
+from image_generation_server import answers, progress
+from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, Runner, edit_images, image_size
 from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.responses import classify
+from image_generation_server.result_cache import CACHE_SCOPE
 from image_generation_server.settings import Settings, env_name, load_settings
 from image_generation_server.uploads import image_argument
 
@@ -45,7 +43,7 @@ DEFAULT_MAX_PENDING_JOBS = 100
 CANCEL_POLL_SECONDS = 0.5  # how often a job checks for a cancel while no step reports (an upstream call, a queue)
 STORE_RETRY_AFTER_SECONDS = 5  # what a client is told to wait while the job store (Redis) is away
 CHECKPOINT_INTERVAL_SECONDS = 0.5  # step progress is committed at most this often (and at the last step)
-# The progress events a job shows (components/progress.py has more, for the metrics), and their fields.
+# The progress events a job shows (image_generation_server/progress.py has more, for the metrics), and their fields.
 JOB_EVENTS = {
     "queued": (), "sent": (), "generating": (), "step": ("step", "steps"), "received": (),
     "stored": ("image", "images"),
@@ -139,6 +137,7 @@ class Jobs:
 
     durable_revision = REVISION
     pipeline: Pipeline
+    runner: Runner
     component: ClassVar[str] = COMPONENT
     request_model: ClassVar[Any] = JobRequest
 
@@ -164,7 +163,7 @@ class Jobs:
 
         Cancelling the job stops a local generation at its next step and drops an upstream call.
         """
-        return await run_job(self.pipeline, self.image_store, context, request, self.component)
+        return await run_job(self.runner, self.pipeline, self.image_store, context, request, self.component)
 
 
 class EditJobs(Jobs):
@@ -181,7 +180,7 @@ class EditJobs(Jobs):
 
         Cancelling the job stops a local edit at its next step and drops an upstream call.
         """
-        return await run_job(self.pipeline, self.image_store, context, request, self.component)
+        return await run_job(self.runner, self.pipeline, self.image_store, context, request, self.component)
 
 
 class OwnedJobs:
@@ -256,8 +255,6 @@ def configure_durable_mode(settings: Settings) -> None:
     configured = hayhooks_settings.model_fields_set  # what the `HAYHOOKS_*` environment (or a caller) set
     if not {"durable_store", "durable_redis_url"} & configured:
         hayhooks_settings.durable_store = "memory"
-    if hayhooks_settings.durable_store == "redis" and not os.environ.get(SHARED_CACHE_URL_ENV, "").strip():
-        os.environ[SHARED_CACHE_URL_ENV] = hayhooks_settings.durable_redis_url  # read when the pipeline warms up
     if "durable_max_nonterminal_executions" not in configured:
         hayhooks_settings.durable_max_nonterminal_executions = DEFAULT_MAX_PENDING_JOBS
     # A finished job is kept no longer than its images: past that its result would list URLs that answer 404.
@@ -270,7 +267,8 @@ def configure_durable_mode(settings: Settings) -> None:
         )
 
 
-async def run_job(
+async def run_job(  # noqa: PLR0913
+    runner: Runner,
     pipeline: Pipeline,
     store: ImageStore,
     context: DurableContext,
@@ -283,7 +281,7 @@ async def run_job(
     # as the guard does for requests, so that one key's jobs are never answered from another key's images.
     CACHE_SCOPE.set((context.owner_id or "").removeprefix(OWNER_PREFIX))
     with progress.reporting_to(publisher.report, previews=request.partial_images):  # the tasks below inherit it
-        work = asyncio.ensure_future(_generate(pipeline, store, request, component))
+        work = asyncio.ensure_future(_generate(runner, pipeline, store, request, component))
     watch = asyncio.ensure_future(_wait_for_cancel(context))
     started = time.monotonic()
     try:
@@ -303,10 +301,11 @@ async def run_job(
 
 
 async def _generate(
-    pipeline: Pipeline, store: ImageStore, request: JobRequest | EditJobRequest, component: str
+    runner: Runner, pipeline: Pipeline, store: ImageStore, request: JobRequest | EditJobRequest, component: str
 ) -> JobResult:
     images = []
-    made = await run_pipeline(pipeline, component, **request.pipeline_inputs())
+    inputs = request.pipeline_inputs()
+    made = await (runner.generate(**inputs) if component == COMPONENT else edit_images(runner, pipeline, **inputs))
     for index, image in enumerate(made):
         data = pybase64.b64decode(image.base64_image, validate=True)
         stored = await asyncio.to_thread(store.put, data, image.meta["format"])

@@ -5,7 +5,8 @@ The scrape presents that key as a Bearer token; it is not an API key, so a scrap
 client cannot read traffic figures. Without the key there is no `/metrics` route and nothing is counted.
 
 HTTP requests are counted here, by route template (never the raw path), door and status. Generations are counted
-from the events the components report through `components.progress`: the components know nothing of this module.
+from the progress bus (`image_generation_server.progress`): the serving layer reports there, the generators through
+the callback it passes them, and neither knows of this module.
 Label values are bounded: model ids only from the served set (else `other`), sizes in five buckets, upstream
 statuses from a fixed list (else their class, such as `5xx`).
 
@@ -34,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from components import progress
+from image_generation_server import progress
 from image_generation_server.routes import Inventory, Route
 from image_generation_server.settings import Settings
 

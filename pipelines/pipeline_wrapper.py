@@ -16,17 +16,11 @@ from starlette.datastructures import Headers
 
 from components.request import GenerationParameters
 from image_generation_server import answers
-from image_generation_server.generation import image_size, load_backend_pipeline, run_pipeline
+from image_generation_server.generation import image_size, served_runner
 from image_generation_server.jobs import jobs_mixin
-from image_generation_server.log import configure_server_log
 from image_generation_server.responses import http_error, image_response
+from image_generation_server.settings import load_settings
 from image_generation_server.signature import takes
-
-# IMAGE_GENERATION_BACKEND -> the serialized pipeline that serves it. Both take the same inputs.
-PIPELINE_FILES = {
-    "huggingface_api": Path(__file__).with_name("image_generation.yml"),
-    "local": Path(__file__).with_name("image_generation_local.yml"),
-}
 
 
 class LivePipelineWrapper(BasePipelineWrapper):
@@ -36,9 +30,9 @@ class LivePipelineWrapper(BasePipelineWrapper):
     skip_mcp = True
 
     def setup(self) -> None:
-        """Load and warm up the backend's pipeline, allowing Haystack to deserialize our `components` only."""
-        configure_server_log()
-        self.pipeline = load_backend_pipeline(PIPELINE_FILES)
+        """Load and warm up the backend's pipeline (a YAML beside this file), with the server's layer around it."""
+        self.runner = served_runner(load_settings(), Path(__file__).parent)
+        self.pipeline = self.runner.pipeline
 
     @takes(GenerationParameters)
     async def run_api_async(self, headers: Headers | None = None, **params: Any) -> Response:
@@ -57,7 +51,7 @@ class LivePipelineWrapper(BasePipelineWrapper):
         try:
             width, height = image_size(self.pipeline, params.get("width"), params.get("height"))
             share = answers.reserve(1, width, height, copies=2)  # the image's base64, and its bytes as the body
-            [image] = await run_pipeline(self.pipeline, **params)
+            [image] = await self.runner.generate(**params)
         except Exception as e:
             raise http_error(e) from None
         share.shrink_to(2 * len(image.base64_image))

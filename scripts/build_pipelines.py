@@ -1,8 +1,9 @@
 """
 Write the serialized pipelines in `pipelines/` and `served/` from code (`--check` fails when committed files differ).
 
-The pipeline part of each file is `Pipeline.dumps()` output; `inputs:`/`outputs:` are added for
-`hayhooks pipeline deploy-yaml`, which requires every declared input, so only the everyday ones are declared.
+Each is a generator (or an editor), then `AIImageMarker` on its images. The pipeline part of each file is
+`Pipeline.dumps()` output; `inputs:`/`outputs:` are added for `hayhooks pipeline deploy-yaml`, which requires every
+declared input, so only the everyday ones are declared.
 """
 
 import argparse
@@ -15,24 +16,30 @@ from haystack import Pipeline
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from components import HuggingFaceAPITextToImage  # noqa: E402
+from components import AIImageMarker, HuggingFaceAPITextToImage  # noqa: E402
 from components.diffusers_image_to_image import DiffusersImageToImage  # noqa: E402
 from components.diffusers_text_to_image import DiffusersTextToImage  # noqa: E402
 from components.hf_api_image_to_image import HuggingFaceAPIImageToImage  # noqa: E402
 
 COMPONENT = "text_to_image"
 EDIT_COMPONENT = "image_to_image"
+MARKER = "ai_image_marker"
 DEPLOY_INPUTS = {COMPONENT: ("prompt", "width", "height"), EDIT_COMPONENT: ("image", "prompt")}
+# The marker's inputs fed by the same declared input as the generator's (an edit's image is the marked one's source).
+MARKER_INPUTS = {"prompt": "prompt", "image": "source"}
 
 
 def serialized(component_name: str, component: object) -> str:
-    """A one-component pipeline's `Pipeline.dumps()`, with the inputs and outputs `deploy-yaml` reads."""
+    """The component then `AIImageMarker`: `Pipeline.dumps()`, with the inputs and outputs `deploy-yaml` reads."""
     pipeline = Pipeline()
     pipeline.add_component(component_name, component)
-    deploy_io = {
-        "inputs": {name: f"{component_name}.{name}" for name in DEPLOY_INPUTS[component_name]},
-        "outputs": {"images": f"{component_name}.images"},
-    }
+    pipeline.add_component(MARKER, AIImageMarker())
+    pipeline.connect(f"{component_name}.images", f"{MARKER}.images")
+    inputs: dict[str, str | list[str]] = {}
+    for name in DEPLOY_INPUTS[component_name]:
+        marker = MARKER_INPUTS.get(name)
+        inputs[name] = [f"{component_name}.{name}", f"{MARKER}.{marker}"] if marker else f"{component_name}.{name}"
+    deploy_io = {"inputs": inputs, "outputs": {"images": f"{MARKER}.images"}}
     return pipeline.dumps() + yaml.safe_dump(deploy_io, sort_keys=False)
 
 
@@ -45,10 +52,9 @@ def pipeline_files() -> dict[Path, str]:
         editing / "image_editing.yml": serialized(EDIT_COMPONENT, HuggingFaceAPIImageToImage()),
         editing / "image_editing_local.yml": serialized(EDIT_COMPONENT, DiffusersImageToImage()),
     }
-    # The JSON variants: the API pipelines as top-level YAMLs of the served folder, which Hayhooks deploys at startup
-    # as `/image_generation_json/run` and `/image_editing_json/run` (in durable mode too), so no deployment route is
-    # needed to serve them.
-    files[ROOT / "served" / "image_generation_json.yml"] = files[pipelines / "image_generation.yml"]
+    # The editing JSON variant: the API pipeline as a top-level YAML of the served folder, which Hayhooks deploys (and
+    # runs itself) at startup as `/image_editing_json/run`. The generation JSON variant is a wrapper on the serving
+    # layer instead: served/image_generation_json/.
     files[ROOT / "served" / "image_editing_json.yml"] = files[editing / "image_editing.yml"]
     return files
 

@@ -1,48 +1,81 @@
-"""The admission gate bounds `run` and `run_async` together, and the byte budget bounds bytes in flight."""
+"""
+Admission is the server's: one gate around the served pipeline for every door, and it bounds callers on threads and
+event loops together. The byte budget (the API component's own) bounds bytes in flight.
+"""
 
 import asyncio
+import json
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import TEST_TOKEN, wait_for
+from conftest import TEST_TOKEN, running, server_env, wait_for
+from haystack import Pipeline
 
 from components import HuggingFaceAPITextToImage
-from components.admission import AdmissionGate, ByteBudget
+from components.byte_budget import ByteBudget
 from components.errors import ServerBusyError
+from image_generation_server.admission import AdmissionGate
+from image_generation_server.generation import COMPONENT, Runner
+from image_generation_server.settings import load_settings
 
 
 @pytest.fixture
 def one_slot(fresh_upstream, monkeypatch):
-    """A component allowed one upstream call at a time and no queue, against an upstream that takes a while."""
+    """The served pipeline allowed one generation at a time and no queue, against an upstream that takes a while."""
     monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
     fresh_upstream.latency = 1.0
-    component = HuggingFaceAPITextToImage(
-        endpoint_url=fresh_upstream.url, width=64, height=64, max_concurrency=1, max_queue=0, cache_max_bytes=0
-    )
-    yield component
-    component.close()
+    pipeline = Pipeline()
+    pipeline.add_component(COMPONENT, HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url, width=64, height=64))
+    pipeline.warm_up()
+    yield Runner(pipeline, load_settings(max_concurrency=1, max_queue=0, cache_bytes=0))
+    pipeline.get_component(COMPONENT).close()
 
 
-def test_sync_run_passes_the_gate(one_slot, fresh_upstream):
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(one_slot.run, prompt="holds the slot")
-        assert wait_for(lambda: len(fresh_upstream.requests) == 1)
-        with pytest.raises(ServerBusyError):
-            one_slot.run(prompt="refused")
-        assert first.result()["images"][0].meta["width"] == 64
-    assert len(fresh_upstream.requests) == 1
-
-
-async def test_one_gate_for_both_paths(one_slot, fresh_upstream):
-    await one_slot.warm_up_async()
-    held = asyncio.create_task(one_slot.run_async(prompt="async holds the slot"))
+async def test_the_runner_admits_one_and_refuses_beyond_its_queue(one_slot, fresh_upstream):
+    held = asyncio.create_task(one_slot.generate(prompt="holds the slot"))
     assert await asyncio.to_thread(wait_for, lambda: len(fresh_upstream.requests) == 1)
     with pytest.raises(ServerBusyError):
-        await asyncio.to_thread(one_slot.run, prompt="sync refused")
-    await held
-    await one_slot.close_async()
+        await one_slot.generate(prompt="refused")
+    [image] = await held
+    assert image.meta["width"] == 64
     assert len(fresh_upstream.requests) == 1
+    assert (one_slot.gate._free, len(one_slot.gate._waiters)) == (1, 0)
+    await one_slot.generator.close_async()
+
+
+def test_every_door_shares_one_gate_the_json_variant_included(upstream, fresh_upstream, tmp_path):
+    """One slot, no queue: while the native route holds the slot, the JSON variant is refused, and vice versa."""
+    env = server_env(
+        IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_MAX_CONCURRENCY="1", IMAGE_GENERATION_MAX_QUEUE="0"
+    )
+    with running(tmp_path, env) as server, ThreadPoolExecutor(1) as pool:
+        fresh_upstream.latency = 1.0
+        for holder, refused in (
+            ("/image_generation/run", "/image_generation_json/run"),
+            ("/image_generation_json/run", "/image_generation/run"),
+        ):
+            fresh_upstream.requests.clear()
+            held = pool.submit(post_to, server, holder, {"prompt": "holds the slot", "width": 64, "height": 64})
+            assert wait_for(lambda: len(fresh_upstream.requests) == 1)
+            status, headers = post_to(server, refused, {"prompt": "refused", "width": 64, "height": 64})
+            assert (status, headers.get("retry-after")) == (503, "1")
+            assert held.result(30)[0] == 200
+            assert len(fresh_upstream.requests) == 1
+
+
+def post_to(server, path: str, body: dict) -> tuple[int, dict[str, str]]:
+    """POST `body` as JSON to `path`; the status and the headers."""
+    request = urllib.request.Request(
+        server.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, {name.lower(): value for name, value in response.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, {name.lower(): value for name, value in e.headers.items()}
 
 
 def test_queued_callers_enter_in_order_from_threads_and_loops():

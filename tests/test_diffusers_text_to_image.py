@@ -37,9 +37,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def generator(tiny_model):
-    component = DiffusersTextToImage(
-        model=str(tiny_model), width=64, height=64, num_inference_steps=STEPS, cache_max_bytes=0
-    )
+    component = DiffusersTextToImage(model=str(tiny_model), width=64, height=64, num_inference_steps=STEPS)
     component.warm_up()
     return component
 
@@ -86,8 +84,6 @@ def test_to_dict():
             "size_multiple": None,
             "max_steps": 150,
             "timeout": 30,
-            "max_queue": None,
-            "cache_max_bytes": None,
             "preview_decoder": None,
         },
     }
@@ -110,7 +106,7 @@ def test_run(generator):
     assert image.mime_type == "image/png"
     png = decode(image)
     assert (png.format, png.size) == ("PNG", (64, 64))
-    assert list(png.text) == ["XML:com.adobe.xmp"]  # our XMP mark only (tests/test_provenance.py)
+    assert png.text == {}  # a plain generator: marking is the pipeline's next step (tests/test_provenance.py)
     assert image.meta["backend"] == "diffusers"
     assert image.meta["model"] == "tiny-sd"  # a local folder is served under its name
     assert (image.meta["seed"], image.meta["num_inference_steps"]) == (7, STEPS)
@@ -126,7 +122,7 @@ def test_seed_decides_the_pixels(generator):
     def pixels(seed: int) -> bytes:
         return base64.b64decode(generator.run(prompt="a red fox", seed=seed)["images"][0].base64_image)
 
-    assert pixels(11) == pixels(11)  # the cache is off: both are generated
+    assert pixels(11) == pixels(11)  # a plain generator keeps nothing: both are generated
     assert pixels(11) != pixels(12)
 
 

@@ -69,9 +69,6 @@ def test_to_dict():
             "allowed_models": None,
             "timeout": 30,
             "max_image_bytes": None,
-            "max_concurrency": None,
-            "max_queue": None,
-            "cache_max_bytes": None,
         },
     }
 
@@ -101,7 +98,7 @@ def test_run(generator, fresh_upstream):
     assert (picture.format, picture.size) == ("PNG", (256, 128))
     assert image.meta["seed"] == 0  # seed=0 is a seed, not "no seed"
     assert image.meta["upstream_format"] == "png"
-    assert list(picture.text) == ["XML:com.adobe.xmp"]  # our XMP mark only (tests/test_provenance.py)
+    assert "XML:com.adobe.xmp" not in picture.text  # a plain client: marking is the pipeline's next step
     [seen] = fresh_upstream.requests
     parameters = {"width": 256, "height": 128, "seed": 0}
     assert seen.payload == {"inputs": "A cat sitting on a rainbow", "parameters": parameters}
@@ -161,7 +158,7 @@ def test_bad_input_costs_nothing_upstream(generator, fresh_upstream, kwargs):
 
 async def test_n_images_are_made_at_once_and_equal_their_seeds_alone(fresh_upstream, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
-    generator = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url, width=64, height=64, cache_max_bytes=0)
+    generator = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url, width=64, height=64)
     fresh_upstream.latency = 0.3  # long enough for the three calls to overlap
     batch = (await generator.run_async(prompt="a batch", seed=40, n=3))["images"]
     assert fresh_upstream.max_in_flight == 3
@@ -170,8 +167,24 @@ async def test_n_images_are_made_at_once_and_equal_their_seeds_alone(fresh_upstr
     for i, image in enumerate(batch):
         alone = (await generator.run_async(prompt="a batch", seed=40 + i))["images"][0]
         assert image.base64_image == alone.base64_image
-    assert len(fresh_upstream.requests) == 6  # the cache is off: every image was made
+    assert len(fresh_upstream.requests) == 6  # a client keeps nothing: every image was made
     await generator.close_async()
+
+
+async def test_progress_goes_to_the_runs_callback(generator, fresh_upstream):
+    events: list[dict] = []
+    await generator.run_async(prompt="watched", width=64, height=64, seed=2, progress_callback=events.append)
+    assert [event["phase"] for event in events] == ["upstream", "received"]
+    assert events[0]["status"] == 200
+    await generator.close_async()
+
+
+def test_a_callback_that_raises_stops_the_run(generator, fresh_upstream):
+    def refuse(event: dict) -> None:
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        generator.run(prompt="stopped", width=64, height=64, progress_callback=refuse)
 
 
 def test_n_images_sync_with_a_random_seed(generator, fresh_upstream):

@@ -22,7 +22,7 @@ from haystack.dataclasses import ImageContent
 from PIL import Image
 from test_provenance import c2pa_report, exiftool
 
-from components import progress
+from components import AIImageMarker
 from components.diffusers_image_to_image import DiffusersImageToImage
 from components.errors import InvalidRequestError
 from components.hf_api_image_to_image import HuggingFaceAPIImageToImage
@@ -69,7 +69,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def local(tiny_model):
-    editor = DiffusersImageToImage(model=str(tiny_model), num_inference_steps=2, cache_max_bytes=0)
+    editor = DiffusersImageToImage(model=str(tiny_model), num_inference_steps=2)
     editor.warm_up()
     return editor
 
@@ -77,7 +77,7 @@ def local(tiny_model):
 @pytest.fixture
 def api(fresh_upstream, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
-    editor = HuggingFaceAPIImageToImage(endpoint_url=fresh_upstream.url, cache_max_bytes=0)
+    editor = HuggingFaceAPIImageToImage(endpoint_url=fresh_upstream.url)
     yield editor
     editor.close()
 
@@ -270,14 +270,19 @@ async def test_local_edit_reports_steps_and_stops_when_cancelled(local):
         if event.get("phase") == "step":
             loop.call_soon_threadsafe(started.set)
 
-    with progress.reporting_to(report):
-        task = asyncio.create_task(
-            local.run_async(image=content(SOURCE), mask=content(hole()), prompt="a hat", num_inference_steps=150)
+    task = asyncio.create_task(
+        local.run_async(
+            image=content(SOURCE),
+            mask=content(hole()),
+            prompt="a hat",
+            num_inference_steps=150,
+            progress_callback=report,
         )
-        await asyncio.wait_for(started.wait(), 60)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    )
+    await asyncio.wait_for(started.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     steps = [event for event in seen if event.get("phase") == "step"]
     assert steps and steps[-1]["step"] < steps[-1]["steps"]
     lock = local._loaded.lock
@@ -288,19 +293,29 @@ async def test_local_edit_reports_steps_and_stops_when_cancelled(local):
 # --- marks ---
 
 
+def marked_edit(editor, marker: AIImageMarker, **params) -> ImageContent:
+    """An edit through the served pipeline's shape: the editor, then the marker told the source."""
+    pipeline = Pipeline()
+    pipeline.add_component("image_to_image", editor)
+    pipeline.add_component("ai_image_marker", marker)
+    pipeline.connect("image_to_image.images", "ai_image_marker.images")
+    source = content(SOURCE)
+    result = pipeline.run({"image_to_image": {"image": source, **params}, "ai_image_marker": {"source": source}})
+    [image] = result["ai_image_marker"]["images"]
+    return image
+
+
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 def test_edits_are_marked_as_composites_with_generated_content(api, fmt, tmp_path):
-    [image] = api.run(image=content(SOURCE), mask=content(hole()), prompt="a hat", output_format=fmt)["images"]
+    image = marked_edit(api, AIImageMarker(), mask=content(hole()), prompt="a hat", output_format=fmt)
     tags = exiftool(base64.b64decode(image.base64_image), tmp_path, "-XMP:all")
     assert tags["DigitalSourceType"] == COMPOSITE
 
 
-def test_a_signed_edit_validates_with_an_edited_action(fresh_upstream, monkeypatch, tmp_path):
+def test_a_signed_edit_validates_with_an_edited_action(api, tmp_path):
     chain, key = make_credentials(tmp_path)
-    monkeypatch.setenv("IMAGE_GENERATION_C2PA_CERT", str(chain))
-    monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", str(key))
-    editor = HuggingFaceAPIImageToImage(endpoint_url=fresh_upstream.url, cache_max_bytes=0)
-    [image] = editor.run(image=content(SOURCE), mask=content(hole()), prompt="a hat")["images"]
+    marker = AIImageMarker(c2pa_cert=str(chain), c2pa_key=str(key))
+    image = marked_edit(api, marker, mask=content(hole()), prompt="a hat")
     codes, manifest = c2pa_report(base64.b64decode(image.base64_image), "png")
     assert codes == ["signingCredential.untrusted"]  # valid, by a CA no trust list knows
     [actions] = [a["data"]["actions"] for a in manifest["assertions"] if a["label"].startswith("c2pa.actions")]

@@ -26,7 +26,7 @@ from fake_upstream import Fault
 from hostile_upstream import Reply, ScriptedServer, gzip_bomb, hub_model, json_with_url, png
 from PIL import Image
 
-from components.admission import ByteBudget
+from components.byte_budget import ByteBudget
 from components.hf_providers import Call
 from components.hf_transport import Bounds, fetch_async
 

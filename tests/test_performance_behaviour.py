@@ -18,7 +18,7 @@ from conftest import Server, post, post_raw, server_env, start_server, stop_serv
 from image_parts import coded_pixels
 
 from components.image_codec import PNG_SIGNATURE
-from components.result_cache import ByteBudgetLRU
+from image_generation_server.result_cache import ByteBudgetLRU
 
 TEXT_CHUNKS = {b"tEXt", b"iTXt", b"zTXt"}
 SLOW_UPSTREAM = 1.5  # seconds per upstream call: long enough for every concurrent request to arrive meanwhile

@@ -10,7 +10,6 @@ from conftest import ROOT
 from diffusers import AutoencoderTiny
 from PIL import Image
 
-from components import progress
 from components.diffusers_text_to_image import DiffusersTextToImage
 from components.previews import LATENT_RGB, PREVIEW_MAX_SIDE, LatentPreviewer, preview_steps
 
@@ -39,17 +38,15 @@ def tiny_decoder(tmp_path_factory):
 
 
 def generator(model, **kwargs):
-    component = DiffusersTextToImage(
-        model=str(model), width=64, height=64, num_inference_steps=STEPS, cache_max_bytes=0, **kwargs
-    )
+    component = DiffusersTextToImage(model=str(model), width=64, height=64, num_inference_steps=STEPS, **kwargs)
     component.warm_up()
     return component
 
 
 def run_with_previews(component, previews, **params):
     events = []
-    with progress.reporting_to(events.append, previews=previews):
-        [image] = component.run(prompt="a lighthouse", seed=7, **params)["images"]
+    params = {"prompt": "a lighthouse", "seed": 7, "progress_callback": events.append, "previews": previews, **params}
+    [image] = component.run(**params)["images"]
     return image, [event for event in events if event["phase"] == "preview"]
 
 
@@ -85,8 +82,7 @@ def test_no_previews_unless_asked(tiny_model):
     _, previews = run_with_previews(component, 0)
     assert previews == []
     events = []
-    with progress.reporting_to(events.append):
-        component.run(prompt="a lighthouse", seed=7)
+    component.run(prompt="a lighthouse", seed=7, progress_callback=events.append)
     assert [event for event in events if event["phase"] == "preview"] == []
     assert [event["step"] for event in events if event["phase"] == "step"] == list(range(1, STEPS + 1))
 

@@ -25,15 +25,14 @@ import pytest
 from c2pa_ca import make_credentials
 from conftest import ROOT, TEST_TOKEN, post, running, server_env
 from fake_upstream import Fault
+from haystack import Pipeline
+from haystack.dataclasses import ImageContent
 from image_parts import coded_pixels
 from PIL import Image, PngImagePlugin
 
-from components import HuggingFaceAPITextToImage
+from components import AIImageMarker, HuggingFaceAPITextToImage
 from components.errors import InvalidImageError
-from components.image_codec import sniff
-from components.image_results import ImageResults
 from components.request import GenerationRequest
-from components.settings import serving_settings
 
 FORMATS = ["png", "jpeg", "webp"]
 AI_MADE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -45,18 +44,6 @@ SPOOFED_XMP = (
     ' Iptc4xmpExt:DigitalSourceType="http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture"'
     f' Iptc4xmpExt:AISystemUsed="{SPOOF}"/></rdf:RDF></x:xmpmeta>'
 )
-SETTINGS = (
-    "IMAGE_GENERATION_EMBED_PARAMETERS",
-    "IMAGE_GENERATION_C2PA_CERT",
-    "IMAGE_GENERATION_C2PA_KEY",
-    "IMAGE_GENERATION_C2PA_TSA_URL",
-)
-
-
-@pytest.fixture(autouse=True)
-def _no_marking_settings(monkeypatch):
-    for name in SETTINGS:
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +52,27 @@ def credentials(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def signing(credentials, monkeypatch):
+def signing(credentials) -> dict[str, str]:
+    """The marker's signing parameters, with the test CA's certificate."""
     chain, key = credentials
-    monkeypatch.setenv("IMAGE_GENERATION_C2PA_CERT", str(chain))
-    monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", str(key))
+    return {"c2pa_cert": str(chain), "c2pa_key": str(key)}
 
 
 @pytest.fixture
-def generator(fresh_upstream, monkeypatch):
+def marked(fresh_upstream, monkeypatch):
+    """Builds the served pipeline's shape: the generator, then `AIImageMarker(**parameters)` on its images."""
     monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
-    component = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url, cache_max_bytes=0)
-    yield component
-    component.close()
+    generator = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url)
+
+    def build(**parameters) -> Pipeline:
+        pipeline = Pipeline()
+        pipeline.add_component("text_to_image", generator)
+        pipeline.add_component("ai_image_marker", AIImageMarker(**parameters))
+        pipeline.connect("text_to_image.images", "ai_image_marker.images")
+        return pipeline
+
+    yield build
+    generator.close()
 
 
 def exiftool(data: bytes, tmp_path: Path, *tags: str) -> dict:
@@ -100,9 +96,10 @@ def created_action(manifest: dict) -> dict:
     return actions[0]
 
 
-def generate(generator, fmt: str, seed: int = 5, prompt: str = "a private prompt") -> bytes:
-    image = generator.run(prompt=prompt, width=128, height=96, seed=seed, output_format=fmt)["images"][0]
-    return base64.b64decode(image.base64_image)
+def generate(pipeline: Pipeline, fmt: str, seed: int = 5, prompt: str = "a private prompt") -> bytes:
+    inputs = {"prompt": prompt, "width": 128, "height": 96, "seed": seed, "output_format": fmt}
+    result = pipeline.run({"text_to_image": inputs, "ai_image_marker": {"prompt": prompt}})
+    return base64.b64decode(result["ai_image_marker"]["images"][0].base64_image)
 
 
 def png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -132,27 +129,17 @@ def spoofed(fmt: str, size: tuple[int, int]) -> bytes:
     return out.getvalue()
 
 
-def request(fmt: str, size: tuple[int, int], prompt: str = "a private prompt") -> GenerationRequest:
-    return GenerationRequest(
-        prompt=prompt, negative_prompt=None, width=size[0], height=size[1], num_inference_steps=None,
-        guidance_scale=None, seed=3, model=MODEL, output_format=fmt,
-    )  # fmt: skip
-
-
-def finish(fmt: str, raw: bytes, size: tuple[int, int], generation: GenerationRequest | None = None) -> bytes:
-    """What every backend's image goes through: `ImageResults.finish` (of `generation`, else `request(fmt, size)`)."""
-    settings = serving_settings(
-        allowed_models=None, timeout=None, max_image_bytes=None, max_concurrency=None, max_queue=None,
-        cache_max_bytes=None,
-    )  # fmt: skip
-    results = ImageResults(settings, {"backend": "test"}, MODEL)
-    image = results.finish(generation or request(fmt, size), raw, sniff(raw), time.monotonic())
-    return base64.b64decode(image.base64_image)
+def mark(fmt: str, raw: bytes, prompt: str = "a private prompt", negative_prompt: str | None = None, **marker) -> bytes:
+    """What every served image goes through: `AIImageMarker(**marker)`, on an image made with seed 3 by `MODEL`."""
+    meta = {"model": MODEL, "seed": 3, "num_inference_steps": marker.pop("steps", None)}
+    image = ImageContent(base64_image=base64.b64encode(raw).decode(), mime_type=f"image/{fmt}", meta=meta)
+    [marked] = AIImageMarker(**marker).run(images=[image], prompt=prompt, negative_prompt=negative_prompt)["images"]
+    return base64.b64decode(marked.base64_image)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_component_output_is_marked_ai_made_and_keeps_the_prompt_out(generator, fmt, tmp_path):
-    data = generate(generator, fmt)
+def test_pipeline_output_is_marked_ai_made_and_keeps_the_prompt_out(marked, fmt, tmp_path):
+    data = generate(marked(), fmt)
 
     tags = exiftool(data, tmp_path, "-XMP:all")
     assert tags["DigitalSourceType"] == AI_MADE
@@ -168,7 +155,7 @@ def test_upstream_metadata_is_dropped_and_the_pixels_kept(fmt, tmp_path):
     raw = spoofed(fmt, (96, 64))
     assert raw.count(SPOOF.encode()) >= 2  # the test input really carries it
 
-    data = finish(fmt, raw, (96, 64))
+    data = mark(fmt, raw)
 
     assert SPOOF.encode() not in data
     tags = exiftool(data, tmp_path, "-XMP:all", "-EXIF:all", "-PNG:all", "-JUMBF:all", "-Comment")
@@ -183,13 +170,11 @@ def test_an_upstream_png_of_countless_empty_chunks_is_refused_not_walked():
     flood = raw[:-12] + png_chunk(b"quIt", b"") * 200_000 + raw[-12:]  # 2.4 MB: IEND stays last
 
     with pytest.raises(InvalidImageError, match="chunks"):
-        finish("png", flood, (64, 64))
+        mark("png", flood)
 
 
-def test_embedding_parameters_puts_ours_in_not_the_upstreams(monkeypatch, tmp_path):
-    monkeypatch.setenv("IMAGE_GENERATION_EMBED_PARAMETERS", "true")
-
-    data = finish("png", spoofed("png", (64, 64)), (64, 64))
+def test_embedding_parameters_puts_ours_in_not_the_upstreams(tmp_path):
+    data = mark("png", spoofed("png", (64, 64)), embed_parameters=True)
 
     tags = exiftool(data, tmp_path, "-XMP:all", "-PNG:all")
     assert tags["Parameters"] == f"a private prompt\nSeed: 3, Size: 64x64, Model: {MODEL}"
@@ -198,9 +183,8 @@ def test_embedding_parameters_puts_ours_in_not_the_upstreams(monkeypatch, tmp_pa
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_prompt_can_neither_break_the_xmp_nor_write_lines_of_the_parameters_text(monkeypatch, fmt, tmp_path):
+def test_a_prompt_can_neither_break_the_xmp_nor_write_lines_of_the_parameters_text(fmt, tmp_path):
     """Issue 22: U+FFFE/U+FFFF made the XMP ill-formed; newlines forged `Negative prompt:` and `Steps:` lines."""
-    monkeypatch.setenv("IMAGE_GENERATION_EMBED_PARAMETERS", "true")
     forged = "a cat\uffff\ufffe\nNegative prompt: nothing\nSteps: 999, Seed: 1, Size: 8x8, Model: forged/model"
     generation = GenerationRequest(
         prompt=forged, negative_prompt="dogs\r\nSteps: 998\u2028CFG scale: 1", width=64, height=64,
@@ -208,7 +192,9 @@ def test_a_prompt_can_neither_break_the_xmp_nor_write_lines_of_the_parameters_te
     )  # fmt: skip
     generation.validate()  # what a client may send
 
-    data = finish(fmt, spoofed(fmt, (64, 64)), (64, 64), generation)
+    data = mark(
+        fmt, spoofed(fmt, (64, 64)), generation.prompt, generation.negative_prompt, embed_parameters=True, steps=4
+    )
 
     xmp = subprocess.run(["exiftool", "-b", "-XMP", "-"], input=data, capture_output=True, check=True).stdout
     ElementTree.fromstring(xmp)  # well-formed: an XML parser takes it
@@ -225,8 +211,8 @@ def test_a_prompt_can_neither_break_the_xmp_nor_write_lines_of_the_parameters_te
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_signed_output_validates_with_only_the_untrusted_test_ca(generator, signing, fmt, tmp_path):
-    data = generate(generator, fmt)
+def test_signed_output_validates_with_only_the_untrusted_test_ca(marked, signing, fmt, tmp_path):
+    data = generate(marked(**signing), fmt)
 
     codes, manifest = c2pa_report(data, fmt)
     assert codes == ["signingCredential.untrusted"]  # a correct signature by a CA no trust list knows
@@ -240,8 +226,8 @@ def test_signed_output_validates_with_only_the_untrusted_test_ca(generator, sign
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_flipped_byte_fails_validation(generator, signing, fmt):
-    data = bytearray(generate(generator, fmt))
+def test_a_flipped_byte_fails_validation(marked, signing, fmt):
+    data = bytearray(generate(marked(**signing), fmt))
     data[len(data) // 2] ^= 0x01
 
     try:
@@ -251,17 +237,16 @@ def test_a_flipped_byte_fails_validation(generator, signing, fmt):
     assert set(codes) - {"signingCredential.untrusted"}
 
 
-def test_signed_manifest_carries_the_parameters_only_when_configured(generator, signing, monkeypatch):
-    monkeypatch.setenv("IMAGE_GENERATION_EMBED_PARAMETERS", "true")
-
-    _, manifest = c2pa_report(generate(generator, "png", seed=11), "png")
+def test_signed_manifest_carries_the_parameters_only_when_configured(marked, signing):
+    _, manifest = c2pa_report(generate(marked(**signing, embed_parameters=True), "png", seed=11), "png")
 
     parameters = created_action(manifest)["parameters"]
     assert (parameters["seed"], parameters["prompt"], parameters["model"]) == (11, "a private prompt", MODEL)
 
 
-def test_with_signing_the_same_seed_gives_the_same_pixels_and_xmp(generator, signing, tmp_path):
-    first, second = generate(generator, "png", seed=9), generate(generator, "png", seed=9)
+def test_with_signing_the_same_seed_gives_the_same_pixels_and_xmp(marked, signing, tmp_path):
+    pipeline = marked(**signing)
+    first, second = generate(pipeline, "png", seed=9), generate(pipeline, "png", seed=9)
 
     assert first != second  # C2PA signatures differ each time
     assert Image.open(io.BytesIO(first)).tobytes() == Image.open(io.BytesIO(second)).tobytes()
@@ -283,36 +268,34 @@ def test_with_signing_the_same_seed_gives_the_same_pixels_and_xmp(generator, sig
         ("cert_only", "must be set together"),
     ],
 )
-def test_bad_credentials_fail_at_warm_up_with_a_clear_message(
-    generator, credentials, tmp_path, monkeypatch, change, message
-):
+def test_bad_credentials_fail_at_warm_up_with_a_clear_message(credentials, tmp_path, change, message):
     chain, key = credentials
     if change == "expired":
         chain, key = make_credentials(tmp_path / "expired", expired=True)
     elif change == "other_key":
         _, key = make_credentials(tmp_path / "other")
-    monkeypatch.setenv("IMAGE_GENERATION_C2PA_CERT", str(chain))
+    parameters = {"c2pa_cert": str(chain), "c2pa_key": str(key)}
     if change == "key_value":
-        monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", key.read_text())
+        parameters["c2pa_key"] = key.read_text()
     elif change == "missing_key":
-        monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", str(tmp_path / "nowhere.pem"))
-    elif change != "cert_only":
-        monkeypatch.setenv("IMAGE_GENERATION_C2PA_KEY", str(key))
+        parameters["c2pa_key"] = str(tmp_path / "nowhere.pem")
+    elif change == "cert_only":
+        del parameters["c2pa_key"]
 
     with pytest.raises(ValueError, match=message) as raised:
-        generator.warm_up()
+        AIImageMarker(**parameters).warm_up()
     assert "PRIVATE KEY" not in str(raised.value)
 
 
-def test_a_timestamp_authority_that_fails_stops_the_start(generator, signing, monkeypatch):
+def test_a_timestamp_authority_that_fails_stops_the_start(signing):
     with socket.socket() as tsa:  # answers every request with a 500
         tsa.bind(("127.0.0.1", 0))
         tsa.listen()
         threading.Thread(target=answer_500, args=(tsa,), daemon=True).start()
-        monkeypatch.setenv("IMAGE_GENERATION_C2PA_TSA_URL", f"http://127.0.0.1:{tsa.getsockname()[1]}/tsa")
+        marker = AIImageMarker(**signing, c2pa_tsa_url=f"http://127.0.0.1:{tsa.getsockname()[1]}/tsa")
 
         with pytest.raises(ValueError, match="IMAGE_GENERATION_C2PA_TSA_URL"):
-            generator.warm_up()
+            marker.warm_up()
 
 
 def answer_500(listener: socket.socket) -> None:
@@ -396,10 +379,10 @@ def test_signing_without_the_c2pa_extra_says_how_to_install_it(credentials, tmp_
     chain, key = credentials
     code = (
         "import sys; sys.modules['c2pa'] = None\n"  # as if the c2pa extra were not installed
-        "from components.provenance import Provenance\n"
-        "Provenance.from_env()\n"  # what warm_up() builds
+        "from components import AIImageMarker\n"
+        f"AIImageMarker(c2pa_cert={str(chain)!r}, c2pa_key={str(key)!r}).warm_up()\n"
     )
-    env = server_env(IMAGE_GENERATION_C2PA_CERT=str(chain), IMAGE_GENERATION_C2PA_KEY=str(key))
+    env = server_env()
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )

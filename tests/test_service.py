@@ -119,14 +119,14 @@ def test_no_temp_files_are_left(server, fresh_upstream, tmp_path):
     assert list(server_tmp.iterdir()) == []
 
 
-def post_json_variant(server, body: dict, name: str = "image_generation_json") -> dict:
-    """POST to a JSON variant's route; the one image of its result, with its PNG decoded as `data`."""
+def post_json_variant(server, body: dict, name: str = "image_generation_json", output: str = "text_to_image") -> dict:
+    """POST to a JSON variant's route; the one image of its result's `output`, with its PNG decoded as `data`."""
     request = urllib.request.Request(
         f"{server.url}/{name}/run", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     with urllib.request.urlopen(request, timeout=30) as response:
-        [image] = json.load(response)["result"]["text_to_image"]["images"]
+        [image] = json.load(response)["result"][output]["images"]
     return {**image, "data": base64.b64decode(image["base64_image"])}
 
 
@@ -160,10 +160,11 @@ def test_hayhooks_cli_deploys_the_yaml_to_plain_hayhooks_run(upstream, fresh_ups
             capture_output=True, text=True, check=False, timeout=120,
         )  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        image = post_json_variant(
-            hayhooks, {"prompt": "json variant", "width": 64, "height": 64}, "image_generation_dev"
+        image = post_json_variant(  # the YAML's output: the marker after the generator
+            hayhooks, {"prompt": "json variant", "width": 64, "height": 64}, "image_generation_dev", "ai_image_marker"
         )
         assert image["data"].startswith(PNG_SIGNATURE)
+        assert b"trainedAlgorithmicMedia" in image["data"]
     finally:
         stop_server(hayhooks)
 

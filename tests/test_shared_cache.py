@@ -7,7 +7,7 @@ from haystack.dataclasses import ImageContent
 from redis import Redis
 from redis_server import RedisServer
 
-from components.shared_cache import MAX_ENTRIES, PREFIX, TTL_SECONDS, SharedResultCache
+from image_generation_server.shared_cache import MAX_ENTRIES, PREFIX, TTL_SECONDS, SharedResultCache
 
 
 @pytest.fixture

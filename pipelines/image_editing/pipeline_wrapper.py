@@ -15,18 +15,12 @@ from hayhooks.settings import settings as hayhooks_settings
 from starlette.datastructures import Headers
 
 from components.request import EditParameters
-from image_generation_server.generation import EDIT_COMPONENT, load_backend_pipeline, run_pipeline
+from image_generation_server.generation import EDIT_PIPELINE_FILES, edit_images, load_pipeline, served_runner
 from image_generation_server.jobs import EditJobs, jobs_mixin
-from image_generation_server.log import configure_server_log
 from image_generation_server.responses import http_error, image_response
+from image_generation_server.settings import load_settings
 from image_generation_server.signature import takes
 from image_generation_server.uploads import form_model, image_content
-
-# IMAGE_GENERATION_BACKEND -> the serialized editing pipeline that serves it. Both take the same inputs.
-PIPELINE_FILES = {
-    "huggingface_api": Path(__file__).with_name("image_editing.yml"),
-    "local": Path(__file__).with_name("image_editing_local.yml"),
-}
 
 
 class LivePipelineWrapper(BasePipelineWrapper):
@@ -36,8 +30,10 @@ class LivePipelineWrapper(BasePipelineWrapper):
 
     def setup(self) -> None:
         """Load and warm up the backend's editing pipeline (for the local backend: on the weights already loaded)."""
-        configure_server_log()
-        self.pipeline = load_backend_pipeline(PIPELINE_FILES)
+        settings = load_settings()
+        self.runner = served_runner(settings)  # its admission gate is the one every generation passes
+        self.pipeline = load_pipeline(Path(__file__).parent, settings, EDIT_PIPELINE_FILES)
+        self.pipeline.warm_up()
 
     @takes(form_model(EditParameters))
     async def run_api_async(self, files: list[UploadFile], headers: Headers | None = None, **params: Any) -> Response:
@@ -58,7 +54,7 @@ class LivePipelineWrapper(BasePipelineWrapper):
             raise HTTPException(422, "files: send the image, and optionally the mask (one or two files)")
         image, mask = [image_content(await upload.read()) for upload in files] + [None] * (2 - len(files))
         try:
-            [edited] = await run_pipeline(self.pipeline, EDIT_COMPONENT, image=image, mask=mask, **params)
+            [edited] = await edit_images(self.runner, self.pipeline, image=image, mask=mask, **params)
         except Exception as e:
             raise http_error(e) from None
         return image_response(edited, headers)

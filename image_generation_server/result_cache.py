@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from contextvars import ContextVar
 from typing import Generic, TypeVar
 
-from components import progress
+from image_generation_server import progress
 
 T = TypeVar("T")
 

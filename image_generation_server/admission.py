@@ -1,7 +1,7 @@
 """
-What may be in flight at once: a cap on concurrent calls with a bounded wait queue, and a cap on bytes being read.
+Admission: a cap on concurrent generations with a bounded wait queue, the serving layer's answer to overload.
 
-Both are thread-safe, so one instance bounds `run` (any thread) and `run_async` (any event loop) together.
+Thread-safe, so one gate bounds callers on any thread and any event loop together.
 """
 
 import asyncio
@@ -88,42 +88,3 @@ class AdmissionGate:
             self._release()
         else:
             future.set_result(None)
-
-
-class ByteBudget:
-    """A cap on the bytes all calls hold while reading replies; `lease()` tracks one request's share."""
-
-    def __init__(self, max_bytes: int, retry_after: int = 1) -> None:
-        self.max_bytes = max_bytes
-        self.retry_after = retry_after
-        self.in_use = 0
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def lease(self) -> Iterator["ByteLease"]:
-        """A lease returned in full when the block ends."""
-        lease = ByteLease(self)
-        try:
-            yield lease
-        finally:
-            with self._lock:
-                self.in_use -= lease.held
-
-    def _take(self, n: int) -> None:
-        with self._lock:
-            if self.in_use + n > self.max_bytes:
-                raise ServerBusyError("too many bytes in flight", retry_after=self.retry_after)
-            self.in_use += n
-
-
-class ByteLease:
-    """One request's bytes in flight."""
-
-    def __init__(self, budget: ByteBudget) -> None:
-        self.budget = budget
-        self.held = 0
-
-    def take(self, n: int) -> None:
-        """Count `n` more bytes, or raise `ServerBusyError` when the budget has no room for them."""
-        self.budget._take(n)
-        self.held += n

@@ -8,7 +8,6 @@ Redis is slow or away, a lookup is a miss and a store is skipped.
 
 import hashlib
 import json
-import os
 import time
 
 from haystack import logging
@@ -17,7 +16,6 @@ from redis.asyncio import Redis
 
 logger = logging.getLogger(__name__)
 
-URL_ENV = "IMAGE_GENERATION_CACHE_REDIS_URL"
 PREFIX = "image-generation:cache"
 TTL_SECONDS = 3600
 MAX_ENTRIES = 256
@@ -29,18 +27,10 @@ class SharedResultCache:
     """Seeded results in Redis under `image-generation:cache:{namespace}:*`, with an index that bounds their count."""
 
     def __init__(self, url: str, namespace: str) -> None:
+        """Connect lazily to the Redis at `url`; `namespace` keeps apart what different pipelines make."""
         self.client = Redis.from_url(url, socket_timeout=TIMEOUT_SECONDS, socket_connect_timeout=TIMEOUT_SECONDS)
         self.prefix = f"{PREFIX}:{namespace}"
         self.index = f"{self.prefix}:index"
-
-    @classmethod
-    def from_env(cls, backend_meta: dict) -> "SharedResultCache | None":
-        """The cache at `IMAGE_GENERATION_CACHE_REDIS_URL`, one namespace per backend; None when it is not set."""
-        url = os.environ.get(URL_ENV, "").strip()
-        if not url:
-            return None
-        namespace = hashlib.sha256(json.dumps(backend_meta, sort_keys=True).encode()).hexdigest()[:16]
-        return cls(url, namespace)
 
     def _name(self, key: tuple) -> str:
         return hashlib.sha256(repr(key).encode()).hexdigest()

@@ -31,7 +31,7 @@ DEFAULTS = {"width": 768, "height": 512, "output_format": "webp"}
 
 
 def served_copy(tmp_path):
-    """The served folder (the wrapper's folder and the JSON variant), with the defaults above in every pipeline."""
+    """The served folder (the wrapper's folder and the JSON variant's), with the defaults above in every pipeline."""
     served = tmp_path / "served"
     shutil.copytree(ROOT / "served", served, ignore=shutil.ignore_patterns("__pycache__"))  # links copied as files
     for path in served.rglob("*.yml"):
@@ -68,9 +68,6 @@ def test_the_native_route(defaults_server, fresh_upstream):
     assert fresh_upstream.requests[0].payload["parameters"]["width"] == 768
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the JSON variant (a YAML pipeline) requires every input it declares, width and height too"
-)
 def test_the_json_variant(defaults_server, fresh_upstream):
     status, _, data = call(f"{defaults_server.url}/image_generation_json/run", "POST", {"prompt": "a lighthouse"})
     assert status == 200, data

@@ -100,8 +100,7 @@ def test_to_dict():
             "model": "a/b", "provider": "auto", "endpoint_url": None,
             "token": {"env_vars": ["HF_API_TOKEN", "HF_TOKEN"], "strict": False, "type": "env_var"},
             "width": 64, "height": 512, "num_inference_steps": None, "guidance_scale": None, "output_format": "png",
-            "allowed_models": None, "timeout": None, "max_image_bytes": None, "max_concurrency": None,
-            "max_queue": None, "cache_max_bytes": None,
+            "allowed_models": None, "timeout": None, "max_image_bytes": None,
         },
     }  # fmt: skip
     assert DiffusersImageToImage(model="m").to_dict()["type"] == (

@@ -155,15 +155,18 @@ function showPlaceholder(params, n) {
   const cancel = element("button", { type: "button", className: "cancel-run", textContent: "Cancel" });
   cancel.addEventListener("click", () => running?.controller.abort());
   $("results").replaceChildren(element("figure", { className: "pending" }, ...boxes, cancel));
-  bringIntoView($("output"));
+  bringIntoView(document.querySelector("#output .stage"), boxes[0]);
 }
 
-/** Scrolls `node` to the top of the window unless its top is already in the upper half of it (a phone's layout). */
-function bringIntoView(node) {
-  const { top } = node.getBoundingClientRect();
-  if (top >= 0 && top < window.innerHeight / 2) return;
+/**
+ * Scrolls so that everything from `first`'s top to `last`'s bottom is in the window, or at least its start when it
+ * is taller; nothing moves when it is in view already (a wide layout).
+ */
+function bringIntoView(first, last = first) {
+  const { top } = first.getBoundingClientRect();
+  if (top >= 0 && last.getBoundingClientRect().bottom <= window.innerHeight) return;
   const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
-  node.scrollIntoView({ block: "start", behavior: smooth ? "smooth" : "auto" });
+  window.scrollBy({ top: top - 8, behavior: smooth ? "smooth" : "auto" });
 }
 
 function elapsed(started) {
@@ -444,7 +447,8 @@ async function renderHistory() {
         clearErrors();
         status.textContent = "";
         showResults([entry]); // larger, with Download and "Use these settings"
-        bringIntoView($("output"));
+        const shown = $("results").querySelector("figure.result");
+        if (shown) bringIntoView(shown);
       });
       const remove = element("button", { type: "button", className: "delete", textContent: "×" });
       remove.setAttribute("aria-label", `Delete: ${label}`);

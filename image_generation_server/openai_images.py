@@ -34,6 +34,7 @@ from image_generation_server.generation import (
     served_pipeline,
 )
 from image_generation_server.responses import classify, openai_error, validation_message
+from image_generation_server.routes import ahead_of_hayhooks
 from image_generation_server.settings import Settings
 from image_generation_server.uploads import form_model, image_content
 
@@ -346,7 +347,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     """
     app.state.started = int(time.time())
     app.include_router(router)
-    app.router.routes.insert(0, app.router.routes.pop())
+    ahead_of_hayhooks(app)
 
 
 async def _streamed(

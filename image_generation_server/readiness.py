@@ -24,6 +24,7 @@ from hayhooks.server.routers.status import StatusResponse, status_all
 
 from components.errors import PipelineNotServedError
 from image_generation_server.generation import COMPONENT, served_pipeline
+from image_generation_server.routes import ahead_of_hayhooks
 from image_generation_server.settings import Settings
 
 PROBE_TIMEOUT = 2.0
@@ -92,7 +93,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     `Retry-After`; its body lists each check's outcome.
     """
     app.add_api_route("/status", status, methods=["GET"], summary="Liveness: the server is up")
-    app.router.routes.insert(0, app.router.routes.pop())
+    ahead_of_hayhooks(app)
     readiness = Readiness(app)
 
     async def ready(request: Request) -> JSONResponse:

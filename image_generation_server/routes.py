@@ -174,6 +174,15 @@ def prune(app: FastAPI, inventory: Inventory) -> None:
     app.openapi_schema = None
 
 
+def ahead_of_hayhooks(app: FastAPI) -> None:
+    """
+    Move the route added last to the front, so that it answers before Hayhooks' own at its path.
+
+    Starlette answers with the first match; `prune` then drops the shadowed route (docs/upstream.md).
+    """
+    app.router.routes.insert(0, app.router.routes.pop())
+
+
 def listed_routes(app: FastAPI) -> set[tuple[str, str]]:
     """
     Every (method, path) the app's router answers, HEAD left out.

@@ -266,7 +266,8 @@ async def test_a_result_url_is_fetched_from_the_address_that_was_checked():
         resolver = Rebinding("127.0.0.3", int(rebound.url.rsplit(":", 1)[1]))
         connector = aiohttp.TCPConnector(resolver=resolver)
         with ByteBudget(1 << 20).lease() as lease:
-            bounds = Bounds(time.monotonic() + 5, lease, (ipaddress.ip_network("127.0.0.1/32"),))
+            allowed = (ipaddress.ip_network("127.0.0.1/32"),)
+            bounds = Bounds(time.monotonic() + 5, lease, report=lambda _event: None, allowed_networks=allowed)
             async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
                 assert await fetch_async(session, call, bounds) == image
         assert rebound.hits == [] and resolver.asked == []

@@ -95,6 +95,7 @@ class ImageToImageBase:
         output_format: OutputFormat | None = None,
         n: int = 1,
         progress_callback: ProgressCallback | None = None,
+        previews: int = 0,
     ) -> dict[str, list[ImageContent]]:
         """
         Edit `image` `n` times, with seeds `seed`, `seed+1`, ...
@@ -116,6 +117,7 @@ class ImageToImageBase:
         :param n: How many images, 1..10; image *i* is the edit that seed `seed+i` gives alone.
         :param progress_callback: Called with each progress event (`components.progress`); an exception it raises
             stops the edit.
+        :param previews: How many `preview` events per image to send to `progress_callback` (a local backend's).
         :returns: `images`: `n` `ImageContent`s, with the same meta as text-to-image plus `strength` and `edited`.
         :raises InvalidRequestError: A parameter is out of range, or an upload is refused; nothing was sent.
         :raises ImageGenerationError: The edit failed; subclasses say how.
@@ -126,7 +128,7 @@ class ImageToImageBase:
             width=width, height=height, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             seed=seed, model=model, output_format=output_format,
         )  # fmt: skip
-        images = self._images(requests, progress_callback or ignore, 0)  # type: ignore[attr-defined]
+        images = self._images(requests, progress_callback or ignore, previews)  # type: ignore[attr-defined]
         return {"images": [_edited(image, request) for image, request in zip(images, requests, strict=True)]}
 
     @component.output_types(images=list[ImageContent])
@@ -146,6 +148,7 @@ class ImageToImageBase:
         output_format: OutputFormat | None = None,
         n: int = 1,
         progress_callback: ProgressCallback | None = None,
+        previews: int = 0,
     ) -> dict[str, list[ImageContent]]:
         """
         Edit `image` `n` times without blocking the event loop: the uploads are decoded in a worker thread.
@@ -158,7 +161,7 @@ class ImageToImageBase:
             negative_prompt=negative_prompt, width=width, height=height, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, model=model, output_format=output_format,
         )  # fmt: skip
-        images = await self._images_async(requests, progress_callback or ignore, 0)  # type: ignore[attr-defined]
+        images = await self._images_async(requests, progress_callback or ignore, previews)  # type: ignore[attr-defined]
         return {"images": [_edited(image, request) for image, request in zip(images, requests, strict=True)]}
 
 

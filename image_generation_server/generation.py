@@ -187,6 +187,8 @@ async def run_pipeline(
 
 async def edit_images(runner: Runner, pipeline: Pipeline, **params: Any) -> list[ImageContent]:
     """Run the editing `pipeline` on its component's inputs (`image`, `mask`, `prompt`, ...), admitted by `runner`."""
+    if previews := progress.previews_wanted():
+        params = {**params, "previews": previews}
     return await runner.admitted(lambda report: run_pipeline(pipeline, EDIT_COMPONENT, params, report))
 
 

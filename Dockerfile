@@ -86,10 +86,12 @@ RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
         --root-user-action=ignore --no-deps --no-index /dist/*.whl \
  && /usr/local/bin/python -m pip uninstall --yes --quiet --disable-pip-version-check --root-user-action=ignore \
         pip setuptools wheel
-# Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only. The JSON variant
-# (a wrapper folder sharing that pipeline) is deployed at startup beside it.
+# Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only. The JSON variants
+# (a wrapper folder sharing the generation pipeline, the editing YAML) and the editing wrapper are deployed beside it.
 COPY pipelines /opt/pipelines/image_generation
+COPY pipelines/image_editing /opt/pipelines/image_editing
 COPY served/image_generation_json /opt/pipelines/image_generation_json
+COPY served/image_editing_json.yml /opt/pipelines/
 USER 10001:10001
 WORKDIR /home/app
 EXPOSE 1416

@@ -4,8 +4,8 @@
 #   build     docker compose build
 #   up        docker compose up -d --wait: the service (SCALE replicas of it) turns healthy (its own healthcheck)
 #             within $TIMEOUT s
-#   request   the README's curl through the published port answers a PNG of the requested size, and the JSON
-#             variant an image in JSON; the runtime
+#   request   the README's curl through the published port answers a PNG of the requested size, the JSON variant an
+#             image in JSON, the editing route an edited PNG; the runtime
 #             deployment routes are refused; CORS refuses an origin not configured
 #   hardening on the running container: uid != 0, a read-only root (/ and $HOME refuse writes, /tmp takes them),
 #             no capabilities (effective, permitted, bounding) and no-new-privileges in every process, and no
@@ -83,6 +83,10 @@ step_request() {
     [ "$code" = 200 ] && grep -q '"mime_type": *"image/png"' "$OUT_DIR/json.json" ||
       fail "the JSON variant answered $code: $(head -c 200 "$OUT_DIR/json.json")"
     ok "the JSON variant answers a PNG in JSON"
+    curl -fsS --max-time 300 -X POST "$url/image_editing/run" -F "files=@$image;type=image/png" -F "prompt=A dog" \
+      --output "$OUT_DIR/edit.png" || fail "curl $url/image_editing/run"
+    [ "$(head -c 8 "$OUT_DIR/edit.png" | od -An -v -tx1 | tr -d ' \n')" = 89504e470d0a1a0a ] || fail "the edit is no PNG"
+    ok "the editing route answers an edited PNG"
   fi
   for path in /deploy_files /deploy-yaml /undeploy/image_generation; do
     code="$(curl -sS -o /dev/null -w '%{http_code}' -X POST "$url$path" -H 'Content-Type: application/json' -d '{}')"

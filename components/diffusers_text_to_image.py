@@ -19,7 +19,7 @@ from components.image_codec import encode
 from components.previews import LatentPreviewer, preview_steps
 from components.progress import ProgressCallback
 from components.request import MAX_STEPS, GenerationRequest, OutputFormat
-from components.settings import generator_settings, resolve
+from components.settings import generator_settings, value_or
 from components.text_to_image_base import TextToImageBase
 
 with LazyImport(message="Run 'pip install \".[local]\"' to use the local diffusers backend.") as torch_import:
@@ -173,7 +173,7 @@ class DiffusersTextToImage(TextToImageBase):
         """
         Create the component; nothing is imported from the Hub or loaded until `warm_up()`.
 
-        :param model: Hub model id or local folder; else `IMAGE_GENERATION_LOCAL_MODEL`, else stabilityai/sd-turbo.
+        :param model: Hub model id or local folder; else stabilityai/sd-turbo.
         :param device: The device, e.g. `ComponentDevice.from_str("cuda:1")`; `None` takes Haystack's default
             (a GPU, then XPU, then MPS, then the CPU).
         :param dtype: `auto` (bfloat16 or float16 on a GPU, float32 on the CPU), `float32`, `float16` or `bfloat16`.
@@ -185,7 +185,7 @@ class DiffusersTextToImage(TextToImageBase):
         :param output_format: Default image format: `png`, `jpeg` or `webp`.
         :param size_multiple: What width and height must be multiples of; `None` derives it from the model.
         :param max_steps: The most denoising steps a request may ask for.
-        :param timeout: Deadline in seconds for one image; else `IMAGE_GENERATION_TIMEOUT`.
+        :param timeout: Deadline in seconds for one image; else 120.
         :param preview_decoder: Hub id or local folder of a tiny autoencoder (`AutoencoderTiny`, e.g. TAESD for SD
             1.x/2.x, TAESDXL, TAESD3, TAEF1) that decodes previews; `None` projects the latents to RGB with no extra
             weights.
@@ -219,7 +219,7 @@ class DiffusersTextToImage(TextToImageBase):
         """Load the model (once per process, whichever instance asks first) and resolve the settings. Idempotent."""
         if self.settings is not None:
             return
-        model = resolve(self.model, "IMAGE_GENERATION_LOCAL_MODEL", DEFAULT_LOCAL_MODEL, str)
+        model = value_or(self.model, DEFAULT_LOCAL_MODEL)
         device = ComponentDevice.resolve_device(self.device).to_torch_str()
         loaded = load(model, device, self.dtype, self.cpu_offload)
         name = served_name(model)

@@ -30,9 +30,9 @@ from components.hf_providers import (
 from components.hf_transport import Bounds, Network, run_calls, run_calls_async
 from components.progress import ProgressCallback
 from components.request import GenerationRequest, OutputFormat
-from components.settings import generator_settings, resolve
+from components.settings import generator_settings, value_or
 from components.text_to_image_base import TextToImageBase
-from components.urls import is_http_url, parse_http_url
+from components.urls import is_http_url
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
     Generates images from text with the Hugging Face Inference API.
 
     Requests are built by `huggingface_hub` (Inference Providers, `provider="auto"` by default). When an endpoint
-    URL is set (here or in `IMAGE_GENERATION_ENDPOINT`), every request goes to that URL instead: a dedicated
+    URL is set (`endpoint_url`), every request goes to that URL instead: a dedicated
     Inference Endpoint or any server speaking the HF text-to-image protocol. The token is only ever sent there or to
     Hugging Face, never to a URL chosen by a caller: `model` must be a Hub model id. The token comes only from the
     `token` secret (`HF_API_TOKEN`, then `HF_TOKEN`) or the file named by `HF_TOKEN_FILE`, never from
@@ -58,7 +58,8 @@ class HuggingFaceAPITextToImage(TextToImageBase):
     image = generator.run(prompt="A cat sitting on a rainbow", seed=42)["images"][0]
     ```
 
-    Settings left at `None` are read from the `IMAGE_GENERATION_*` environment in `warm_up()`.
+    Settings are init parameters only: the component reads no settings from the environment (the server applies
+    its own settings to them when it loads the pipeline YAML). Left at `None`, a built-in default applies.
     """
 
     task = TASK  # the Inference Providers task its requests are for
@@ -77,6 +78,9 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         allowed_models: list[str] | None = None,
         timeout: float | None = None,
         max_image_bytes: int | None = None,
+        router_url: str | None = None,
+        max_inflight_bytes: int | None = None,
+        result_url_allow: list[str] | None = None,
     ) -> None:
         """
         Create the component; nothing is resolved or connected until `warm_up()`.
@@ -84,8 +88,8 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         :param model: Default Hub model id, used when a run passes none.
         :param provider: Inference Provider name (`hf-inference`, `fal-ai`, `replicate`, `together`, `nscale`), or
             `auto` for the first of those the Hub lists for the model, in the account's order of preference.
-        :param endpoint_url: URL of an HF-protocol inference server; else `IMAGE_GENERATION_ENDPOINT`, else the
-            HF router.
+        :param endpoint_url: URL of an HF-protocol inference server that every request goes to; else the HF
+            router.
         :param token: The Hugging Face token, from `HF_API_TOKEN` or `HF_TOKEN` by default; when it resolves to
             nothing, the file named by `HF_TOKEN_FILE` (a Docker secret, say) is read.
         :param width: Default width in pixels.
@@ -93,13 +97,19 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         :param num_inference_steps: Default number of denoising steps; `None` lets the model decide.
         :param guidance_scale: Default guidance scale; `None` lets the model decide.
         :param output_format: Default image format: `png`, `jpeg` or `webp`.
-        :param allowed_models: Model ids a run may ask for; else `IMAGE_GENERATION_MODELS`; else any Hub id, or with
-            an endpoint only `model` (it serves one model, whatever a request names).
-        :param timeout: Deadline in seconds for one image, retries included; else `IMAGE_GENERATION_TIMEOUT`.
-        :param max_image_bytes: Largest upstream reply accepted; else `IMAGE_GENERATION_MAX_IMAGE_BYTES`.
+        :param allowed_models: Model ids a run may ask for; else any Hub id, or with an endpoint only `model` (it
+            serves one model, whatever a request names).
+        :param timeout: Deadline in seconds for one image, retries included; else 120.
+        :param max_image_bytes: Largest upstream reply accepted; else 32 MiB.
+        :param router_url: Base URL of the Inference Providers router (a proxy in front of it); else the HF router.
+        :param max_inflight_bytes: Bytes of upstream replies all runs may hold at once while reading them; else
+            512 MiB. At least `max_image_bytes`.
+        :param result_url_allow: Networks (`10.1.0.0/16`) a provider's result URL may point into although private
+            or loopback; else none.
         """
-        if endpoint_url is not None and not is_http_url(endpoint_url):
-            raise ValueError(f"endpoint_url={endpoint_url!r} must be an http(s) URL with a host")
+        for name, url in (("endpoint_url", endpoint_url), ("router_url", router_url)):
+            if url is not None and not is_http_url(url):
+                raise ValueError(f"{name}={url!r} must be an http(s) URL with a host")
         check_provider(provider, self.task)
         self.model = model
         self.provider = provider
@@ -113,6 +123,9 @@ class HuggingFaceAPITextToImage(TextToImageBase):
         self.allowed_models = allowed_models
         self.timeout = timeout
         self.max_image_bytes = max_image_bytes
+        self.router_url = router_url
+        self.max_inflight_bytes = max_inflight_bytes
+        self.result_url_allow = result_url_allow
         self._backend = {"backend": "huggingface_api", "provider": provider}
         self._target: UpstreamTarget | None = None
         self._mappings = ProviderMappings()
@@ -125,20 +138,18 @@ class HuggingFaceAPITextToImage(TextToImageBase):
     def _resolve(self) -> None:
         if self.settings is not None:
             return
-        endpoint_url = resolve(self.endpoint_url, "IMAGE_GENERATION_ENDPOINT", None, str)
-        if endpoint_url is not None and not is_http_url(endpoint_url):
-            raise ValueError("IMAGE_GENERATION_ENDPOINT must be an http(s) URL with a host")
+        endpoint_url = self.endpoint_url
         quiet_hub_library()
         token = self.token.resolve_value() or _token_file()
-        router_url = resolve(None, "IMAGE_GENERATION_ROUTER_URL", HF_ROUTER_URL, _http_url)
+        router_url = value_or(self.router_url, HF_ROUTER_URL).rstrip("/")
         self._target = UpstreamTarget(self.provider, endpoint_url, token, router_url)
-        inflight = resolve(None, "IMAGE_GENERATION_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES, int)
+        inflight = value_or(self.max_inflight_bytes, DEFAULT_MAX_INFLIGHT_BYTES)
         self._bytes = ByteBudget(inflight)
-        self._allowed_networks = resolve(None, "IMAGE_GENERATION_RESULT_URL_ALLOW", (), _networks)
+        self._allowed_networks = tuple(ipaddress.ip_network(item) for item in self.result_url_allow or ())
         if token is None and endpoint_url is None:
             logger.warning(
-                "No Hugging Face token (HF_API_TOKEN, HF_TOKEN or HF_TOKEN_FILE) and no IMAGE_GENERATION_ENDPOINT: "
-                "Hugging Face will refuse the requests"
+                "No Hugging Face token (HF_API_TOKEN, HF_TOKEN or HF_TOKEN_FILE) and no IMAGE_GENERATION_ENDPOINT "
+                "(endpoint_url): Hugging Face will refuse the requests"
             )
         settings = generator_settings(
             allowed_models=self.allowed_models, timeout=self.timeout, max_image_bytes=self.max_image_bytes
@@ -148,7 +159,7 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             # never name a model that did not make the image.
             settings = replace(settings, allowed_models=frozenset((self.model,)))
         if inflight < settings.max_image_bytes:
-            raise ValueError("IMAGE_GENERATION_MAX_INFLIGHT_BYTES must be at least IMAGE_GENERATION_MAX_IMAGE_BYTES")
+            raise ValueError("max_inflight_bytes must be at least max_image_bytes")
         backend = "endpoint" if endpoint_url else self.provider
         self._backend = {"backend": "huggingface_api", "provider": backend}
         self.settings = settings
@@ -221,6 +232,9 @@ class HuggingFaceAPITextToImage(TextToImageBase):
             allowed_models=self.allowed_models,
             timeout=self.timeout,
             max_image_bytes=self.max_image_bytes,
+            router_url=self.router_url,
+            max_inflight_bytes=self.max_inflight_bytes,
+            result_url_allow=self.result_url_allow,
         )
 
     @classmethod
@@ -275,13 +289,3 @@ def _token_file() -> str | None:
     if not token:
         raise ValueError(f"HF_TOKEN_FILE={path!r} is empty")
     return token
-
-
-def _http_url(raw: str) -> str:
-    parse_http_url(raw)
-    return raw.rstrip("/")
-
-
-def _networks(raw: str) -> tuple[Network, ...]:
-    """A comma-separated list of networks (`127.0.0.2/32`, `10.1.0.0/16`)."""
-    return tuple(ipaddress.ip_network(item.strip()) for item in raw.split(",") if item.strip())

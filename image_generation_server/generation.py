@@ -200,19 +200,66 @@ def load_pipeline(folder: Path, settings: Settings, files: dict[str, str] = PIPE
     """
     allow_deserialization_module("components")
     data = yaml.safe_load((folder / files[settings.backend]).read_text())
-    for name, parameters in component_overrides(settings).items():
-        if name in data["components"]:
-            data["components"][name]["init_parameters"].update(parameters)
-    return Pipeline.from_dict(data)
+    return Pipeline.from_dict(apply_settings(data, settings))
+
+
+def apply_settings(data: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The serialized pipeline `data` with `component_overrides` applied in place (only parameters its YAML has)."""
+    for name, overrides in component_overrides(settings).items():
+        spec = data["components"].get(name)
+        if spec is None:
+            continue
+        init = spec.setdefault("init_parameters", {})
+        parameters = dict(overrides)
+        local_model = parameters.pop("local_model", None)
+        if local_model is not None and spec["type"].startswith(LOCAL_GENERATORS):
+            parameters["model"] = local_model
+        init.update({key: value for key, value in parameters.items() if key in init or name == MARKER})
+    return data
 
 
 def component_overrides(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The init parameters that settings set, by component name: what the operator set wins over the YAML."""
+    """
+    The init parameters that settings set, by component name: what the operator set wins over the YAML.
+
+    The generator and the editor (`text_to_image`, `image_to_image`, either backend) get the generator settings the
+    operator set (only those: the rest is the YAML's); `load_pipeline` applies to each component only the parameters
+    its YAML has (the local backend has no `endpoint_url`, the API backend's `model` is a Hub id, not `local_model`).
+    """
     marker: dict[str, Any] = {"embed_parameters": settings.embed_parameters}
     if settings.c2pa_cert is not None and settings.c2pa_key is not None:
         marker |= {"c2pa_cert": str(settings.c2pa_cert), "c2pa_key": str(settings.c2pa_key)}
         marker["c2pa_tsa_url"] = settings.c2pa_tsa_url
-    return {MARKER: marker}
+    generator = generator_overrides(settings)
+    return {MARKER: marker, COMPONENT: generator, EDIT_COMPONENT: generator}
+
+
+# Settings field -> the generators' init parameter it sets (when the operator set it).
+GENERATOR_SETTINGS = {
+    "endpoint": "endpoint_url",
+    "models": "allowed_models",
+    "timeout": "timeout",
+    "max_image_bytes": "max_image_bytes",
+    "router_url": "router_url",
+    "max_inflight_bytes": "max_inflight_bytes",
+    "result_url_allow": "result_url_allow",
+}
+LOCAL_GENERATORS = "components.diffusers_"  # `local_model` is their `model` (the API components' is a Hub id)
+
+
+def generator_overrides(settings: Settings) -> dict[str, Any]:
+    """The generators' init parameters that the operator's settings set, YAML-shaped (lists, strings)."""
+    chosen = settings.model_fields_set
+    overrides: dict[str, Any] = {
+        parameter: getattr(settings, name) for name, parameter in GENERATOR_SETTINGS.items() if name in chosen
+    }
+    if overrides.get("allowed_models") is not None:
+        overrides["allowed_models"] = list(overrides["allowed_models"])
+    if "result_url_allow" in overrides:
+        overrides["result_url_allow"] = [str(network) for network in overrides["result_url_allow"]]
+    if "local_model" in chosen and settings.local_model is not None:
+        overrides["local_model"] = settings.local_model  # the local generators' `model` (see `load_pipeline`)
+    return overrides
 
 
 _runner: Runner | None = None

@@ -52,10 +52,8 @@ def pipeline_files() -> dict[Path, str]:
         editing / "image_editing.yml": serialized(EDIT_COMPONENT, HuggingFaceAPIImageToImage()),
         editing / "image_editing_local.yml": serialized(EDIT_COMPONENT, DiffusersImageToImage()),
     }
-    # The editing JSON variant: the API pipeline as a top-level YAML of the served folder, which Hayhooks deploys (and
-    # runs itself) at startup as `/image_editing_json/run`. The generation JSON variant is a wrapper on the serving
-    # layer instead: served/image_generation_json/.
-    files[ROOT / "served" / "image_editing_json.yml"] = files[editing / "image_editing.yml"]
+    # The JSON variants are wrappers on the serving layer (served/image_generation_json/, served/image_editing_json/)
+    # that load these files with the operator's settings applied.
     return files
 
 

@@ -44,7 +44,7 @@ def generator(tiny_model):
 
 def test_init_default():
     component = DiffusersTextToImage()
-    assert component.model is None  # resolved from IMAGE_GENERATION_LOCAL_MODEL in warm_up
+    assert component.model is None  # stabilityai/sd-turbo in warm_up (the server sets it from its settings)
     assert (component.device, component.dtype, component.cpu_offload) == (None, "auto", False)
     assert (component.defaults.width, component.defaults.height, component.defaults.output_format) == (512, 512, "png")
     assert component._loaded is None  # nothing is loaded before warm_up

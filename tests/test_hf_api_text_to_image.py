@@ -15,6 +15,14 @@ from haystack.utils import Secret
 from components import HuggingFaceAPITextToImage
 from components.errors import InvalidImageError, InvalidRequestError, UpstreamError, UpstreamRejectedError
 from components.hf_transport import check_address
+from image_generation_server.generation import (
+    COMPONENT,
+    EDIT_COMPONENT,
+    EDIT_PIPELINE_FILES,
+    PIPELINE_FILES,
+    load_pipeline,
+)
+from image_generation_server.settings import Settings, env_name, load_settings
 
 TYPE = "components.hf_api_text_to_image.HuggingFaceAPITextToImage"
 
@@ -43,6 +51,7 @@ def test_init_default():
             ({"endpoint_url": url}, "endpoint_url")
             for url in ("file:///etc/passwd", "http://", "https:/x", "http://h:x/")
         ),
+        ({"router_url": "ftp://x"}, "router_url"),
         ({"width": 100}, "width"),
         ({"model": "../x"}, "model"),
     ],
@@ -69,6 +78,9 @@ def test_to_dict():
             "allowed_models": None,
             "timeout": 30,
             "max_image_bytes": None,
+            "router_url": None,
+            "max_inflight_bytes": None,
+            "result_url_allow": None,
         },
     }
 
@@ -203,19 +215,44 @@ async def test_a_failed_image_fails_the_batch_and_cancels_the_rest(generator, fr
     await generator.close_async()
 
 
-def test_allowed_models_from_environment(fresh_upstream, monkeypatch):
-    monkeypatch.setenv("IMAGE_GENERATION_MODELS", "a/one, b/two")
-    generator = HuggingFaceAPITextToImage(endpoint_url=fresh_upstream.url)
+def test_the_operators_settings_reach_every_generator_when_its_pipeline_loads(fresh_upstream, monkeypatch):
+    """The server's settings become init parameters (the YAML shows them); the components read no environment."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(env_name(name), raising=False)
+    settings = load_settings(
+        endpoint=fresh_upstream.url, models="a/one, b/two", timeout=9, max_image_bytes=1 << 20,
+        router_url="http://127.0.0.1:9", max_inflight_bytes=1 << 21, result_url_allow="10.1.0.0/16",
+    )  # fmt: skip
+    expected = {
+        "endpoint_url": fresh_upstream.url, "allowed_models": ["a/one", "b/two"], "timeout": 9.0,
+        "max_image_bytes": 1 << 20, "router_url": "http://127.0.0.1:9", "max_inflight_bytes": 1 << 21,
+        "result_url_allow": ["10.1.0.0/16"],
+    }  # fmt: skip
+    served = [
+        (ROOT / "pipelines", PIPELINE_FILES, COMPONENT),
+        (ROOT / "pipelines" / "image_editing", EDIT_PIPELINE_FILES, EDIT_COMPONENT),
+    ]
+    for folder, files, name in served:
+        init = load_pipeline(folder, settings, files).get_component(name).to_dict()["init_parameters"]
+        assert {key: init[key] for key in expected} == expected
+    generator = load_pipeline(ROOT / "pipelines", settings).get_component(COMPONENT)
     assert generator.run(prompt="x", model="b/two", seed=1)["images"][0].meta["model"] == "b/two"
     with pytest.raises(InvalidRequestError, match="not served"):
         generator.run(prompt="x", model="c/three")
     assert len(fresh_upstream.requests) == 1
+    # Unset, the YAML's values stay (null: the component's defaults).
+    init = load_pipeline(ROOT / "pipelines", load_settings()).get_component(COMPONENT).to_dict()["init_parameters"]
+    assert all(init[key] is None for key in expected)
 
 
-def test_endpoint_from_environment(fresh_upstream, monkeypatch):
-    monkeypatch.setenv("IMAGE_GENERATION_ENDPOINT", fresh_upstream.url)
-    HuggingFaceAPITextToImage().run(prompt="routed", seed=1)
-    assert len(fresh_upstream.requests) == 1
+def test_the_component_reads_no_environment(monkeypatch):
+    monkeypatch.setenv("IMAGE_GENERATION_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("IMAGE_GENERATION_MODELS", "a/one")
+    generator = HuggingFaceAPITextToImage()
+    generator.warm_up()
+    assert generator.upstream_urls()[0] != "http://127.0.0.1:9"
+    assert generator.settings is not None and generator.settings.allowed_models is None
+    generator.close()
 
 
 def test_upstream_reason_is_kept_only_when_safe(generator, fresh_upstream):

@@ -100,7 +100,8 @@ def test_to_dict():
             "model": "a/b", "provider": "auto", "endpoint_url": None,
             "token": {"env_vars": ["HF_API_TOKEN", "HF_TOKEN"], "strict": False, "type": "env_var"},
             "width": 64, "height": 512, "num_inference_steps": None, "guidance_scale": None, "output_format": "png",
-            "allowed_models": None, "timeout": None, "max_image_bytes": None,
+            "allowed_models": None, "timeout": None, "max_image_bytes": None, "router_url": None,
+            "max_inflight_bytes": None, "result_url_allow": None,
         },
     }  # fmt: skip
     assert DiffusersImageToImage(model="m").to_dict()["type"] == (

@@ -211,7 +211,7 @@ def test_native_route_answers_the_edited_image(api_server, fresh_upstream):
     assert response.status_code == 200, response.text
     assert (response.headers["content-type"], response.headers["x-seed"]) == ("image/png", "9")
     assert_kept_outside(response.content)
-    # The JSON variant (served/image_editing_json.yml) runs the same component on base64 images.
+    # The JSON variant (served/image_editing_json/, a wrapper) runs the same pipeline on base64 images.
     response = httpx.post(
         f"{api_server.url}/image_editing_json/run",
         json={"image": {"base64_image": base64.b64encode(SOURCE_PNG).decode()}, "prompt": "a red hat"},

@@ -151,11 +151,15 @@ def test_hayhooks_cli_deploys_the_yaml_to_plain_hayhooks_run(upstream, fresh_ups
         HAYSTACK_DESERIALIZATION_ALLOWLIST="components.*",
         HAYHOOKS_STARTUP_DEPLOY_STRATEGY="sequential",  # as the README says
     )
+    # A YAML deployed this way runs as it is (the server's settings are applied only by its own loader): the edited
+    # YAML names its endpoint.
+    edited = tmp_path / "image_generation_dev.yml"
+    text = (ROOT / "pipelines" / "image_generation.yml").read_text()
+    edited.write_text(text.replace("endpoint_url: null", f"endpoint_url: {upstream.url}", 1))
     hayhooks = start_server(tmp_path, env, command=[str(HAYHOOKS), "run"])
     try:
         deploy = subprocess.run(
-            [str(HAYHOOKS), "pipeline", "deploy-yaml", "-n", "image_generation_dev", "--no-save-file",
-             "pipelines/image_generation.yml"],
+            [str(HAYHOOKS), "pipeline", "deploy-yaml", "-n", "image_generation_dev", "--no-save-file", str(edited)],
             cwd=ROOT, env={**env, "HAYHOOKS_PORT": hayhooks.url.rsplit(":", 1)[1]},
             capture_output=True, text=True, check=False, timeout=120,
         )  # fmt: skip

@@ -87,11 +87,11 @@ RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
  && /usr/local/bin/python -m pip uninstall --yes --quiet --disable-pip-version-check --root-user-action=ignore \
         pip setuptools wheel
 # Baked in so the image runs on its own; docker-compose.yml mounts ./pipelines over it read-only. The JSON variants
-# (a wrapper folder sharing the generation pipeline, the editing YAML) and the editing wrapper are deployed beside it.
+# (wrapper folders sharing those pipelines) and the editing wrapper are deployed beside it.
 COPY pipelines /opt/pipelines/image_generation
 COPY pipelines/image_editing /opt/pipelines/image_editing
 COPY served/image_generation_json /opt/pipelines/image_generation_json
-COPY served/image_editing_json.yml /opt/pipelines/
+COPY served/image_editing_json /opt/pipelines/image_editing_json
 USER 10001:10001
 WORKDIR /home/app
 EXPOSE 1416

@@ -97,7 +97,7 @@ def test_a_failed_job_shows_why_and_what_to_do(page, browser_log, phone_server, 
     error = page.locator("#error")
     expect(error).to_contain_text(NO_TOKEN)
     expect(error).to_contain_text("Make calls to Inference Providers")
-    assert in_viewport(page, "#error")
+    assert wait_for(lambda: in_viewport(page, "#error"))  # it is scrolled into view
     expect(page.locator("#generate")).to_have_text("Generate")
     screenshot(page, "phone-failed-390x844.png")
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a fake HF upstream on loopback and real `image-generation-server` processes pointed at it."""
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -184,6 +185,18 @@ def post_raw(server: Server, data: bytes, headers: dict[str, str] | None = None)
             return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def exchange(server: Server, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    """One bodiless request (GET, HEAD, DELETE ...): status, lower-cased headers and body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10) -> bool:

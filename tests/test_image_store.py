@@ -6,7 +6,6 @@ The servers are real (`image-generation-server` against the fake upstream); the 
 plain HTTP, without a key for `/images` (the URL is the capability).
 """
 
-import http.client
 import json
 import os
 import threading
@@ -15,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SERVER, running, server_env, start_server
+from conftest import SERVER, exchange, running, server_env, start_server
 from jobs_client import JOBS, call, durable_env, submit, wait_status
 from openai import OpenAI
 
@@ -25,17 +24,6 @@ from image_generation_server.settings import load_settings
 ID = "0123456789abcdef0123456789abcdef"
 SECRET = "store-test-secret-that-must-never-be-served"
 BUDGET = 3_000_000  # about six 512² images of the fake upstream (470 KB each)
-
-
-def get(server, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    host, port = server.url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        connection.request(method, path)
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
 
 
 def stored_bytes(folder: Path) -> int:
@@ -144,7 +132,7 @@ def test_planted_links_serve_nothing_and_are_not_followed(store_server, tmp_path
     os.mkfifo(store_server.image_dir / fifo)  # not a regular file: no answer may block on it
     for name in [*planted, fifo]:
         for method in ("GET", "HEAD"):
-            status, _, body = get(store_server, f"/images/{name}", method)
+            status, _, body = exchange(store_server, method, f"/images/{name}")
             assert status == 404, (name, method)
             assert SECRET.encode() not in body and b"root:" not in body
     assert elsewhere.read_text() == "root:x:0:0:elsewhere\n"
@@ -154,13 +142,13 @@ def test_an_image_is_streamed_with_nosniff_and_answers_head(store_server, fresh_
     client = OpenAI(base_url=f"{store_server.url}/v1", api_key="unused", max_retries=0)
     (item,) = client.images.generate(prompt="streamed", size="1024x1024", response_format="url").data
     path = item.url.removeprefix(store_server.url)
-    status, headers, body = get(store_server, path)
+    status, headers, body = exchange(store_server, "GET", path)
     assert status == 200
     assert headers["x-content-type-options"] == "nosniff"
     assert headers["content-type"] == "image/png"
     assert int(headers["content-length"]) == len(body) == (store_server.image_dir / Path(path).name).stat().st_size
     assert len(body) > 256 * 1024  # more than one chunk
-    head_status, head_headers, head_body = get(store_server, path, "HEAD")
+    head_status, head_headers, head_body = exchange(store_server, "HEAD", path)
     assert (head_status, head_body) == (200, b"")
     assert head_headers["content-length"] == headers["content-length"]
     assert head_headers["etag"] == headers["etag"]

@@ -1,13 +1,13 @@
 """The route inventory: the app answers exactly the routes of the inventory lists, in both of Hayhooks' modes."""
 
 import gc
-import http.client
 import json
 import re
 import urllib.error
 import urllib.request
 
 import pytest
+from conftest import exchange
 from fastapi.testclient import TestClient
 from hayhooks import create_app as create_hayhooks_app
 from hayhooks.settings import settings
@@ -152,17 +152,6 @@ SERVED_BY_DEFAULT = sorted(expected(durable=False) - {("GET", "/metrics")})  # m
 def test_a_running_server_answers_every_row(server, fresh_upstream, method, path):
     path = concrete(path).replace("/static/x", "/static/page.js")
     assert request(server, method, path) not in NOT_SERVED  # a route's own 404 (no such image) names its cause
-
-
-def exchange(server, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
-    host, port = server.url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        connection.request(method, path)
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
 
 
 GET_ROUTES = [path for method, path in SERVED_BY_DEFAULT if method == "GET"]

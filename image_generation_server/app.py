@@ -30,6 +30,7 @@ from image_generation_server.allocator import tune_allocator
 from image_generation_server.answers import AnswerBudget
 from image_generation_server.guard import HTTPGuard, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol
+from image_generation_server.log import quiet_per_run_chatter
 from image_generation_server.quota import Quota
 from image_generation_server.responses import http_exception_handler, validation_error_handler
 from image_generation_server.routes import Inventory, prune
@@ -111,6 +112,7 @@ def create_app(config: Settings | None = None) -> FastAPI:
             for context in running:
                 await doors.enter_async_context(context())
             prune(app, inventory)
+            quiet_per_run_chatter()
             # What startup made (modules, models, the app) lives as long as the process: out of the collector's
             # sight, a full collection no longer walks it. Those walks paused the loop for tens of ms under load.
             gc.freeze()

@@ -34,7 +34,7 @@ from image_generation_server.log import quiet_per_run_chatter
 from image_generation_server.quota import Quota
 from image_generation_server.responses import http_exception_handler, validation_error_handler
 from image_generation_server.routes import Inventory, prune
-from image_generation_server.settings import Settings, load_settings
+from image_generation_server.settings import Settings, load_settings, use
 
 # The doors beside the pipelines' own run routes: each module's `install(app)` adds its routes to the app, and returns
 # what must run while the app runs (an async context manager factory), if anything: the app's one lifespan enters it.
@@ -50,10 +50,11 @@ def create_app(config: Settings | None = None) -> FastAPI:
     Also an app factory for `uvicorn --factory image_generation_server.app:create_app`, e.g. with `--workers`.
 
     :param config: Our settings; read from the environment (`load_settings()`) when not given. Passed to the guard
-        and to every door.
+        and to every door, and made the process's settings (`settings.use`) for the pipeline wrappers and jobs.
     :raises SettingsError: A setting is invalid; the message names its variable.
     """
     config = config or load_settings()
+    use(config)
     tune_allocator()
     jobs.configure_durable_mode(config)
     # Hayhooks prepares startup pipelines in parallel threads; two threads importing `components` modules at once can

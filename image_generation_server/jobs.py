@@ -33,7 +33,7 @@ from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.responses import classify
 from image_generation_server.result_cache import CACHE_SCOPE
-from image_generation_server.settings import Settings, env_name, load_settings
+from image_generation_server.settings import Settings, current_settings, env_name
 from image_generation_server.uploads import image_argument
 
 # Jobs queued under one revision wait for a replica of the same revision: change it only when old jobs can't run.
@@ -144,7 +144,7 @@ class Jobs:
     def setup(self) -> None:
         """Set up the wrapper, bind the component's validation and the pixel cap to job requests, open the store."""
         super().setup()  # type: ignore[misc]
-        settings, pipeline = load_settings(), self.pipeline
+        settings, pipeline = current_settings(), self.pipeline
         self.image_store = ImageStore.from_settings(settings)
         validate = pipeline.get_component(self.component).validate_request
 
@@ -237,7 +237,7 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 def jobs_mixin(jobs: type[Jobs] = Jobs) -> type[Jobs]:
     """`jobs` (`Jobs`, or `EditJobs`), owned by API keys when they are configured (else job ids are the capability)."""
-    return type(f"Owned{jobs.__name__}", (OwnedJobs, jobs), {}) if load_settings().api_keys else jobs
+    return type(f"Owned{jobs.__name__}", (OwnedJobs, jobs), {}) if current_settings().api_keys else jobs
 
 
 def configure_durable_mode(settings: Settings) -> None:

@@ -2,16 +2,19 @@
 The service's settings: every `IMAGE_GENERATION_*` variable, read once at startup, validated, and passed down.
 
 `load_settings()` reads the environment (an empty variable means the default) and fails with a `SettingsError` that
-names the variable. The app factory (`image_generation_server.app.create_app`) loads them and hands them to each
-door, the guard and the pipeline wrapper; no other module reads our variables. Settings that change what a component
-does are applied to the served pipeline's component init parameters (`component_overrides`), so that the pipeline
-that runs is the YAML plus what the operator set. Hayhooks' own `HAYHOOKS_*` settings and the Hugging Face token
-(`HF_API_TOKEN`, `HF_TOKEN`, `HF_TOKEN_FILE`) are not ours: Hayhooks and the component's `Secret` read them.
+names the variable. The app factory (`image_generation_server.app.create_app`) loads them once, hands them to each
+door and the guard, and makes them the process's settings (`use`), which the pipeline wrappers and jobs take
+(`current_settings`: Hayhooks gives a wrapper's `setup()` no argument); no other module reads our variables.
+Settings that change what a component does are applied to the served pipeline's component init parameters
+(`component_overrides`), so that the pipeline that runs is the YAML plus what the operator set. Hayhooks' own
+`HAYHOOKS_*` settings and the Hugging Face token (`HF_API_TOKEN`, `HF_TOKEN`, `HF_TOKEN_FILE`) are not ours: Hayhooks
+and the component's `Secret` read them.
 `docs/configuration.md` shows these fields as a table (`scripts/configuration_table.py` writes it).
 """
 
 import ipaddress
 import math
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -312,3 +315,30 @@ def load_settings(**values: Any) -> Settings:
             else:
                 problems.append(f"{env_name(field)}={error['input']!r}: {message}")
         raise SettingsError("; ".join(problems)) from None
+
+
+_current: Settings | None = None
+_current_lock = threading.Lock()
+
+
+def use(config: Settings) -> None:
+    """Make `config` the process's settings: what `current_settings()` answers (the app factory's object)."""
+    global _current  # noqa: PLW0603 - one settings object per process, shared with the wrappers Hayhooks deploys
+    with _current_lock:
+        _current = config
+
+
+def current_settings() -> Settings:
+    """
+    The process's settings: those given to `use()`, else read from the environment once and kept.
+
+    The environment is read only in a process that our app factory did not start (`hayhooks run` serving the
+    wrapper folders).
+
+    :raises SettingsError: Reading the environment, naming each invalid variable.
+    """
+    global _current  # noqa: PLW0603 - see `use`
+    with _current_lock:
+        if _current is None:
+            _current = load_settings()
+        return _current

@@ -19,7 +19,7 @@ from image_generation_server import answers
 from image_generation_server.generation import image_size, served_runner
 from image_generation_server.jobs import jobs_mixin
 from image_generation_server.responses import http_error, image_response
-from image_generation_server.settings import load_settings
+from image_generation_server.settings import current_settings
 from image_generation_server.signature import takes
 
 
@@ -31,7 +31,7 @@ class LivePipelineWrapper(BasePipelineWrapper):
 
     def setup(self) -> None:
         """Load and warm up the backend's pipeline (a YAML beside this file), with the server's layer around it."""
-        self.runner = served_runner(load_settings(), Path(__file__).parent)
+        self.runner = served_runner(current_settings(), Path(__file__).parent)
         self.pipeline = self.runner.pipeline
 
     @takes(GenerationParameters)

@@ -1,12 +1,15 @@
 """The settings: one object read from the environment at startup, its errors naming the variable, its table in docs."""
 
 import ast
+import json
 import re
 import subprocess
 import sys
+import urllib.request
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, running, server_env
+from jobs_client import durable_env
 
 from image_generation_server.settings import Settings, SettingsError, env_name, load_settings
 
@@ -155,3 +158,58 @@ def test_no_code_writes_the_environment():
     writers = {path for path, tree in _modules().items() if _writes_environment(tree)}
     assert writers <= WRITES, f"writes os.environ: {writers - WRITES}"
     assert _writes_environment(ast.parse("import os\nos.environ['X'] = 'y'"))  # the check sees a write
+
+
+# A server whose one settings object is built by the caller: `timeout` given, while the environment's is invalid.
+SERVE_GIVEN_SETTINGS = """
+import uvicorn
+from hayhooks.settings import settings
+from image_generation_server.app import create_app
+from image_generation_server.settings import load_settings
+uvicorn.run(create_app(load_settings(timeout=30)), host=settings.host, port=settings.port, log_config=None)
+"""
+SERVED_PIPELINES = {"image_generation", "image_generation_json", "image_editing", "image_editing_json"}
+
+
+def test_the_wrappers_and_jobs_take_the_object_the_app_was_given(upstream, tmp_path):
+    """
+    The environment is read once, by whoever builds the app: the wrappers and jobs use that object. Were one of
+    them to read the environment again, its `SettingsError` would make Hayhooks skip its pipeline.
+    """
+    env = server_env(**durable_env(), IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_TIMEOUT="never",
+                     XDG_CACHE_HOME=str(tmp_path / "cache"))  # fmt: skip
+    with running(tmp_path, env, command=[sys.executable, "-c", SERVE_GIVEN_SETTINGS]) as server:
+        assert set(server.pipelines) == SERVED_PIPELINES, server.log()
+        assert "IMAGE_GENERATION_TIMEOUT" not in server.log()
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                f"{server.url}/image_generation/run",
+                data=json.dumps({"prompt": "a lighthouse"}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=30,
+        ) as answer:
+            assert answer.status == 200 and answer.headers["Content-Type"].startswith("image/")
+
+
+CURRENT_SETTINGS_OUTSIDE_THE_APP = """
+import os
+from image_generation_server.settings import current_settings, load_settings, use
+first = current_settings()
+os.environ["IMAGE_GENERATION_TIMEOUT"] = str(first.timeout + 1)
+assert current_settings() is first, "read the environment again"
+given = load_settings()
+use(given)
+assert current_settings() is given and given.timeout == first.timeout + 1
+"""
+
+
+def test_without_the_app_the_environment_is_read_once_and_kept():
+    """`hayhooks run` serving the wrapper folders: the first `current_settings()` reads the environment, later ones
+    answer the same object; `use` (the app factory's call) replaces it."""
+    env = {k: v for k, v in server_env().items() if not k.startswith("IMAGE_GENERATION_")}
+    checked = subprocess.run(
+        [sys.executable, "-c", CURRENT_SETTINGS_OUTSIDE_THE_APP], cwd=ROOT, env=env, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr

@@ -18,7 +18,7 @@ from components.request import EditParameters
 from image_generation_server.generation import EDIT_PIPELINE_FILES, edit_images, load_pipeline, served_runner
 from image_generation_server.jobs import EditJobs, jobs_mixin
 from image_generation_server.responses import http_error, image_response
-from image_generation_server.settings import load_settings
+from image_generation_server.settings import current_settings
 from image_generation_server.signature import takes
 from image_generation_server.uploads import form_model, image_content
 
@@ -30,7 +30,7 @@ class LivePipelineWrapper(BasePipelineWrapper):
 
     def setup(self) -> None:
         """Load and warm up the backend's editing pipeline (for the local backend: on the weights already loaded)."""
-        settings = load_settings()
+        settings = current_settings()
         self.runner = served_runner(settings)  # its admission gate is the one every generation passes
         self.pipeline = load_pipeline(Path(__file__).parent, settings, EDIT_PIPELINE_FILES)
         self.pipeline.warm_up()

@@ -24,7 +24,7 @@ from image_generation_server.generation import (
     served_runner,
 )
 from image_generation_server.responses import http_error
-from image_generation_server.settings import load_settings
+from image_generation_server.settings import current_settings
 from image_generation_server.signature import takes
 
 
@@ -35,7 +35,7 @@ class PipelineWrapper(BasePipelineWrapper):
 
     def setup(self) -> None:
         """Load the editing pipeline from the native editing wrapper's folder; share the process's admission gate."""
-        settings = load_settings()
+        settings = current_settings()
         self.runner = served_runner(settings)
         folder = Path(hayhooks_settings.pipelines_dir) / EDIT_PIPELINE_NAME
         self.pipeline = load_pipeline(folder, settings, EDIT_PIPELINE_FILES)

@@ -15,7 +15,7 @@ from haystack.dataclasses import ImageContent
 from components.request import GenerationParameters
 from image_generation_server.generation import served_runner
 from image_generation_server.responses import http_error
-from image_generation_server.settings import load_settings
+from image_generation_server.settings import current_settings
 from image_generation_server.signature import takes
 
 
@@ -26,7 +26,7 @@ class PipelineWrapper(BasePipelineWrapper):
 
     def setup(self) -> None:
         """Share the process's runner: the native wrapper's pipeline (loaded from its folder if this comes first)."""
-        self.runner = served_runner(load_settings())
+        self.runner = served_runner(current_settings())
         self.pipeline = self.runner.pipeline
 
     @takes(GenerationParameters)

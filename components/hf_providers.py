@@ -23,8 +23,6 @@ from urllib.parse import urlsplit
 import pybase64
 from huggingface_hub import constants
 from huggingface_hub.hf_api import InferenceProviderMapping
-from huggingface_hub.inference._common import MimeBytes
-from huggingface_hub.inference._providers import PROVIDERS, TaskProviderHelper
 from huggingface_hub.utils import build_hf_headers
 
 from components.errors import (
@@ -34,6 +32,7 @@ from components.errors import (
     UpstreamNotFoundError,
     UpstreamTimeoutError,
 )
+from components.private_huggingface_hub import ProviderHelper, image_input, prepare_request_offline, provider_helper
 from components.request import EditRequest, GenerationRequest
 from components.urls import is_http_url
 
@@ -162,7 +161,7 @@ def edit_calls(
         "seed": request.seed,
         "strength": request.strength,
     }
-    inputs = MimeBytes(request.image.png(), "image/png")
+    inputs = image_input(request.image.png(), "image/png")
     call = _provider_call(target, helper, mapping, inputs, parameters, request.output_format, max_bytes)
     return (yield from _image_of((yield call), request.output_format, max_bytes))
 
@@ -177,14 +176,14 @@ def _image_of(reply: bytes, output_format: str, max_bytes: int) -> Generator[Cal
 
 def _route(
     target: UpstreamTarget, mappings: ProviderMappings, model: str, task: str
-) -> Generator[Call, bytes, tuple[TaskProviderHelper, InferenceProviderMapping]]:
+) -> Generator[Call, bytes, tuple[ProviderHelper, InferenceProviderMapping]]:
     """The provider helper and model mapping for `model`, from the Hub (through the cache) unless an endpoint is set."""
     if target.endpoint_url is not None:
         url = target.endpoint_url
         mapping = InferenceProviderMapping(
             provider="hf-inference", hf_model_id=url, providerId=url, status="live", task=task
         )
-        return PROVIDERS["hf-inference"][task], mapping
+        return provider_helper("hf-inference", task), mapping
     known = mappings.get(model)
     if known is None:
         try:
@@ -197,7 +196,7 @@ def _route(
     wanted = supported if target.provider == "auto" else (target.provider,)
     for mapping in known:  # in the token owner's order of preference, as the Hub lists them
         if mapping.task == task and mapping.provider in wanted:
-            return PROVIDERS[mapping.provider][task], mapping  # type: ignore[index]
+            return provider_helper(mapping.provider, task), mapping
     via = "any supported provider" if target.provider == "auto" else f"provider {target.provider}"
     raise UnknownModelError(f"model {model} is not available for {task} through {via}")
 
@@ -222,7 +221,7 @@ def _parse_mappings(body: bytes, model: str) -> list[InferenceProviderMapping]:
 
 def _provider_call(  # noqa: PLR0913
     target: UpstreamTarget,
-    helper: TaskProviderHelper,
+    helper: ProviderHelper,
     mapping: InferenceProviderMapping,
     inputs: str | bytes,
     parameters: dict[str, Any],
@@ -230,8 +229,10 @@ def _provider_call(  # noqa: PLR0913
     max_bytes: int,
 ) -> Call:
     """The provider call huggingface_hub would make, with our mapping and token only, sent to our router URL."""
-    offline = _Offline(helper, mapping, target.token)
-    params = offline.prepare_request(
+    params = prepare_request_offline(
+        helper,
+        mapping,
+        target.token,
         inputs=inputs,
         parameters=parameters,
         headers={"Accept": f"image/{output_format}"},
@@ -245,23 +246,6 @@ def _provider_call(  # noqa: PLR0913
     if url.startswith(HF_ROUTER_URL + "/"):
         url = target.router_url.rstrip("/") + url[len(HF_ROUTER_URL) :]
     return Call("POST", url, "generate", max_bytes, headers, params.json, params.data)
-
-
-class _Offline:
-    """A provider helper that uses the given mapping and token instead of asking the Hub or the stored login."""
-
-    def __init__(self, helper: TaskProviderHelper, mapping: InferenceProviderMapping, token: str | None) -> None:
-        self._helper = helper
-        self._mapping = mapping
-        self._token = token or ""
-
-    def prepare_request(self, **kwargs: Any) -> Any:
-        """`helper.prepare_request` with its key and mapping steps answered locally."""
-        bound = object.__new__(type(self._helper))
-        bound.__dict__.update(self._helper.__dict__)
-        bound._prepare_api_key = lambda _api_key: self._token  # type: ignore[method-assign]
-        bound._prepare_mapping_info = lambda _model: self._mapping  # type: ignore[method-assign]
-        return bound.prepare_request(**kwargs)
 
 
 def _read_reply(reply: bytes) -> bytes | str:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from hayhooks.settings import AppSettings
 
 from components.urls import is_http_url
+from image_generation_server.private_hayhooks import default_hayhooks_settings
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")  # noqa: S104 (names, not a bind)
@@ -30,11 +31,9 @@ CORS_DEFAULTS = {
 }
 
 
-def configure_cors(settings: AppSettings) -> None:
+def configure_cors() -> None:
     """Replace Hayhooks' allow-everything CORS defaults with ours for every `HAYHOOKS_CORS_*` setting left unset."""
-    for name, value in CORS_DEFAULTS.items():
-        if name not in settings.model_fields_set:
-            setattr(settings, name, list(value))
+    default_hayhooks_settings(**{name: list(value) for name, value in CORS_DEFAULTS.items()})
 
 
 def cors_enabled(settings: AppSettings) -> bool:

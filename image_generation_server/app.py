@@ -17,7 +17,6 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from hayhooks import create_app as create_hayhooks_app
-from hayhooks.server.logger import intercept_stdlib_logging
 from hayhooks.settings import StartupDeployStrategy, settings
 from haystack.core.serialization import allow_deserialization_module
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +30,8 @@ from image_generation_server.answers import AnswerBudget
 from image_generation_server.guard import HTTPGuard, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol
 from image_generation_server.log import quiet_per_run_chatter
+from image_generation_server.private_hayhooks import log_through_hayhooks, set_hayhooks_settings
+from image_generation_server.private_starlette import append_inner_middleware, remove_middleware, run_inside_lifespan
 from image_generation_server.quota import Quota
 from image_generation_server.responses import http_exception_handler, validation_error_handler
 from image_generation_server.routes import Inventory, prune
@@ -59,16 +60,16 @@ def create_app(config: Settings | None = None) -> FastAPI:
     jobs.configure_durable_mode(config)
     # Hayhooks prepares startup pipelines in parallel threads; two threads importing `components` modules at once can
     # deadlock on Python's import locks (seen with the wrapper and the JSON variant). Two pipelines gain nothing.
-    settings.startup_deploy_strategy = StartupDeployStrategy.SEQUENTIAL
+    set_hayhooks_settings(startup_deploy_strategy=StartupDeployStrategy.SEQUENTIAL)
     allow_deserialization_module("components")  # our pipelines, the JSON variant's YAML included, name our components
-    configure_cors(settings)
+    configure_cors()
     # Hayhooks' in-memory trace buffer feeds only its dashboard, which the inventory does not serve; spans still go to
-    # an OpenTelemetry exporter configured by the `OTEL_*` settings.
-    settings.tracing_enabled = settings.tracing_include_haystack_spans = False
-    settings.tracing_buffer_capacity = 1  # Hayhooks records each run there regardless; it sorts the buffer each time
+    # an OpenTelemetry exporter configured by the `OTEL_*` settings. Hayhooks records each run in the buffer
+    # regardless, and sorts it each time: it keeps one.
+    set_hayhooks_settings(tracing_enabled=False, tracing_include_haystack_spans=False, tracing_buffer_capacity=1)
     app = create_hayhooks_app()
     if not cors_enabled(settings):  # Starlette's CORS middleware would still wrap every answer
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+        remove_middleware(app, CORSMiddleware)
     app.redoc_url = app.swagger_ui_oauth2_redirect_url = None  # FastAPI re-adds its doc routes when a pipeline deploys
     inventory = Inventory(durable=app.state.durable_mode, max_upload_bytes=config.max_upload_bytes)
     app.state.inventory = inventory
@@ -86,7 +87,7 @@ def create_app(config: Settings | None = None) -> FastAPI:
         quota=Quota.from_settings(config),
         answers=AnswerBudget(config.max_answer_bytes, config.max_request_pixels),
     )
-    app.user_middleware.append(guard)
+    append_inner_middleware(app, guard)
     build_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -104,12 +105,11 @@ def create_app(config: Settings | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     running = [context for door in DOORS if (context := door.install(app, config)) is not None]
     prune(app, inventory)
-    hayhooks_lifespan = app.router.lifespan_context  # the one place it is replaced (docs/upstream.md)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        """Hayhooks' startup deploy, what each door runs, the routes Hayhooks added pruned again, startup frozen."""
-        async with hayhooks_lifespan(app) as state, contextlib.AsyncExitStack() as doors:
+    async def after_startup(app: FastAPI) -> AsyncIterator[None]:
+        """After Hayhooks' startup deploy: what each door runs, the routes it added pruned again, startup frozen."""
+        async with contextlib.AsyncExitStack() as doors:
             for context in running:
                 await doors.enter_async_context(context())
             prune(app, inventory)
@@ -117,9 +117,9 @@ def create_app(config: Settings | None = None) -> FastAPI:
             # What startup made (modules, models, the app) lives as long as the process: out of the collector's
             # sight, a full collection no longer walks it. Those walks paused the loop for tens of ms under load.
             gc.freeze()
-            yield state
+            yield
 
-    app.router.lifespan_context = lifespan
+    run_inside_lifespan(app, after_startup)
     return app
 
 
@@ -132,9 +132,7 @@ def main() -> None:
     except ValueError as e:  # a setting the server cannot start with; the message names it
         sys.exit(f"image-generation-server: {e}")
     trusted_proxies = [str(network) for network in config.trusted_proxies]
-    intercept_stdlib_logging(
-        settings.intercepted_loggers, access_log_excluded_path_prefixes=settings.access_log_excluded_path_prefixes
-    )
+    log_through_hayhooks()
     # httptools and uvloop (C) cost less CPU per request than h11 and asyncio; the protocol caps the request head and
     # closes a connection whose client stops reading.
     uvicorn.run(

@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from image_generation_server import durable_queue
+from image_generation_server import private_hayhooks
 from image_generation_server.quota import IDENTITY_SCOPE_KEY
 from image_generation_server.responses import error_response
 
@@ -70,7 +70,7 @@ class RecentDurations:
 JOB_DURATIONS = RecentDurations()
 
 
-def queue_answer(state: durable_queue.QueueState) -> dict[str, int | None]:
+def queue_answer(state: private_hayhooks.QueueState) -> dict[str, int | None]:
     """What a client is told about its queued job: the jobs before it, and about when it starts."""
     mean = JOB_DURATIONS.mean()
     slots = max(1, state.running)  # while jobs wait, every slot is busy: the jobs running are the slots
@@ -187,7 +187,7 @@ class JobShares:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         client = scope.get(IDENTITY_SCOPE_KEY)
         name, *parts = path.removeprefix("/").split("/")
-        durable = durable_queue.deployment(self.api, name) if parts else None
+        durable = private_hayhooks.durable_deployment(self.api, name) if parts else None
         if durable is None or client is None:
             await self.app(scope, receive, send)
             return
@@ -235,7 +235,7 @@ class JobShares:
         gone = [run_id for run_id, control in zip(recorded, controls, strict=True) if control is None]
         if finished or gone:
             for run_id in await self.ledger.finish(client, finished, gone, self.max_finished):
-                await durable_queue.forget(durable, run_id)
+                await private_hayhooks.forget(durable, run_id)
         return [run_id for run_id in recorded if run_id not in finished and run_id not in gone]
 
     async def _stream(  # noqa: PLR0913
@@ -268,7 +268,7 @@ class JobShares:
         if answer.status == 200:
             try:
                 execution = json.loads(body)
-                state = await durable_queue.queue_state(durable, run_id) if execution["status"] == "queued" else None
+                state = await private_hayhooks.queue_state(durable, run_id) if execution["status"] == "queued" else None
             except Exception as e:  # the answer stands as Hayhooks gave it
                 log.debug("Job queue state not added: {}", type(e).__name__)
             else:
@@ -358,7 +358,7 @@ class _QueueEvents:
         last: dict[str, Any] | None = None
         while True:
             try:
-                state = await durable_queue.queue_state(self.durable, self.run_id)
+                state = await private_hayhooks.queue_state(self.durable, self.run_id)
             except Exception as e:  # the store is away: the stream itself reports that
                 log.debug("Job queue state not read: {}", type(e).__name__)
                 answer = last

@@ -31,6 +31,8 @@ from image_generation_server import answers, progress
 from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, Runner, edit_images, image_size
 from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
+from image_generation_server.private_hayhooks import default_hayhooks_settings, set_hayhooks_settings
+from image_generation_server.private_starlette import append_inner_middleware
 from image_generation_server.responses import classify
 from image_generation_server.result_cache import CACHE_SCOPE
 from image_generation_server.settings import Settings, current_settings, env_name
@@ -216,14 +218,15 @@ def install(app: FastAPI, settings: Settings) -> None:
             if shared and share >= shared:
                 raise ValueError(f"{name}={share} must be below {shared_name}={shared}, the limit of all clients")
         # After HTTPGuard (appended before the doors are installed), which names the client.
-        app.user_middleware.append(
+        append_inner_middleware(
+            app,
             Middleware(
                 JobShares,
                 api=app,
                 max_jobs=settings.max_jobs_per_client,
                 max_streams=settings.max_streams_per_client,
                 max_finished=settings.max_finished_jobs_per_client,
-            )
+            ),
         )
     native = app.exception_handlers[StarletteHTTPException]
 
@@ -252,14 +255,14 @@ def configure_durable_mode(settings: Settings) -> None:
     """
     if not hayhooks_settings.durable_mode:
         return
-    configured = hayhooks_settings.model_fields_set  # what the `HAYHOOKS_*` environment (or a caller) set
-    if not {"durable_store", "durable_redis_url"} & configured:
-        hayhooks_settings.durable_store = "memory"
-    if "durable_max_nonterminal_executions" not in configured:
-        hayhooks_settings.durable_max_nonterminal_executions = DEFAULT_MAX_PENDING_JOBS
+    if "durable_redis_url" not in hayhooks_settings.model_fields_set:  # what the `HAYHOOKS_*` environment set
+        default_hayhooks_settings(durable_store="memory")
+    default_hayhooks_settings(durable_max_nonterminal_executions=DEFAULT_MAX_PENDING_JOBS)
     # A finished job is kept no longer than its images: past that its result would list URLs that answer 404.
     image_lifetime = math.ceil(settings.image_max_age)
-    hayhooks_settings.durable_terminal_ttl_seconds = min(hayhooks_settings.durable_terminal_ttl_seconds, image_lifetime)
+    set_hayhooks_settings(
+        durable_terminal_ttl_seconds=min(hayhooks_settings.durable_terminal_ttl_seconds, image_lifetime)
+    )
     if hayhooks_settings.durable_store == "memory" and multiprocessing.parent_process() is not None:
         raise RuntimeError(
             "the in-memory job store serves one process: run one worker, or set HAYHOOKS_DURABLE_STORE=redis and "

@@ -9,15 +9,14 @@ before any filter sees it), so once the server is up they are not built at all (
 
 import logging
 import os
-import sys
 from typing import Any
 
 from hayhooks import log
-from hayhooks.server.logger import formatter, intercept_stdlib_logging
+
+from image_generation_server.private_hayhooks import add_stderr_log, log_through_hayhooks, skip_per_run_chatter
 
 LOGGED_TEXT_CHARS = 64
-# Hayhooks' run route handler: its INFO lines are per-request chatter beside the access log.
-PER_RUN_CHATTER = ("hayhooks.server.utils.deploy_utils", "_handle_request")
+VERBOSE_LEVELS = ("DEBUG", "TRACE")  # Hayhooks' per-run lines are kept at these
 
 
 def log_level() -> str:
@@ -30,8 +29,8 @@ def configure_server_log() -> None:
     level = log_level()
     log.configure(patcher=truncate_logged_params)
     log.remove()  # hayhooks' one handler, added at its import, is added again with the filter
-    log.add(sys.stderr, level=level, format=formatter, filter=None if level in ("DEBUG", "TRACE") else _not_chatter)
-    intercept_stdlib_logging(["components"])  # hayhooks' std-logging-to-loguru bridge
+    add_stderr_log(level, per_run_chatter=level in VERBOSE_LEVELS)
+    log_through_hayhooks(["components"])  # hayhooks' std-logging-to-loguru bridge
     logging.getLogger("components").setLevel(level if level in logging.getLevelNamesMapping() else logging.DEBUG)
 
 
@@ -42,12 +41,8 @@ def quiet_per_run_chatter() -> None:
     For after the startup deploy: the module that logs them then logs nothing else (its warnings are about skipped
     pipeline files, at deploy time).
     """
-    if log_level() not in ("DEBUG", "TRACE"):
-        log.disable(PER_RUN_CHATTER[0])
-
-
-def _not_chatter(record: dict[str, Any]) -> bool:
-    return (record["name"], record["function"]) != PER_RUN_CHATTER or record["level"].no > logging.INFO
+    if log_level() not in VERBOSE_LEVELS:
+        skip_per_run_chatter()
 
 
 def truncate_logged_params(record: dict[str, Any]) -> None:

@@ -33,8 +33,8 @@ from image_generation_server.generation import (
     served_models,
     served_pipeline,
 )
+from image_generation_server.private_starlette import move_ahead
 from image_generation_server.responses import classify, openai_error, validation_message
-from image_generation_server.routes import ahead_of_hayhooks
 from image_generation_server.settings import Settings
 from image_generation_server.uploads import form_model, image_content
 
@@ -347,7 +347,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     """
     app.state.started = int(time.time())
     app.include_router(router)
-    ahead_of_hayhooks(app)
+    move_ahead(app)
 
 
 async def _streamed(

@@ -16,15 +16,14 @@ import asyncio
 import time
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from hayhooks import log
-from hayhooks.dashboard_auth import require_tracing_access
-from hayhooks.server.routers.status import StatusResponse, status_all
 
 from components.errors import PipelineNotServedError
 from image_generation_server.generation import COMPONENT, served_pipeline
-from image_generation_server.routes import ahead_of_hayhooks
+from image_generation_server.private_hayhooks import StatusResponse, hayhooks_status, is_operator
+from image_generation_server.private_starlette import move_ahead
 from image_generation_server.settings import Settings
 
 PROBE_TIMEOUT = 2.0
@@ -77,10 +76,8 @@ async def _reachable(url: str) -> bool:
 
 async def status(request: Request) -> dict[str, object] | StatusResponse:
     """Liveness: `status` (`Up!` or `Degraded`) and the pipelines served; Hayhooks' whole answer for the operator."""
-    answer = await status_all(request)
-    try:
-        require_tracing_access(request)
-    except HTTPException:
+    answer = await hayhooks_status(request)
+    if not is_operator(request):
         return {"status": answer.status, "pipelines": answer.pipelines}
     return answer
 
@@ -93,7 +90,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     `Retry-After`; its body lists each check's outcome.
     """
     app.add_api_route("/status", status, methods=["GET"], summary="Liveness: the server is up")
-    ahead_of_hayhooks(app)
+    move_ahead(app)
     readiness = Readiness(app)
 
     async def ready(request: Request) -> JSONResponse:

@@ -6,15 +6,13 @@ Hayhooks' app adds more routes than this service serves (runtime deployment, cha
 row matches, so a route that Hayhooks (or anything else) adds later is never reachable. A door adds its rows here.
 """
 
-import copy
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from fastapi import FastAPI
-from fastapi.routing import _IncludedRouter  # FastAPI >= 0.16x keeps included routers lazily
 from starlette.routing import BaseRoute, Mount, compile_path
 
+from image_generation_server.private_fastapi import drop_routes, included_routes
 from image_generation_server.settings import Settings
 
 # Who may call a route: with a valid API key when keys are configured, anyone, whoever holds the URL, or whoever
@@ -167,20 +165,22 @@ def prune(app: FastAPI, inventory: Inventory) -> None:
     """
     Remove from `app` every route and mount that `inventory` does not list, and invalidate its OpenAPI schema.
 
-    Included routers are copied before their routes are filtered: Hayhooks' routers are module globals that another
-    app in the same process may still include whole.
+    A route that an earlier one shadows (the same path and method) goes too: FastAPI adds its doc routes again at
+    each deploy, and a door replaces one of Hayhooks' routes by adding its own ahead of it.
     """
-    app.router.routes[:] = _pruned(app.router.routes, "", inventory, {})
+    seen: dict[str, set[str]] = {}  # the methods served by path
+
+    def keep(route: BaseRoute, path: str) -> bool:
+        if not inventory.lists(route, path):
+            return False
+        methods = set(getattr(route, "methods", None) or {"*"}) - {"HEAD"}
+        if isinstance(route, Mount) or not methods & seen.get(path, set()):
+            seen.setdefault(path, set()).update(methods)
+            return True
+        return False
+
+    drop_routes(app, keep)
     app.openapi_schema = None
-
-
-def ahead_of_hayhooks(app: FastAPI) -> None:
-    """
-    Move the route added last to the front, so that it answers before Hayhooks' own at its path.
-
-    Starlette answers with the first match; `prune` then drops the shadowed route (docs/upstream.md).
-    """
-    app.router.routes.insert(0, app.router.routes.pop())
 
 
 def listed_routes(app: FastAPI) -> set[tuple[str, str]]:
@@ -190,7 +190,7 @@ def listed_routes(app: FastAPI) -> set[tuple[str, str]]:
     A route that takes any method is `("*", path)`, and a mount `("*", "<path>/{path:path}")`.
     """
     found = set()
-    for route, path in _walk(app.router.routes, ""):
+    for route, path in included_routes(app):
         methods = getattr(route, "methods", None)
         if isinstance(route, Mount):
             found.add(("*", f"{path.rstrip('/')}/{{path:path}}"))
@@ -199,34 +199,3 @@ def listed_routes(app: FastAPI) -> set[tuple[str, str]]:
         else:
             found |= {(method, path) for method in methods if method != "HEAD"}
     return found
-
-
-def _walk(routes: list[BaseRoute], prefix: str) -> Iterator[tuple[BaseRoute, str]]:
-    """Each route with its full path, included routers flattened."""
-    for route in routes:
-        if isinstance(route, _IncludedRouter):
-            yield from _walk(route.original_router.routes, prefix + route.include_context.prefix)
-        else:
-            yield route, prefix + getattr(route, "path", "")
-
-
-def _pruned(routes: list[BaseRoute], prefix: str, inventory: Inventory, seen: dict[str, set[str]]) -> list[BaseRoute]:
-    """
-    The routes the inventory lists, without those an earlier route shadows (`seen`: the methods served by path).
-
-    Shadowed routes arise when FastAPI adds its doc routes again at each deploy, and when a door replaces one of
-    Hayhooks' routes by adding its own ahead of it.
-    """
-    kept: list[BaseRoute] = []
-    for route in routes:
-        if isinstance(route, _IncludedRouter):
-            router = copy.copy(route.original_router)
-            router.routes = _pruned(router.routes, prefix + route.include_context.prefix, inventory, seen)
-            if router.routes:
-                kept.append(_IncludedRouter(original_router=router, include_context=route.include_context))
-        elif inventory.lists(route, path := prefix + getattr(route, "path", "")):
-            methods = set(getattr(route, "methods", None) or {"*"}) - {"HEAD"}
-            if isinstance(route, Mount) or not methods & seen.get(path, set()):
-                seen.setdefault(path, set()).update(methods)
-                kept.append(route)
-    return kept

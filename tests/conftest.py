@@ -1,5 +1,6 @@
 """Shared fixtures: a fake HF upstream on loopback and real `image-generation-server` processes pointed at it."""
 
+import ast
 import base64
 import http.client
 import io
@@ -35,6 +36,16 @@ pytest_plugins = ["browser"]  # the headless-browser fixtures (tests/browser.py)
 HAYHOOKS = Path(sys.executable).with_name("hayhooks")
 SERVER = Path(sys.executable).with_name("image-generation-server")  # what serve.sh and the container run
 TEST_TOKEN = "test-token-that-must-never-leak-0123456789"
+# The code that serves (the wrappers' folders included; `served/image_generation` and `served/image_editing` are links
+# to pipelines/ and pipelines/image_editing/).
+SERVED_CODE = (
+    "components",
+    "image_generation_server",
+    "pipelines",
+    "pipelines/image_editing",
+    "served/image_generation_json",
+    "served/image_editing_json",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +53,15 @@ def _no_real_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see a real token or a real endpoint from the developer's shell."""
     for name in ("HF_TOKEN", "HF_API_TOKEN", "HF_TOKEN_FILE", "IMAGE_GENERATION_ENDPOINT", "IMAGE_GENERATION_MODELS"):
         monkeypatch.delenv(name, raising=False)
+
+
+def served_code() -> dict[str, ast.Module]:
+    """Each module of the code that serves, parsed, by its path from the repository root."""
+    return {
+        str(path.relative_to(ROOT)): ast.parse(path.read_text())
+        for folder in SERVED_CODE
+        for path in sorted((ROOT / folder).glob("*.py"))
+    }
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
 """
-Each touchpoint of `image_generation_server/durable_queue.py` with Hayhooks' durable internals, on the real stores.
+Each touchpoint of `image_generation_server/private_hayhooks.py` with Hayhooks' durable internals, on the real stores.
 
 If a Hayhooks upgrade moves `DurableRuntime._deployments`, the memory store's runnable index or the Redis store's,
 these fail here rather than as a silent `queue` missing from job statuses.
@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from redis import asyncio as redis
 from redis_server import RedisServer
 
-from image_generation_server.durable_queue import QueueState, deployment, forget, queue_state
+from image_generation_server.private_hayhooks import QueueState, durable_deployment, forget, queue_state
 
 NAME = "queue_test"
 
@@ -65,11 +65,11 @@ async def queue(request, tmp_path):
 
 def test_the_deployment_is_found_in_the_apps_runtime():
     app = FastAPI()
-    assert deployment(app, NAME) is None  # not in durable mode
+    assert durable_deployment(app, NAME) is None  # not in durable mode
     queued = durable(MemoryExecutionStore(NAME))
     app.state.durable_runtime = DurableRuntime([queued])
-    assert deployment(app, NAME) is queued
-    assert deployment(app, "other") is None
+    assert durable_deployment(app, NAME) is queued
+    assert durable_deployment(app, "other") is None
 
 
 async def test_jobs_ahead_are_those_queued_before_and_those_running(queue):

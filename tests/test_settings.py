@@ -8,7 +8,7 @@ import sys
 import urllib.request
 
 import pytest
-from conftest import ROOT, running, server_env
+from conftest import ROOT, running, served_code, server_env
 from jobs_client import durable_env
 
 from image_generation_server.settings import Settings, SettingsError, env_name, load_settings
@@ -99,16 +99,6 @@ def test_the_configuration_table_in_the_docs_is_the_settings():
         assert f"| `{env_name(name)}` |" in table and field.description
 
 
-# The code that serves (the wrappers' folders included; `served/image_generation` and `served/image_editing` are links
-# to pipelines/ and pipelines/image_editing/).
-CODE = (
-    "components",
-    "image_generation_server",
-    "pipelines",
-    "pipelines/image_editing",
-    "served/image_generation_json",
-    "served/image_editing_json",
-)
 OUR_VARIABLE = re.compile(r"IMAGE_GENERATION_[A-Z0-9_]+")
 # Modules that name one of our variables as a whole string without reading it: the C2PA signer names the setting at
 # fault in its error messages (`IMAGE_GENERATION_C2PA_KEY: cannot read ...`); the server hands it the paths.
@@ -117,19 +107,11 @@ NAMED_NOT_READ = {"components/c2pa_signer.py"}
 WRITES = {"image_generation_server/__init__.py"}
 
 
-def _modules() -> dict[str, ast.Module]:
-    return {
-        str(path.relative_to(ROOT)): ast.parse(path.read_text())
-        for folder in CODE
-        for path in sorted((ROOT / folder).glob("*.py"))
-    }
-
-
 def test_only_the_settings_module_names_our_variables():
     """A module that reads `IMAGE_GENERATION_X` must name it as a whole string; only settings.py may."""
     naming = {
         path
-        for path, tree in _modules().items()
+        for path, tree in served_code().items()
         for node in ast.walk(tree)
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and OUR_VARIABLE.fullmatch(node.value)
     }
@@ -155,7 +137,7 @@ def _writes_environment(tree: ast.Module) -> bool:
 
 
 def test_no_code_writes_the_environment():
-    writers = {path for path, tree in _modules().items() if _writes_environment(tree)}
+    writers = {path for path, tree in served_code().items() if _writes_environment(tree)}
     assert writers <= WRITES, f"writes os.environ: {writers - WRITES}"
     assert _writes_environment(ast.parse("import os\nos.environ['X'] = 'y'"))  # the check sees a write
 

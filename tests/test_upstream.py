@@ -217,11 +217,12 @@ def test_private_starlette_moves_our_route_ahead_of_hayhooks(hayhooks_settings):
                                    "tracing_buffer_capacity", "cors_allow_origins", "cors_allow_methods",
                                    "cors_allow_headers", "cors_expose_headers", "durable_store",
                                    "durable_max_nonterminal_executions", "durable_terminal_ttl_seconds"])  # fmt: skip
-def test_private_hayhooks_settings_we_set_in_process_exist(field):
+def test_private_hayhooks_settings_we_set_in_process_exist(field, monkeypatch):
     """
     `private_hayhooks.set_hayhooks_settings` (`app.create_app`, `jobs`) sets these on Hayhooks' process-wide settings
     before it builds the app; `default_hayhooks_settings` only those the environment left out (`model_fields_set`).
     """
+    monkeypatch.delenv(f"HAYHOOKS_{field.upper()}", raising=False)
     assert field in AppSettings.model_fields
     assert field in AppSettings(**{field: getattr(AppSettings(), field)}).model_fields_set
     assert field not in AppSettings().model_fields_set

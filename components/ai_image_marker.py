@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import pybase64
-import xxhash
 from haystack import component, default_from_dict, default_to_dict
 from haystack.dataclasses import ImageContent
 
@@ -28,7 +27,7 @@ class AIImageMarker:
     pixel data is kept byte for byte. The XMP says `trainedAlgorithmicMedia` (IPTC), the model (`AISystemUsed`) and
     this service (`CreatorTool`). With `embed_parameters`, the prompt and the generation parameters go in too (PNG
     `parameters` text chunk as AUTOMATIC1111 writes it, XMP prompt, C2PA action parameters). With a certificate and a
-    key, each image is signed with C2PA Content Credentials. Each image's `etag` meta is updated to its new bytes.
+    key, each image is signed with C2PA Content Credentials.
 
     Usage, after a text-to-image component:
     ```python
@@ -98,72 +97,65 @@ class AIImageMarker:
         return default_from_dict(cls, data)
 
     @component.output_types(images=list[ImageContent])
-    def run(
-        self,
-        images: list[ImageContent],
-        prompt: str | None = None,
-        negative_prompt: str | None = None,
-        source: ImageContent | None = None,
-    ) -> dict[str, list[ImageContent]]:
+    def run(self, images: list[ImageContent], source: ImageContent | None = None) -> dict[str, list[ImageContent]]:
         """
         Mark each image.
 
-        :param images: PNG, JPEG or WebP images, with the meta a text-to-image component gives them (`model`, `seed`,
-            `num_inference_steps`, `guidance_scale`, `format`, `width`, `height`; `strength` for an edit).
-        :param prompt: The prompt they were made from; embedded only with `embed_parameters`.
-        :param negative_prompt: The negative prompt; embedded only with `embed_parameters`.
+        :param images: PNG, JPEG or WebP images, with the meta a text-to-image component gives them (`prompt`,
+            `negative_prompt`, `model`, `seed`, `num_inference_steps`, `guidance_scale`, `format`, `width`,
+            `height`; `strength` for an edit). The prompts are embedded only with `embed_parameters`.
         :param source: For edits, the image edited: the C2PA parent ingredient of each signed edit.
-        :returns: `images`: the marked images, in the same order, with their meta's `etag` updated.
+        :returns: `images`: the marked images, in the same order, with the same meta.
         :raises InvalidImageError: An image's structure is broken.
         :raises SigningError: C2PA signing failed.
         """
         self.warm_up()
-        return {"images": [self._mark(image, prompt, negative_prompt, source) for image in images]}
+        return {"images": [self._mark(image, source) for image in images]}
 
     @component.output_types(images=list[ImageContent])
     async def run_async(
-        self,
-        images: list[ImageContent],
-        prompt: str | None = None,
-        negative_prompt: str | None = None,
-        source: ImageContent | None = None,
+        self, images: list[ImageContent], source: ImageContent | None = None
     ) -> dict[str, list[ImageContent]]:
         """Like `run`; signing runs off the event loop. Parameters, returns and errors are those of `run`."""
         self.warm_up()
         assert self._provenance is not None
         if self._provenance.signer is None:  # a few hundred bytes spliced in: cheaper than a hand-off to a thread
-            return {"images": [self._mark(image, prompt, negative_prompt, source) for image in images]}
-        marked = [await asyncio.to_thread(self._mark, image, prompt, negative_prompt, source) for image in images]
-        return {"images": marked}
+            return {"images": [self._mark(image, source) for image in images]}
+        return {"images": [await asyncio.to_thread(self._mark, image, source) for image in images]}
 
-    def _mark(
-        self, image: ImageContent, prompt: str | None, negative_prompt: str | None, source: ImageContent | None
-    ) -> ImageContent:
+    def _mark(self, image: ImageContent, source: ImageContent | None) -> ImageContent:
         assert self._provenance is not None
-        data = pybase64.b64decode(image.base64_image, validate=True)
         meta = image.meta
-        if {"format", "width", "height"} <= meta.keys():  # a text-to-image component's: no need to parse the header
-            image_format, width, height = meta["format"], meta["width"], meta["height"]
+        if self._provenance.signer is None and {"format", "width", "height"} <= meta.keys():
+            # A text-to-image component's: nothing to parse or sign, so the base64 text is spliced, not decoded.
+            size = (meta["width"], meta["height"])
+            request = self._request(meta, meta["format"], size, source)
+            encoded = self._provenance.mark_base64(image.base64_image, request, size)
         else:
+            data = pybase64.b64decode(image.base64_image, validate=True)
             image_format, width, height = sniff(data)
+            request = self._request(meta, image_format, (width, height), source)
+            encoded = pybase64.b64encode_as_string(self._provenance.mark(data, request, (width, height)))
+        return ImageContent(base64_image=encoded, mime_type=image.mime_type, meta=meta, validation=False)
+
+    def _request(
+        self, meta: dict[str, Any], image_format: str, size: tuple[int, int], source: ImageContent | None
+    ) -> GenerationRequest:
+        """What the image's meta says it was made from (an `EditRequest` for an edit, its source when signing)."""
+        assert self._provenance is not None
+        width, height = size
         values: dict[str, Any] = {
-            "prompt": prompt or "", "negative_prompt": negative_prompt, "width": width, "height": height,
-            "num_inference_steps": meta.get("num_inference_steps"), "guidance_scale": meta.get("guidance_scale"),
-            "seed": meta.get("seed", 0), "model": meta.get("model", "unknown"), "output_format": image_format,
+            "prompt": meta.get("prompt") or "", "negative_prompt": meta.get("negative_prompt"), "width": width,
+            "height": height, "num_inference_steps": meta.get("num_inference_steps"),
+            "guidance_scale": meta.get("guidance_scale"), "seed": meta.get("seed", 0),
+            "model": meta.get("model", "unknown"), "output_format": image_format,
         }  # fmt: skip
-        request = GenerationRequest(**values)
-        if "strength" in meta:  # an edit: its source is the signed image's parent
-            parent = None
-            if source is not None and self._provenance.signer is not None:
-                # A YAML pipeline served by Hayhooks receives its JSON inputs as dicts.
-                encoded = source["base64_image"] if isinstance(source, dict) else source.base64_image
-                parent = read_image(pybase64.b64decode(encoded, validate=True), "source")
-                parent = parent.resized((width, height)) if parent.size != (width, height) else parent
-            request = EditRequest(**values, strength=meta["strength"], image=parent)
-        data = self._provenance.mark(data, request, (width, height))
-        return ImageContent(
-            base64_image=pybase64.b64encode_as_string(data),
-            mime_type=image.mime_type,
-            meta={**meta, "etag": xxhash.xxh3_128_hexdigest(data)},
-            validation=False,
-        )
+        if "strength" not in meta:
+            return GenerationRequest(**values)
+        parent = None  # an edit: its source is the signed image's parent
+        if source is not None and self._provenance.signer is not None:
+            # A YAML pipeline served by Hayhooks receives its JSON inputs as dicts.
+            encoded = source["base64_image"] if isinstance(source, dict) else source.base64_image
+            parent = read_image(pybase64.b64decode(encoded, validate=True), "source")
+            parent = parent.resized(size) if parent.size != size else parent
+        return EditRequest(**values, strength=meta["strength"], image=parent)

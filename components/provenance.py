@@ -14,7 +14,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from components.c2pa_signer import PARENT_LABEL, C2paSigner
-from components.image_codec import replace_metadata
+from components.image_codec import replace_metadata, replace_metadata_base64
 from components.request import EditRequest, GenerationRequest
 
 SERVICE_NAME = "hayhooks-image-generation"
@@ -68,16 +68,25 @@ class Provenance:
 
     def mark(self, data: bytes, request: GenerationRequest, size: tuple[int, int]) -> bytes:
         """Strip the upstream's metadata, insert ours, then sign: the bytes every door serves and the cache keeps."""
+        data = replace_metadata(data, request.output_format, size, *self._metadata(request))
+        if self.signer is not None:
+            parent = request.image.png() if isinstance(request, EditRequest) and request.image is not None else None
+            data = self.signer.sign(data, request.output_format, self.manifest(request), parent)
+        return data
+
+    def mark_base64(self, text: str, request: GenerationRequest, size: tuple[int, int]) -> str:
+        """`mark` on an image's base64 text, when nothing signs: the metadata spliced in, the pixels' text copied."""
+        assert self.signer is None, "signing needs the bytes: mark()"
+        return replace_metadata_base64(text, request.output_format, size, *self._metadata(request))
+
+    def _metadata(self, request: GenerationRequest) -> tuple[bytes, tuple[str, str] | None]:
+        """The XMP packet, and the PNG `parameters` text when embedding them is on."""
         embed = self.settings.embed_parameters
         png_text = (PARAMETERS_KEYWORD, request.parameters_text()) if embed else None
         xmp = xmp_packet(
             f"{SERVICE_NAME} {self.version}", request.model, request.prompt if embed else None, source_type(request)
         )
-        data = replace_metadata(data, request.output_format, size, xmp, png_text)
-        if self.signer is not None:
-            parent = request.image.png() if isinstance(request, EditRequest) and request.image is not None else None
-            data = self.signer.sign(data, request.output_format, self.manifest(request), parent)
-        return data
+        return xmp, png_text
 
     def manifest(self, request: GenerationRequest) -> dict[str, Any]:
         """The C2PA manifest of this image; the parameters are in it only when embedding them is on."""

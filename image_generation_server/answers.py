@@ -117,10 +117,12 @@ def paced(send: Send) -> Send:
         if message["type"] != "http.response.body" or len(body) <= CHUNK_BYTES:
             await send(message)
             return
+        # Pieces of the body itself, not copies: Uvicorn hands each to the transport, which takes any buffer.
         view, more = memoryview(body), message.get("more_body", False)
         for start in range(0, len(view), CHUNK_BYTES):
             last = start + CHUNK_BYTES >= len(view)
-            piece = bytes(view[start : start + CHUNK_BYTES])
-            await send({"type": "http.response.body", "body": piece, "more_body": more or not last})
+            await send(
+                {"type": "http.response.body", "body": view[start : start + CHUNK_BYTES], "more_body": more or not last}
+            )
 
     return send_paced

@@ -164,7 +164,10 @@ class Runner:
         return image
 
     async def _run(self, request: GenerationRequest, report: progress.ProgressCallback) -> list[ImageContent]:
-        inputs = vars(request).copy()
+        # What equals the generator's default is left out (Haystack deep-copies each input several times per run);
+        # the seed is always given, since the generator would pick its own.
+        defaults = vars(self.generator.defaults)
+        inputs = {name: value for name, value in vars(request).items() if name == "seed" or value != defaults[name]}
         if previews := progress.previews_wanted():
             inputs["previews"] = previews
         return await run_pipeline(self.pipeline, COMPONENT, inputs, report)
@@ -173,13 +176,12 @@ class Runner:
 async def run_pipeline(
     pipeline: Pipeline, component: str, inputs: dict[str, Any], report: progress.ProgressCallback
 ) -> list[ImageContent]:
-    """Run `component`'s pipeline on `inputs`, telling its marker the prompt (and an edit's source image)."""
+    """Run `component`'s pipeline on `inputs`, telling its marker an edit's source image."""
     # Haystack deep-copies every input several times per run: the defaults (`None`) are left out, not copied.
     given = {name: value for name, value in inputs.items() if value is not None}
     data = {component: {**given, "progress_callback": report}}
-    if MARKER in pipeline.graph.nodes:
-        marker = {"prompt": inputs.get("prompt"), "negative_prompt": inputs.get("negative_prompt")}
-        data[MARKER] = marker | ({"source": inputs["image"]} if component == EDIT_COMPONENT else {})
+    if component == EDIT_COMPONENT and MARKER in pipeline.graph.nodes:
+        data[MARKER] = {"source": inputs["image"]}
     result = await pipeline.run_async(data)
     [images] = [outputs["images"] for outputs in result.values() if "images" in outputs]
     return images

@@ -25,8 +25,9 @@ COMPONENT = "text_to_image"
 EDIT_COMPONENT = "image_to_image"
 MARKER = "ai_image_marker"
 DEPLOY_INPUTS = {COMPONENT: ("prompt", "width", "height"), EDIT_COMPONENT: ("image", "prompt")}
-# The marker's inputs fed by the same declared input as the generator's (an edit's image is the marked one's source).
-MARKER_INPUTS = {"prompt": "prompt", "image": "source"}
+# The marker's inputs fed by the same declared input as the generator's (an edit's image is the marked one's source);
+# the prompts reach it in its images' meta.
+MARKER_INPUTS = {"image": "source"}
 
 
 def serialized(component_name: str, component: object) -> str:

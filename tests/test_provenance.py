@@ -25,6 +25,7 @@ import pytest
 from c2pa_ca import make_credentials
 from conftest import ROOT, TEST_TOKEN, post, running, server_env
 from fake_upstream import Fault
+from fake_upstream import render as upstream_render
 from haystack import Pipeline
 from haystack.dataclasses import ImageContent
 from image_parts import coded_pixels
@@ -98,7 +99,7 @@ def created_action(manifest: dict) -> dict:
 
 def generate(pipeline: Pipeline, fmt: str, seed: int = 5, prompt: str = "a private prompt") -> bytes:
     inputs = {"prompt": prompt, "width": 128, "height": 96, "seed": seed, "output_format": fmt}
-    result = pipeline.run({"text_to_image": inputs, "ai_image_marker": {"prompt": prompt}})
+    result = pipeline.run({"text_to_image": inputs})
     return base64.b64decode(result["ai_image_marker"]["images"][0].base64_image)
 
 
@@ -130,10 +131,19 @@ def spoofed(fmt: str, size: tuple[int, int]) -> bytes:
 
 
 def mark(fmt: str, raw: bytes, prompt: str = "a private prompt", negative_prompt: str | None = None, **marker) -> bytes:
-    """What every served image goes through: `AIImageMarker(**marker)`, on an image made with seed 3 by `MODEL`."""
-    meta = {"model": MODEL, "seed": 3, "num_inference_steps": marker.pop("steps", None)}
+    """
+    What every served image goes through: `AIImageMarker(**marker)`, on an image made with seed 3 by `MODEL`.
+
+    The meta has no size or format (the marker reads the image's header), unless `sized` says so, as a generator's
+    does (then the marker splices its base64 text).
+    """
+    meta = {"model": MODEL, "seed": 3, "num_inference_steps": marker.pop("steps", None), "prompt": prompt}
+    meta |= {"negative_prompt": negative_prompt}
+    if marker.pop("sized", False):
+        with Image.open(io.BytesIO(raw)) as image:
+            meta |= {"format": fmt, "width": image.width, "height": image.height}
     image = ImageContent(base64_image=base64.b64encode(raw).decode(), mime_type=f"image/{fmt}", meta=meta)
-    [marked] = AIImageMarker(**marker).run(images=[image], prompt=prompt, negative_prompt=negative_prompt)["images"]
+    [marked] = AIImageMarker(**marker).run(images=[image])["images"]
     return base64.b64decode(marked.base64_image)
 
 
@@ -150,12 +160,16 @@ def test_pipeline_output_is_marked_ai_made_and_keeps_the_prompt_out(marked, fmt,
         assert data[12:16] == b"VP8X" and data[20] & 0x04  # extended format, XMP flag set
 
 
+SPLICES = pytest.mark.parametrize("sized", [False, True], ids=["bytes", "base64-text"])
+
+
+@SPLICES
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_upstream_metadata_is_dropped_and_the_pixels_kept(fmt, tmp_path):
+def test_upstream_metadata_is_dropped_and_the_pixels_kept(fmt, sized, tmp_path):
     raw = spoofed(fmt, (96, 64))
     assert raw.count(SPOOF.encode()) >= 2  # the test input really carries it
 
-    data = mark(fmt, raw)
+    data = mark(fmt, raw, sized=sized)
 
     assert SPOOF.encode() not in data
     tags = exiftool(data, tmp_path, "-XMP:all", "-EXIF:all", "-PNG:all", "-JUMBF:all", "-Comment")
@@ -165,16 +179,30 @@ def test_upstream_metadata_is_dropped_and_the_pixels_kept(fmt, tmp_path):
     assert exiftool(data, tmp_path, "-validate")["Validate"] == "OK"
 
 
-def test_an_upstream_png_of_countless_empty_chunks_is_refused_not_walked():
+@SPLICES
+def test_an_upstream_png_of_countless_empty_chunks_is_refused_not_walked(sized):
     raw = spoofed("png", (64, 64))
     flood = raw[:-12] + png_chunk(b"quIt", b"") * 200_000 + raw[-12:]  # 2.4 MB: IEND stays last
 
     with pytest.raises(InvalidImageError, match="chunks"):
-        mark("png", flood)
+        mark("png", flood, sized=sized)
 
 
-def test_embedding_parameters_puts_ours_in_not_the_upstreams(tmp_path):
-    data = mark("png", spoofed("png", (64, 64)), embed_parameters=True)
+@pytest.mark.parametrize("embed_parameters", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("size", [(96, 64), (61, 47), (130, 3)])
+def test_splicing_the_base64_text_gives_the_base64_of_the_spliced_bytes(fmt, size, embed_parameters):
+    """The marker splices a generator's image in its base64 text: the same bytes as a decode, splice and encode."""
+    for raw in (spoofed(fmt, size), upstream_render("a lighthouse", 1, *size, fmt)):
+        from_text = mark(fmt, raw, sized=True, embed_parameters=embed_parameters)
+
+        assert from_text == mark(fmt, raw, embed_parameters=embed_parameters)
+        assert Image.open(io.BytesIO(from_text)).tobytes() == Image.open(io.BytesIO(raw)).tobytes()
+
+
+@SPLICES
+def test_embedding_parameters_puts_ours_in_not_the_upstreams(sized, tmp_path):
+    data = mark("png", spoofed("png", (64, 64)), embed_parameters=True, sized=sized)
 
     tags = exiftool(data, tmp_path, "-XMP:all", "-PNG:all")
     assert tags["Parameters"] == f"a private prompt\nSeed: 3, Size: 64x64, Model: {MODEL}"

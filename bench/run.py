@@ -73,7 +73,8 @@ def upstream_process(latency: float, fmt: str) -> Iterator[Upstream]:
 
 
 SERVER_CORE, LOAD_CORE = 0, 1
-SIDE_BY_SIDE_BATCH = 200  # requests per server per round of `side_by_side_cpu`
+SIDE_BY_SIDE_BATCH = 100  # requests per server per round of `side_by_side_cpu`
+PROCESSES_PER_CODE = 3  # server processes per code in `side_by_side_cpu`
 
 
 @dataclass(frozen=True)
@@ -403,38 +404,51 @@ def side_by_side_cpu(tmp: Path, codes: list[Code], rounds: int, pinned: bool) ->
     CPU per request of each code at 512² and 1024², its servers up at once and measured in turns.
 
     Each round sends `SIDE_BY_SIDE_BATCH` sequential requests to each server in turn, so that whatever else slows the
-    machine during the run slows every code alike; the CPU of all rounds is summed per code.
+    machine during the run slows every code alike; the CPU of all rounds is summed per code. Each code runs as
+    `PROCESSES_PER_CODE` server processes: one process's own layout (its hash seed, its addresses) moves its CPU per
+    request by several percent, the same code against itself included. `spread{size}` is the largest ratio between
+    two processes of the same code: differences below it are noise.
     """
     print("side by side: CPU per request, servers measured in turns", flush=True)
     figures: dict[str, dict] = {code.label: {} for code in codes}
     with upstream_process(0.0, "png") as upstream, ExitStack() as stack:
-        servers = [stack.enter_context(server_process(upstream, tmp, code, pinned)) for code in codes]
+        servers = [
+            (code, stack.enter_context(server_process(upstream, tmp, code, pinned)))
+            for _ in range(PROCESSES_PER_CODE)
+            for code in codes
+        ]
         for size in (512, 1024):
             warm_upstream(upstream, (size,))
-            targets = [Target(server.url, direct=False) for server in servers]
+            targets = [Target(server.url, direct=False) for _, server in servers]
             for target in targets:
                 asyncio.run(sequential(target, size, 20))
-            spent = [0.0] * len(codes)
+            spent = [0.0] * len(servers)
             for _ in range(rounds):
-                for i, (server, target) in enumerate(zip(servers, targets, strict=True)):
+                for i, ((_, server), target) in enumerate(zip(servers, targets, strict=True)):
                     cpu = cpu_seconds(server.process.pid)
                     asyncio.run(sequential(target, size, SIDE_BY_SIDE_BATCH))
                     spent[i] += cpu_seconds(server.process.pid) - cpu
-            for code, seconds in zip(codes, spent, strict=True):
-                figures[code.label][f"cpu{size}"] = seconds * 1000 / (rounds * SIDE_BY_SIDE_BATCH)
+            for code in codes:
+                mine = [seconds for (owner, _), seconds in zip(servers, spent, strict=True) if owner is code]
+                figures[code.label][f"cpu{size}"] = sum(mine) * 1000 / (len(mine) * rounds * SIDE_BY_SIDE_BATCH)
+                figures[code.label][f"spread{size}"] = max(mine) / min(mine)
     return figures
 
 
-def compare(report: Report, new: dict, old: dict, baseline: str) -> None:
-    """This code's CPU per request against the baseline's, measured in the same run."""
+def compare(report: Report, new: dict, old: dict, baseline: str, max_ratio: float) -> None:
+    """This code's CPU per request against the baseline's, measured in the same run, and the noise between processes."""
     for key, what, target in (
-        ("cpu512", "512² CPU per request, sequential, side by side", 0.5),
-        ("cpu1024", "1024² CPU per request, sequential, side by side", None),
+        ("cpu512", "512² CPU per request, sequential, side by side", max_ratio),
+        ("cpu1024", "1024² CPU per request, sequential, side by side", max_ratio),
         ("cpu_rate64", "512² CPU per request, 64 clients", None),
     ):
         ratio = new[key] / old[key]
         report.add(f"{what}: this code vs {baseline}", "", f"{new[key]:.1f} ms", f"≤ {target}x" if target else "",
                    f"{old[key]:.1f} ms", f"{ratio:.2f}x", ok=ratio <= target if target else None)  # fmt: skip
+    for size in (512, 1024):
+        spread = max(new[f"spread{size}"], old[f"spread{size}"])
+        report.add(f"{size}² CPU per request: largest ratio between {PROCESSES_PER_CODE} processes of the same code",
+                   "", f"{spread:.2f}x", "", "", "")  # fmt: skip
 
 
 def machine() -> str:
@@ -446,8 +460,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (about 1 minute)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--baseline", default="780552f", help="the commit to measure beside this code")
+    parser.add_argument(
+        "--max-ratio", type=float, default=0.5, help="the target for this code's sequential CPU per request over the "
+        "baseline's (0.5 against the default baseline; issue 21 asks 1.05 against 606eceb)",
+    )  # fmt: skip
     args = parser.parse_args()
-    n, seconds, rss_requests, rounds = (40, 3.0, 500, 2) if args.quick else (200, 8.0, 2000, 6)
+    n, seconds, rss_requests, rounds = (40, 3.0, 500, 3) if args.quick else (200, 8.0, 2000, 8)
     report = Report()
     started = time.monotonic()
     pinned = pin_load_generator()
@@ -461,7 +479,7 @@ def main() -> None:
             figures[code.label] = throughput_phase(report, tmp, seconds, rss_requests, code, pinned)
         for label, cpu in side_by_side_cpu(tmp, codes, rounds, pinned).items():
             figures[label] |= cpu
-        compare(report, figures["this"], figures[args.baseline], args.baseline)
+        compare(report, figures["this"], figures[args.baseline], args.baseline, args.max_ratio)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     mode = "quick" if args.quick else "full"
     placement = f"server on core {SERVER_CORE}, load and upstream on core {LOAD_CORE}" if pinned else "not pinned"
@@ -470,6 +488,7 @@ def main() -> None:
     print(f"\n{header}\n\n{table}")
     if not args.no_write:
         command = "python bench/run.py" + (" --quick" if args.quick else "") + f" --baseline {args.baseline}"
+        command += f" --max-ratio {args.max_ratio:g}"
         text = f"# Benchmark results\n\n{header}\n\nCommand: `{command}`\n\n{table}\n"
         (ROOT / "bench" / "RESULTS.md").write_text(text)
 

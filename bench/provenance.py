@@ -31,6 +31,7 @@ from haystack.dataclasses import ImageContent
 from image_parts import coded_pixels
 
 from components import AIImageMarker
+from image_generation_server.allocator import tune_allocator
 
 FORMATS = ("png", "jpeg", "webp")
 MODEL = "black-forest-labs/FLUX.1-schnell"
@@ -52,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=40, help="images per variant, size and format")
     args = parser.parse_args()
+    tune_allocator()  # as the server does: image buffers from memory the process keeps, not fresh pages
     with tempfile.TemporaryDirectory() as tmp:
         chain, key = make_credentials(Path(tmp))
         signed = AIImageMarker(c2pa_cert=str(chain), c2pa_key=str(key))

@@ -14,6 +14,8 @@ from components.provenance import Provenance, ProvenanceSettings
 from components.request import EditRequest, GenerationRequest
 from components.urls import is_http_url
 
+PROMPTS = ("prompt", "negative_prompt")  # meta a text-to-image component gives its images, read and dropped here
+
 
 @component
 class AIImageMarker:
@@ -105,7 +107,8 @@ class AIImageMarker:
             `negative_prompt`, `model`, `seed`, `num_inference_steps`, `guidance_scale`, `format`, `width`,
             `height`; `strength` for an edit). The prompts are embedded only with `embed_parameters`.
         :param source: For edits, the image edited: the C2PA parent ingredient of each signed edit.
-        :returns: `images`: the marked images, in the same order, with the same meta.
+        :returns: `images`: the marked images, in the same order, with the same meta less the prompts (which the
+            images carry only with `embed_parameters`, and which a cache or a door then never keeps).
         :raises InvalidImageError: An image's structure is broken.
         :raises SigningError: C2PA signing failed.
         """
@@ -136,7 +139,8 @@ class AIImageMarker:
             image_format, width, height = sniff(data)
             request = self._request(meta, image_format, (width, height), source)
             encoded = pybase64.b64encode_as_string(self._provenance.mark(data, request, (width, height)))
-        return ImageContent(base64_image=encoded, mime_type=image.mime_type, meta=meta, validation=False)
+        kept = {name: value for name, value in meta.items() if name not in PROMPTS}  # in the image only if embedded
+        return ImageContent(base64_image=encoded, mime_type=image.mime_type, meta=kept, validation=False)
 
     def _request(
         self, meta: dict[str, Any], image_format: str, size: tuple[int, int], source: ImageContent | None

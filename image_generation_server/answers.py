@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 
+from haystack.dataclasses import ImageContent
 from starlette.types import Message, Send
 
 from components.errors import InvalidRequestError, ServerBusyError
@@ -26,6 +27,9 @@ from image_generation_server.settings import env_name
 RETRY_AFTER_SECONDS = 1
 HEADROOM_BYTES = 64 * 1024  # per image: the JSON around it, an incompressible image's container
 CHUNK_BYTES = 1024 * 1024  # a body larger than this is sent in pieces of this size, each after the last has left
+# What a JSON variant (a wrapper Hayhooks answers in JSON) holds: the images' base64, and the body FastAPI writes
+# from them straight to bytes (its fast path for a route with a response model).
+JSON_COPIES = 2
 
 
 class AnswerBudget:
@@ -43,6 +47,7 @@ class Share:
     def __init__(self, budget: AnswerBudget) -> None:
         self.budget = budget
         self.held = 0
+        self.copies = 0
 
     def reserve(self, n: int, width: int, height: int, copies: int) -> None:
         """
@@ -53,6 +58,11 @@ class Share:
         """
         check_pixels(n, width, height, self.budget.max_pixels)
         self._take(copies * n * (width * height * 4 + HEADROOM_BYTES))
+        self.copies = copies
+
+    def hold(self, images: Sequence[ImageContent]) -> None:
+        """Hold the reserved copies of `images` from now on (their base64), if that is less (`shrink_to`)."""
+        self.shrink_to(self.copies * base64_bytes([image.base64_image for image in images]))
 
     def shrink_to(self, size: int) -> None:
         """Hold `size` bytes from now on, if that is less than the reservation (the images turned out smaller)."""

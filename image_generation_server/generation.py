@@ -356,6 +356,16 @@ def image_size(pipeline: Pipeline, width: int | None, height: int | None) -> tup
     return width or defaults.width, height or defaults.height
 
 
+async def edit_size(pipeline: Pipeline, **params: Any) -> tuple[int, int]:
+    """
+    The size an edit's images get: its width and height, else its image's own (as the editor resolves it).
+
+    :raises InvalidRequestError: What the editor would refuse (a parameter, an upload); nothing was run.
+    """
+    [first, *_] = await asyncio.to_thread(pipeline.get_component(EDIT_COMPONENT).requests, **params)
+    return first.width, first.height
+
+
 def served_models(app: FastAPI) -> list[str]:
     """The model ids a request may ask for: the allow-list when there is one, else the default model."""
     return app_runner(app).served_models()

@@ -30,7 +30,15 @@ from starlette.routing import Route
 
 from components.request import Batch, BatchParameters, EditParameters
 from image_generation_server import answers
-from image_generation_server.generation import edit, generate, generate_watched, image_size, served_pipeline
+from image_generation_server.generation import (
+    EDIT_PIPELINE_NAME,
+    edit,
+    edit_size,
+    generate,
+    generate_watched,
+    image_size,
+    served_pipeline,
+)
 from image_generation_server.responses import classify, validation_message
 from image_generation_server.settings import Settings
 from image_generation_server.uploads import image_argument
@@ -111,18 +119,20 @@ def create_mcp_server(app: FastAPI) -> Server:
         except ValidationError as e:
             return _error(validation_message(e.errors())[1])
         try:
-            share = None
             if isinstance(request, EditImageArguments):
-                images = await _edited(app, server.request_context, request)
+                inputs = _edit_inputs(app, server.request_context, request)
+                size = await edit_size(served_pipeline(app, EDIT_PIPELINE_NAME), **inputs)
             else:
-                # The images' base64, then the SDK's JSON of the result: its text and its bytes, three copies in all.
                 size = image_size(served_pipeline(app), request.width, request.height)
-                share = answers.reserve(request.n, *size, copies=3)
+            # The images' base64, then the SDK's JSON of the result: its text and its bytes, three copies in all.
+            share = answers.reserve(request.n, *size, copies=3)
+            if isinstance(request, EditImageArguments):
+                images = await edit(app, **inputs)
+            else:
                 images = await _generated(app, server.request_context, request)
         except Exception as e:
             return _error(classify(e).message)
-        if share is not None:
-            share.shrink_to(3 * answers.base64_bytes([image.base64_image for image in images]))
+        share.hold(images)
         content: list[types.ContentBlock] = [
             types.ImageContent(type="image", data=image.base64_image, mimeType=image.mime_type) for image in images
         ]
@@ -239,13 +249,13 @@ async def _generated(app: FastAPI, context: Any, request: GenerateImageArguments
     return images
 
 
-async def _edited(app: FastAPI, context: Any, request: EditImageArguments) -> list[ImageContent]:
-    """The edits of the request's image (base64, or an image of this server's store)."""
+def _edit_inputs(app: FastAPI, context: Any, request: EditImageArguments) -> dict[str, Any]:
+    """The editor's run inputs for the request: its image and mask (base64, or images of this server's store) read."""
     host = context.request.headers.get("host", "") if context.request is not None else ""
     store = app.state.image_store
     image = image_argument(store, request.image, "image", host)
     mask = image_argument(store, request.mask, "mask", host) if request.mask is not None else None
-    return await edit(app, image=image, mask=mask, **request.model_dump(exclude={"image", "mask"}))
+    return {"image": image, "mask": mask, **request.model_dump(exclude={"image", "mask"})}
 
 
 def _error(message: str) -> types.CallToolResult:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import pybase64
@@ -26,7 +26,9 @@ from components.image_codec import recompress
 from components.request import Batch, CommonParameters, EditParameters, Streaming, Strength
 from image_generation_server import answers
 from image_generation_server.generation import (
+    EDIT_PIPELINE_NAME,
     edit,
+    edit_size,
     generate,
     generate_watched,
     image_size,
@@ -184,6 +186,10 @@ class Refused(Exception):
 
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible images"])
+# The answer's copies of the images: their base64, and one image at a time beside it (sent, stored, or recompressed);
+# a stream's image: its base64, its recompressed copy, and the event that carries it (previews are smaller).
+COPIES = 2
+STREAM_COPIES = 3
 PREVIEWS = frozenset({"preview"})  # the progress events a stream carries
 STREAM_EVENT = {
     "type": "object",
@@ -215,17 +221,15 @@ async def create_images(body: ImageGenerationRequest, request: Request) -> Any:
         return openai_error(400, str(e), param=e.param)
     if body.stream:
 
-        def start() -> AsyncIterator[dict[str, Any] | list[ImageContent]]:
-            # The image's base64, its recompressed copy, and the event that carries it; previews are smaller.
+        async def start() -> AsyncIterator[dict[str, Any] | list[ImageContent]]:
             size = image_size(served_pipeline(request.app), params.get("width"), params.get("height"))
-            answers.reserve(1, *size, copies=3)
+            answers.reserve(1, *size, copies=STREAM_COPIES)
             return generate_watched(request.app, PREVIEWS, body.partial_images or 0, **params)
 
         return await _streamed(body, start)
     try:
-        # The images' base64, and one image at a time beside it (sent, stored, or recompressed): two copies at most.
         size = image_size(served_pipeline(request.app), params.get("width"), params.get("height"))
-        share = answers.reserve(body.n, *size, copies=2)
+        share = answers.reserve(body.n, *size, copies=COPIES)
         images = await generate(request.app, **params)
     except Exception as e:
         failure = classify(e)
@@ -261,16 +265,25 @@ async def edit_images(request: Request) -> Any:
     except ValidationError as e:
         param, message = validation_message(e.errors())
         return openai_error(400, message, param=param)
+    inputs = {**params, **uploads}
+
+    async def size() -> tuple[int, int]:
+        return await edit_size(served_pipeline(request.app, EDIT_PIPELINE_NAME), **inputs)
+
     if body.stream:
-        return await _streamed(
-            body, lambda: generate_watched(request.app, PREVIEWS, body.partial_images or 0, edit, **params, **uploads)
-        )
+
+        async def start() -> AsyncIterator[dict[str, Any] | list[ImageContent]]:
+            answers.reserve(1, *await size(), copies=STREAM_COPIES)
+            return generate_watched(request.app, PREVIEWS, body.partial_images or 0, edit, **inputs)
+
+        return await _streamed(body, start)
     try:
-        images = await edit(request.app, **params, **uploads)
+        share = answers.reserve(body.n, *await size(), copies=COPIES)
+        images = await edit(request.app, **inputs)
     except Exception as e:
         failure = classify(e)
         return openai_error(failure.status, failure.message, param=_param_of(failure), headers=failure.headers)
-    return await _images_response(body, images, request)
+    return await _images_response(body, images, request, share)
 
 
 async def _images_response(
@@ -351,7 +364,7 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 
 async def _streamed(
-    body: ImageGenerationRequest, start: Callable[[], AsyncIterator[dict[str, Any] | list[ImageContent]]]
+    body: ImageGenerationRequest, start: Callable[[], Awaitable[AsyncIterator[dict[str, Any] | list[ImageContent]]]]
 ) -> Any:
     """
     OpenAI's image stream: a partial image event per preview, then the completed event, or `event: error`.
@@ -362,7 +375,7 @@ async def _streamed(
     iterator).
     """
     try:
-        watched = start()
+        watched = await start()
         first = await anext(watched)
     except Exception as e:
         failure = classify(e)

@@ -54,7 +54,7 @@ class LivePipelineWrapper(BasePipelineWrapper):
             [image] = await self.runner.generate(**params)
         except Exception as e:
             raise http_error(e) from None
-        share.shrink_to(2 * len(image.base64_image))
+        share.hold([image])
         return image_response(image, headers)
 
 

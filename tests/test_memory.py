@@ -6,17 +6,20 @@ Real servers against a fake upstream; the load test measures the server process'
 of `n: 10` at 2048² call `/v1`, 24 call `/mcp`, and 16 more send requests and never read their answers.
 """
 
+import base64
 import json
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import running, server_env, wait_for
-from fake_upstream import FakeUpstream
+from fake_upstream import FakeUpstream, render
 from jobs_client import JOBS, call, durable_env
 
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -27,13 +30,8 @@ RETRY_FOR = 30  # seconds a load client retries while the server is busy (all ar
 PROMPT = "load"  # every 2048² request asks for it: the upstream renders two images once (10 s each on a busy machine)
 
 
-def mcp_call(**arguments) -> dict:
-    return {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "tools/call",
-        "params": {"name": "generate_image", "arguments": arguments},
-    }
+def mcp_call(tool: str = "generate_image", **arguments) -> dict:
+    return {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
 
 
 def mcp_result(answer: httpx.Response) -> dict:
@@ -109,33 +107,119 @@ def test_pixels_per_request_are_capped_before_any_work(tight_server, big_upstrea
     assert big_upstream.requests == []
 
 
+SOURCE_PNG = render("a source picture", 1, 64, 64, "png")
+BIG_SOURCE_PNG = render("a source picture", 2, 1032, 1024, "png")  # over the tight server's cap at its own size
+
+
+def edit_calls(server, source: bytes, **fields) -> dict[str, Callable[[], httpx.Response]]:
+    """The same edit at each door that edits, and the JSON variant of generation of that size: each call, unsent."""
+    b64 = base64.b64encode(source).decode()
+    form = {"prompt": "x", **{name: str(value) for name, value in fields.items()}}
+    size = {"size": f"{fields['width']}x{fields['height']}"} if "width" in fields else {}
+    return {
+        "/v1/images/edits": lambda: httpx.post(
+            f"{server.url}/v1/images/edits", files={"image": ("a.png", source, "image/png")},
+            data={"prompt": "x", **{k: v for k, v in form.items() if k not in ("width", "height")}, **size},
+        ),
+        "/image_editing/run": lambda: httpx.post(
+            f"{server.url}/image_editing/run", files=[("files", ("a.png", source, "image/png"))], data=form
+        ),
+        "/image_editing_json/run": lambda: httpx.post(
+            f"{server.url}/image_editing_json/run", json={"image": {"base64_image": b64}, "prompt": "x", **fields}
+        ),
+        "/image_generation_json/run": lambda: httpx.post(
+            f"{server.url}/image_generation_json/run", json={"prompt": "x", **fields}
+        ),
+        "/mcp": lambda: httpx.post(
+            f"{server.url}/mcp", headers=MCP_HEADERS, json=mcp_call("edit_image", image=b64, prompt="x", **fields)
+        ),
+    }  # fmt: skip
+
+
+REFUSED = {"/v1/images/edits": 400, "/mcp": 200}  # a request refused: OpenAI's status; MCP's error result; else 422
+
+
+def refused(door: str, answer: httpx.Response, reason: str) -> bool:
+    """Whether `door` refused the request with its refusal status (an error result on MCP) saying `reason`."""
+    return answer.status_code == REFUSED.get(door, 422) and reason in error_text(door, answer)
+
+
+def error_text(door: str, answer: httpx.Response) -> str:
+    """The answer's body; on MCP, the text of its error result (empty for a result that is not an error)."""
+    if door != "/mcp":
+        return answer.text
+    result = mcp_result(answer)
+    return result["content"][0]["text"] if result["isError"] else ""
+
+
+def busy(door: str, answer: httpx.Response) -> bool:
+    """Whether `door` answered that the server is busy: a 503 with `Retry-After`, an error result on MCP."""
+    if door == "/mcp":
+        return "busy" in error_text(door, answer)
+    return (answer.status_code, answer.headers.get("retry-after")) == (503, "1")
+
+
+def test_every_door_that_answers_images_caps_its_pixels_before_any_work(tight_server, big_upstream):
+    """An edit's size is its width and height, else its image's own; the JSON variants take the cap too."""
+    big_upstream.requests.clear()
+    answers = {
+        (door, size): send()
+        for size, source, fields in (
+            ("asked", SOURCE_PNG, {"width": 1024, "height": 1032}),
+            ("own", BIG_SOURCE_PNG, {}),
+        )
+        for door, send in edit_calls(tight_server, source, **fields).items()
+        if fields or door != "/image_generation_json/run"  # no image: the pipeline's default size, under the cap
+    }
+    reason = "IMAGE_GENERATION_MAX_REQUEST_PIXELS"
+    assert [key for key, answer in answers.items() if not refused(key[0], answer, reason)] == []
+    assert big_upstream.requests == []
+
+
+@contextmanager
+def an_answer_held(server, upstream: FakeUpstream) -> Iterator[None]:
+    """A 1024² generation (two copies of 4 MB of base64 at their worst) holding its share while the upstream works."""
+    body = {"prompt": "x", "size": "1024x1024"}
+    gate = threading.Event()
+    upstream.latency = 2.0
+    try:
+        first = ThreadPoolExecutor(1).submit(
+            lambda: (gate.set(), httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=30))[1]
+        )
+        gate.wait()
+        time.sleep(0.5)  # the first request holds its share while the upstream works
+        calls = len(upstream.requests)
+        yield
+        assert len(upstream.requests) == calls  # nothing more reached the upstream
+        assert first.result().status_code == 200
+    finally:
+        upstream.latency = 0.0
+    assert httpx.post(f"{server.url}/v1/images/generations", json=body).status_code == 200  # room again
+
+
 def test_an_answer_without_room_is_a_503_before_any_work(tight_server, big_upstream):
     """Three 1024² answers at their worst (4 MB of base64 each, two copies) do not fit 12 MB."""
     big_upstream.requests.clear()
     body = {"prompt": "x", "n": 3, "size": "512x512"}
     assert httpx.post(f"{tight_server.url}/v1/images/generations", json=body).status_code == 200
-    body = {"prompt": "x", "size": "1024x1024"}
-    gate = threading.Event()
-    big_upstream.latency = 2.0
-    try:
-        first = ThreadPoolExecutor(1).submit(
-            lambda: (gate.set(), httpx.post(f"{tight_server.url}/v1/images/generations", json=body, timeout=30))[1]
-        )
-        gate.wait()
-        time.sleep(0.5)  # the first request holds its share while the upstream works
-        calls = len(big_upstream.requests)
-        second = httpx.post(f"{tight_server.url}/v1/images/generations", json=body)
+    with an_answer_held(tight_server, big_upstream):
+        second = httpx.post(f"{tight_server.url}/v1/images/generations", json={"prompt": "x", "size": "1024x1024"})
         assert second.status_code == 503
         assert second.headers["retry-after"] == "1"
         assert second.json()["error"]["type"] == "server_error"
         call = mcp_call(prompt="x", width=1024, height=1024)
-        result = mcp_result(httpx.post(f"{tight_server.url}/mcp", headers=MCP_HEADERS, json=call))
-        assert result["isError"] and "busy" in result["content"][0]["text"]
-        assert len(big_upstream.requests) == calls  # nothing more reached the upstream
-        assert first.result().status_code == 200
-    finally:
-        big_upstream.latency = 0.0
-    assert httpx.post(f"{tight_server.url}/v1/images/generations", json=body).status_code == 200  # room again
+        assert busy("/mcp", httpx.post(f"{tight_server.url}/mcp", headers=MCP_HEADERS, json=call))
+
+
+def test_edits_and_the_json_variants_without_room_are_503s_before_any_work(tight_server, big_upstream):
+    big_upstream.requests.clear()
+    with an_answer_held(tight_server, big_upstream):
+        answers = {door: send() for door, send in edit_calls(tight_server, SOURCE_PNG, width=1024, height=1024).items()}
+        answers["/v1/images/edits, streamed"] = httpx.post(
+            f"{tight_server.url}/v1/images/edits", files={"image": ("a.png", SOURCE_PNG, "image/png")},
+            data={"prompt": "x", "size": "1024x1024", "stream": "true"},
+        )  # fmt: skip
+        assert [door for door, answer in answers.items() if not busy(door, answer)] == []
 
 
 # --- The worst case, measured --------------------------------------------------------------------------------------

@@ -15,7 +15,14 @@ from hayhooks.settings import settings as hayhooks_settings
 from starlette.datastructures import Headers
 
 from components.request import EditParameters
-from image_generation_server.generation import EDIT_PIPELINE_FILES, edit_images, load_pipeline, served_runner
+from image_generation_server import answers
+from image_generation_server.generation import (
+    EDIT_PIPELINE_FILES,
+    edit_images,
+    edit_size,
+    load_pipeline,
+    served_runner,
+)
 from image_generation_server.jobs import EditJobs, jobs_mixin
 from image_generation_server.responses import http_error, image_response
 from image_generation_server.settings import current_settings
@@ -54,9 +61,12 @@ class LivePipelineWrapper(BasePipelineWrapper):
             raise HTTPException(422, "files: send the image, and optionally the mask (one or two files)")
         image, mask = [image_content(await upload.read()) for upload in files] + [None] * (2 - len(files))
         try:
+            size = await edit_size(self.pipeline, image=image, mask=mask, **params)
+            share = answers.reserve(1, *size, copies=2)  # the image's base64, and its bytes as the body
             [edited] = await edit_images(self.runner, self.pipeline, image=image, mask=mask, **params)
         except Exception as e:
             raise http_error(e) from None
+        share.hold([edited])
         return image_response(edited, headers)
 
 

@@ -16,10 +16,12 @@ from hayhooks.settings import settings as hayhooks_settings
 from haystack.dataclasses import ImageContent
 
 from components.request import EditParameters
+from image_generation_server import answers
 from image_generation_server.generation import (
     EDIT_PIPELINE_FILES,
     EDIT_PIPELINE_NAME,
     edit_images,
+    edit_size,
     load_pipeline,
     served_runner,
 )
@@ -51,7 +53,10 @@ class PipelineWrapper(BasePipelineWrapper):
         `image` (and optionally `mask`) are `{"base64_image": ...}`. Errors are those of `POST /image_editing/run`.
         """
         try:
+            size = await edit_size(self.pipeline, image=image, mask=mask, **params)
+            share = answers.reserve(1, *size, copies=answers.JSON_COPIES)
             images = await edit_images(self.runner, self.pipeline, image=image, mask=mask, **params)
         except Exception as e:
             raise http_error(e) from None
+        share.hold(images)
         return {"image_to_image": {"images": images}}

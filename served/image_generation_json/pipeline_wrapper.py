@@ -13,7 +13,8 @@ from hayhooks import BasePipelineWrapper
 from haystack.dataclasses import ImageContent
 
 from components.request import GenerationParameters
-from image_generation_server.generation import served_runner
+from image_generation_server import answers
+from image_generation_server.generation import image_size, served_runner
 from image_generation_server.responses import http_error
 from image_generation_server.settings import current_settings
 from image_generation_server.signature import takes
@@ -38,7 +39,10 @@ class PipelineWrapper(BasePipelineWrapper):
         takes the pipeline's default. Errors are those of `POST /image_generation/run`.
         """
         try:
+            size = image_size(self.pipeline, params.get("width"), params.get("height"))
+            share = answers.reserve(1, *size, copies=answers.JSON_COPIES)
             images = await self.runner.generate(**params)
         except Exception as e:
             raise http_error(e) from None
+        share.hold(images)
         return {"text_to_image": {"images": images}}

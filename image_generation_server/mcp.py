@@ -32,6 +32,7 @@ from components.request import Batch, BatchParameters, EditParameters
 from image_generation_server import answers
 from image_generation_server.generation import (
     EDIT_PIPELINE_NAME,
+    Generate,
     edit,
     edit_size,
     generate,
@@ -119,17 +120,16 @@ def create_mcp_server(app: FastAPI) -> Server:
         except ValidationError as e:
             return _error(validation_message(e.errors())[1])
         try:
+            run: Generate
             if isinstance(request, EditImageArguments):
-                inputs = _edit_inputs(app, server.request_context, request)
+                run, inputs = edit, _edit_inputs(app, server.request_context, request)
                 size = await edit_size(served_pipeline(app, EDIT_PIPELINE_NAME), **inputs)
             else:
+                run, inputs = generate, request.model_dump()
                 size = image_size(served_pipeline(app), request.width, request.height)
             # The images' base64, then the SDK's JSON of the result: its text and its bytes, three copies in all.
             share = answers.reserve(request.n, *size, copies=3)
-            if isinstance(request, EditImageArguments):
-                images = await edit(app, **inputs)
-            else:
-                images = await _generated(app, server.request_context, request)
+            images = await _made(app, server.request_context, run, inputs)
         except Exception as e:
             return _error(classify(e).message)
         share.hold(images)
@@ -229,21 +229,25 @@ def short_validation_warnings(record: logging.LogRecord) -> bool:
     return True
 
 
-async def _generated(app: FastAPI, context: Any, request: GenerateImageArguments) -> list[ImageContent]:
-    """The images; with the call's `progressToken`, a progress notification per denoising step on the way."""
+async def _made(app: FastAPI, context: Any, run: Generate, inputs: dict[str, Any]) -> list[ImageContent]:
+    """
+    The images of `run` (`generate` or `edit`) on `inputs`.
+
+    With the call's `progressToken`, a progress notification per denoising step on the way.
+    """
     token = context.meta.progressToken if context.meta is not None else None
     if token is None:
-        return await generate(app, **request.model_dump())
+        return await run(app, **inputs)
     images: list[ImageContent] = []
     done = 0
-    async with aclosing(generate_watched(app, frozenset({"step"}), **request.model_dump())) as watched:
+    async with aclosing(generate_watched(app, frozenset({"step"}), 0, run, **inputs)) as watched:
         async for item in watched:
             if isinstance(item, list):
                 images = item
                 continue
             done += 1  # a batch's images are made one after another: n times the steps in all
             await context.session.send_progress_notification(
-                token, done, item["steps"] * request.n, f"step {item['step']} of {item['steps']}",
+                token, done, item["steps"] * inputs["n"], f"step {item['step']} of {item['steps']}",
                 related_request_id=context.request_id,
             )  # fmt: skip
     return images

@@ -73,14 +73,14 @@ def test_stream_events_are_openai_server_sent_events(local_server):
         assert data.output_format == "webp"
 
 
-async def mcp_call(server, arguments, progress_callback=None):
+async def mcp_call(server, arguments, progress_callback=None, tool="generate_image"):
     async with (
         httpx.AsyncClient(timeout=120) as http,
         streamable_http_client(f"{server.url}/mcp", http_client=http) as (read, write, _),
         ClientSession(read, write) as session,
     ):
         await session.initialize()
-        return await session.call_tool("generate_image", arguments, progress_callback=progress_callback)
+        return await session.call_tool(tool, arguments, progress_callback=progress_callback)
 
 
 async def test_mcp_reports_a_progress_notification_per_step_when_asked(local_server):
@@ -96,6 +96,27 @@ async def test_mcp_reports_a_progress_notification_per_step_when_asked(local_ser
     assert seen == [(k, 2 * STEPS, f"step {(k - 1) % STEPS + 1} of {STEPS}") for k in range(1, 2 * STEPS + 1)]
 
     plain = await mcp_call(local_server, arguments)  # no progress token: the same images
+    assert [item.data for item in plain.content[:2]] == [item.data for item in result.content[:2]]
+
+
+async def test_mcp_edit_image_reports_a_progress_notification_per_step_when_asked(local_server):
+    seen = []
+
+    async def on_progress(progress, total, message):
+        seen.append((progress, total, message))
+
+    source = io.BytesIO()
+    Image.radial_gradient("L").convert("RGB").resize((64, 64)).save(source, format="PNG")
+    arguments = {
+        "image": base64.b64encode(source.getvalue()).decode(), "prompt": "a red hat", "seed": 5, "n": 2,
+        "num_inference_steps": STEPS, "strength": 0.5,
+    }  # fmt: skip
+    result = await mcp_call(local_server, arguments, on_progress, tool="edit_image")
+    assert not result.isError, result.content
+    steps = int(STEPS * 0.5)  # an edit runs the last `strength` of the steps
+    assert seen == [(k, 2 * steps, f"step {(k - 1) % steps + 1} of {steps}") for k in range(1, 2 * steps + 1)]
+
+    plain = await mcp_call(local_server, arguments, tool="edit_image")  # no progress token: the same images
     assert [item.data for item in plain.content[:2]] == [item.data for item in result.content[:2]]
 
 

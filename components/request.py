@@ -15,6 +15,7 @@ import secrets
 from dataclasses import astuple, dataclass, fields
 from typing import TYPE_CHECKING, Annotated, Literal
 
+from haystack.dataclasses import ImageContent
 from pydantic import BaseModel, ConfigDict, Field
 
 from components.errors import InvalidRequestError
@@ -112,6 +113,19 @@ class EditParameters(GenerationParameters):
         description=f"How far from the image, 0 to 1; {DEFAULT_STRENGTH} when omitted. Near 0 the result stays close "
         "to the image, at 1 it keeps only its layout's noise.",
     )
+
+
+MASK = (
+    "A PNG or WebP of the image's size whose fully transparent pixels mark what to change; every other pixel of the "
+    "answer is the image's own. Without it the whole image is edited."
+)
+
+
+class EditInputs(EditParameters):
+    """An edit with its image and mask as Haystack `ImageContent`s (`{"base64_image": ...}`), as JSON carries them."""
+
+    image: ImageContent = Field(description='The image to edit, a PNG, JPEG or WebP: `{"base64_image": ...}`.')
+    mask: ImageContent | None = Field(None, description=f'Optional, `{{"base64_image": ...}}`. {MASK}')
 
 
 class Batch(BaseModel):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.formparsers import MultiPartException
 
 from components.image_codec import recompress
-from components.request import Batch, CommonParameters, EditParameters, Streaming, Strength
+from components.request import MASK, Batch, CommonParameters, EditParameters, Streaming, Strength
 from image_generation_server import answers
 from image_generation_server.generation import (
     EDIT_PIPELINE_NAME,
@@ -130,12 +130,7 @@ EDIT_FORM_SCHEMA = {
     "required": ["image", "prompt"],
     "properties": {
         "image": {"type": "string", "format": "binary", "description": "The image to edit: PNG, JPEG or WebP."},
-        "mask": {
-            "type": "string",
-            "format": "binary",
-            "description": "A PNG or WebP of the image's size whose fully transparent pixels mark what to change; "
-            "every other pixel of the answer is the image's own.",
-        },
+        "mask": {"type": "string", "format": "binary", "description": MASK},
         **ImageEditRequest.model_json_schema()["properties"],
     },
 }

@@ -222,6 +222,25 @@ def test_native_route_answers_the_edited_image(api_server, fresh_upstream):
     assert Image.open(io.BytesIO(base64.b64decode(image["base64_image"]))).size == SIZE
 
 
+def test_json_variant_edits_by_the_mask(api_server, fresh_upstream):
+    body = {
+        "image": {"base64_image": base64.b64encode(SOURCE_PNG).decode()},
+        "mask": {"base64_image": base64.b64encode(MASK_PNG).decode()}, "prompt": "a red hat",
+    }  # fmt: skip
+    response = httpx.post(f"{api_server.url}/image_editing_json/run", json=body, headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    [image] = response.json()["result"]["image_to_image"]["images"]
+    assert image["meta"]["masked"] is True
+    assert_kept_outside(base64.b64decode(image["base64_image"]))
+    body["mask"] = {"base64_image": base64.b64encode(encoded(hole_mask((32, 32)))).decode()}
+    response = httpx.post(f"{api_server.url}/image_editing_json/run", json=body, headers=AUTH, timeout=30)
+    assert (response.status_code, response.json()) == (
+        422,
+        {"detail": "mask is 32x32; it must be the image's size, 64x64"},
+    )
+    assert len(fresh_upstream.requests) == 1
+
+
 def test_native_route_refuses_a_bad_upload_with_a_422(api_server, fresh_upstream):
     response = httpx.post(
         f"{api_server.url}/image_editing/run", files=[("files", ("a.png", SOURCE_PNG[:-30], "image/png"))],
@@ -240,6 +259,10 @@ def test_openapi_documents_the_edit_form(api_server):
     schema = json.loads(fetch(f"{api_server.url}/openapi.json"))
     form = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"image", "mask", "prompt", "strength", "n", "size"} <= set(form["properties"])
+    # the JSON variant's image and mask say what they are, as the form's do
+    body = schema["components"]["schemas"]["image_editing_jsonRunRequest"]["properties"]
+    assert form["properties"]["mask"]["description"] in body["mask"]["description"]
+    assert "base64_image" in body["image"]["description"]
 
 
 async def test_mcp_edit_image_with_base64_and_a_mask(api_server, fresh_upstream):

@@ -1,5 +1,5 @@
 """
-Hayhooks wrapper: `POST /image_editing_json/run` edits a base64 image and answers with the edited image in JSON.
+Hayhooks wrapper: `POST /image_editing_json/run` edits a base64 image (by a mask, if given), answers in JSON.
 
 The JSON variant of `/image_editing/run`: the editing pipeline loaded as that wrapper loads it (the operator's
 settings applied to its init parameters, `image_generation_server.generation.load_pipeline`), through the same
@@ -15,7 +15,7 @@ from hayhooks import BasePipelineWrapper
 from hayhooks.settings import settings as hayhooks_settings
 from haystack.dataclasses import ImageContent
 
-from components.request import EditParameters
+from components.request import EditInputs
 from image_generation_server import answers
 from image_generation_server.generation import (
     EDIT_PIPELINE_FILES,
@@ -43,19 +43,17 @@ class PipelineWrapper(BasePipelineWrapper):
         self.pipeline = load_pipeline(folder, settings, EDIT_PIPELINE_FILES)
         self.pipeline.warm_up()
 
-    @takes(EditParameters)
-    async def run_api_async(
-        self, image: ImageContent, mask: ImageContent | None = None, **params: Any
-    ) -> dict[str, dict[str, list[ImageContent]]]:
+    @takes(EditInputs)
+    async def run_api_async(self, **params: Any) -> dict[str, dict[str, list[ImageContent]]]:
         """
         Edit an image from a text prompt; the result is `{"image_to_image": {"images": [image]}}`.
 
-        `image` (and optionally `mask`) are `{"base64_image": ...}`. Errors are those of `POST /image_editing/run`.
+        With a mask, only where it is transparent. Errors are those of `POST /image_editing/run`.
         """
         try:
-            size = await edit_size(self.pipeline, image=image, mask=mask, **params)
+            size = await edit_size(self.pipeline, **params)
             share = answers.reserve(1, *size, copies=answers.JSON_COPIES)
-            images = await edit_images(self.runner, self.pipeline, image=image, mask=mask, **params)
+            images = await edit_images(self.runner, self.pipeline, **params)
         except Exception as e:
             raise http_error(e) from None
         share.hold(images)

@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from image_generation_server import private_hayhooks
 from image_generation_server.quota import IDENTITY_SCOPE_KEY
 from image_generation_server.responses import error_response
+from image_generation_server.settings import env_name
 
 LEDGER_KEY_PREFIX = "image-generation:jobs"
 MAX_MEMORY_IDENTITIES = 65536  # the in-process ledger forgets the least recently seen clients beyond this
@@ -212,12 +213,9 @@ class JobShares:
                 log.warning("Job ledger unreachable ({}): the client's share is not checked", type(e).__name__)
                 unfinished = []
             if len(unfinished) >= self.max_jobs:
-                message = (
-                    f"this client has {len(unfinished)} unfinished jobs, its limit "
-                    f"(IMAGE_GENERATION_MAX_JOBS_PER_CLIENT={self.max_jobs}): retry when one has finished"
-                )
-                refusal = error_response("native", 429, message, {"Retry-After": str(JOB_RETRY_AFTER_SECONDS)})
-                await refusal(scope, receive, send)
+                limit = f"{env_name('max_jobs_per_client')}={self.max_jobs}"
+                share = f"{len(unfinished)} unfinished jobs, its limit ({limit})"
+                await _over_share(share, "retry when one has finished", scope, receive, send)
                 return
             answer = _Captured(send)
             await self.app(_scoped_idempotency(scope, client), receive, answer.send)
@@ -242,12 +240,9 @@ class JobShares:
         self, scope: Scope, receive: Receive, send: Send, durable: DurableDeployment, client: str, run_id: str
     ) -> None:
         if self.streams[client] >= self.max_streams:
-            message = (
-                f"this client has {self.streams[client]} progress streams open, its limit "
-                f"(IMAGE_GENERATION_MAX_STREAMS_PER_CLIENT={self.max_streams}): close one, or poll the job"
-            )
-            refusal = error_response("native", 429, message, {"Retry-After": str(JOB_RETRY_AFTER_SECONDS)})
-            await refusal(scope, receive, send)
+            limit = f"{env_name('max_streams_per_client')}={self.max_streams}"
+            share = f"{self.streams[client]} progress streams open, its limit ({limit})"
+            await _over_share(share, "close one, or poll the job", scope, receive, send)
             return
         self.streams[client] += 1
         try:
@@ -374,3 +369,9 @@ class _QueueEvents:
                         return
                     await self._send({"type": "http.response.body", "body": event, "more_body": True})
             await asyncio.sleep(QUEUE_POLL_SECONDS)
+
+
+async def _over_share(share: str, remedy: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """Refuse a client over its share of jobs or streams: a 429 with `Retry-After` that names the limit."""
+    message = f"this client has {share}: {remedy}"
+    await error_response("native", 429, message, {"Retry-After": str(JOB_RETRY_AFTER_SECONDS)})(scope, receive, send)

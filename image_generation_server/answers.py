@@ -13,6 +13,7 @@ their real size. No room is a 503 with `Retry-After`, before the upstream is cal
 cut off after `IMAGE_GENERATION_SEND_TIMEOUT` (`image_generation_server.http_protocol`), which ends its request.
 """
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -22,11 +23,13 @@ from haystack.dataclasses import ImageContent
 from starlette.types import Message, Send
 
 from components.errors import InvalidRequestError, ServerBusyError
+from image_generation_server.allocator import release_free_memory
 from image_generation_server.settings import env_name
 
 RETRY_AFTER_SECONDS = 1
 HEADROOM_BYTES = 64 * 1024  # per image: the JSON around it, an incompressible image's container
 CHUNK_BYTES = 1024 * 1024  # a body larger than this is sent in pieces of this size, each after the last has left
+RELEASE_AFTER_SECONDS = 1.0  # idle this long after the last answer, the allocator's free memory is given back
 # What a JSON variant (a wrapper Hayhooks answers in JSON) holds: the images' base64, and the body FastAPI writes
 # from them straight to bytes (its fast path for a route with a response model).
 JSON_COPIES = 2
@@ -39,6 +42,26 @@ class AnswerBudget:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.in_use = 0
+        self._release: asyncio.TimerHandle | None = None
+
+    def give_back(self, size: int) -> None:
+        """
+        Take `size` bytes off what is in use.
+
+        Once nothing is, and stays so for `RELEASE_AFTER_SECONDS`, the free memory the allocator kept from the answers
+        goes back to the kernel: after a burst the process returns near its size before it.
+        """
+        self.in_use -= size
+        if self.in_use or not size:
+            return
+        if self._release is not None:
+            self._release.cancel()
+        self._release = asyncio.get_running_loop().call_later(RELEASE_AFTER_SECONDS, self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        self._release = None
+        if not self.in_use:
+            release_free_memory()
 
 
 class Share:
@@ -67,7 +90,7 @@ class Share:
     def shrink_to(self, size: int) -> None:
         """Hold `size` bytes from now on, if that is less than the reservation (the images turned out smaller)."""
         if size < self.held:
-            self.budget.in_use -= self.held - size
+            self.budget.give_back(self.held - size)
             self.held = size
 
     def _take(self, size: int) -> None:

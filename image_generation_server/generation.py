@@ -44,6 +44,7 @@ from components.text_to_image_base import TextToImageBase
 from image_generation_server import progress
 from image_generation_server.admission import AdmissionGate
 from image_generation_server.log import configure_server_log
+from image_generation_server.private_haystack import skip_copying_immutable_values
 from image_generation_server.result_cache import CACHE_SCOPE, ByteBudgetLRU, Coalescer
 from image_generation_server.settings import Settings
 from image_generation_server.shared_cache import SharedResultCache
@@ -198,9 +199,11 @@ def load_pipeline(folder: Path, settings: Settings, files: dict[str, str] = PIPE
     """
     The backend's pipeline from `folder`, with the settings that change a component applied to its init parameters.
 
-    Only our `components` may be deserialized. Not warmed up.
+    Only our `components` may be deserialized. Not warmed up. Haystack's copy of each run's inputs is made to skip the
+    values a deep copy returns as they are (`private_haystack`).
     """
     allow_deserialization_module("components")
+    skip_copying_immutable_values()
     data = yaml.safe_load((folder / files[settings.backend]).read_text())
     return Pipeline.from_dict(apply_settings(data, settings))
 

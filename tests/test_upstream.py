@@ -1,19 +1,22 @@
 """
-Each private (or undocumented) part of Hayhooks, FastAPI, Starlette, huggingface_hub and diffusers that the code
-relies on, checked for the shape it relies on: an upgrade that moves one fails here, by name, rather than somewhere
+Each private (or undocumented) part of Hayhooks, Haystack, FastAPI, Starlette, huggingface_hub and diffusers that the
+code relies on, checked for the shape it relies on: an upgrade that moves one fails here, by name, rather than somewhere
 downstream. The touchpoints live in one module per library (`image_generation_server/private_fastapi.py`,
-`private_starlette.py`, `private_hayhooks.py`, `components/private_huggingface_hub.py`), and no other module touches
-them. `docs/upstream.md` says why each is needed and what upstream change would remove it. Hayhooks' durable
-internals have their own checks in tests/test_durable_queue.py.
+`private_starlette.py`, `private_hayhooks.py`, `private_haystack.py`, `components/private_huggingface_hub.py`), and
+no other module touches them. `docs/upstream.md` says why each is needed and what upstream change would remove it.
+Hayhooks' durable internals have their own checks in tests/test_durable_queue.py.
 """
 
 import ast
+import asyncio
 import inspect
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import hayhooks.server.utils.deploy_utils
 import pytest
-from conftest import served_code
+from conftest import ROOT, served_code
 from diffusers import StableDiffusionPipeline
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -24,6 +27,7 @@ from hayhooks.dashboard_auth import require_tracing_access
 from hayhooks.server.logger import intercept_stdlib_logging
 from hayhooks.server.routers.status import StatusResponse, status_all
 from hayhooks.settings import AppSettings
+from haystack import Pipeline, component
 from huggingface_hub.hf_api import InferenceProviderMapping
 from huggingface_hub.inference._common import MimeBytes
 from huggingface_hub.inference._providers import PROVIDERS, TaskProviderHelper
@@ -31,8 +35,10 @@ from starlette.middleware import Middleware
 
 from components.hf_providers import EDIT_TASK, SUPPORTED_EDIT_PROVIDERS, SUPPORTED_PROVIDERS, TASK
 from components.private_huggingface_hub import image_input, prepare_request_offline, provider_helper
+from image_generation_server.generation import load_pipeline
 from image_generation_server.private_fastapi import drop_routes, included_routes
 from image_generation_server.private_hayhooks import PER_RUN_CHATTER
+from image_generation_server.private_haystack import AS_IS, COPYING_MODULES, HAYSTACK_COPY, copy_value
 from image_generation_server.private_starlette import (
     append_inner_middleware,
     move_ahead,
@@ -40,12 +46,14 @@ from image_generation_server.private_starlette import (
     run_inside_lifespan,
 )
 from image_generation_server.routes import listed_routes
+from image_generation_server.settings import load_settings
 
 # The modules that hold the touchpoints, one per library.
 PRIVATE_MODULES = {
     "components/private_huggingface_hub.py",
     "image_generation_server/private_fastapi.py",
     "image_generation_server/private_hayhooks.py",
+    "image_generation_server/private_haystack.py",
     "image_generation_server/private_starlette.py",
 }
 # Private (or internal) names of the libraries: an attribute, a name or an imported name.
@@ -54,6 +62,7 @@ PRIVATE_NAMES = {
     "lifespan_context", "user_middleware",  # Starlette
     "_deployments", "_runnable", "_controls", "_expire_control",  # Hayhooks' durable stores
     "PROVIDERS", "TaskProviderHelper", "MimeBytes", "_prepare_api_key", "_prepare_mapping_info",  # huggingface_hub
+    "_deepcopy_with_exceptions",  # Haystack
 }  # fmt: skip
 # Internal modules: Hayhooks' server internals and its dashboard's access check, any module named with an underscore.
 PRIVATE_MODULE_PREFIXES = ("hayhooks.server", "hayhooks.dashboard_auth")
@@ -251,6 +260,45 @@ def test_private_hayhooks_status_answer_and_its_access_check():
     assert {"status", "pipelines"} <= set(StatusResponse.model_fields)
     [parameter] = inspect.signature(require_tracing_access).parameters.values()
     assert parameter.annotation in (Request, "Request")
+
+
+def test_private_haystack_copy_is_called_by_the_name_we_replace():
+    """`private_haystack` replaces `_deepcopy_with_exceptions` where Haystack's pipelines call it by that name."""
+    name = "_deepcopy_with_exceptions"
+    assert (HAYSTACK_COPY.__module__, HAYSTACK_COPY.__name__) == ("haystack.core.pipeline.utils", name)
+    for module in COPYING_MODULES:
+        assert f"{name}(" in inspect.getsource(module), module.__name__
+    assert inspect.getsource(HAYSTACK_COPY).count(f"{name}(v)") >= 2  # into lists and dicts: by the module's name
+
+
+def test_private_haystack_gives_each_run_what_haystack_would(tmp_path):
+    """
+    What Haystack's copy returns unchanged is handed over as it is; anything else is still copied, in a real run.
+    """
+    samples = [None, True, 7, 1.5, "a prompt", b"bytes", test_only_the_private_modules_touch_private_parts, len]
+    assert {type(value) for value in samples} == AS_IS
+    for value in samples:
+        assert HAYSTACK_COPY(value) is value and copy_value(value) is value
+    nested = {"list": [1, "x", {"y": [2]}], "tuple": ("z", [3])}
+    assert copy_value(nested) == nested and copy_value(nested)["list"][2] is not nested["list"][2]
+
+    @component
+    class Keeper:
+        @component.output_types(seen=list)
+        def run(self, text: str, items: list, callback: Callable | None = None) -> dict[str, Any]:
+            items.append("changed by the component")
+            return {"seen": [text, items, callback]}
+
+    pipe = load_pipeline(ROOT / "pipelines", load_settings())  # what every door loads: it applies the change
+    assert all(module._deepcopy_with_exceptions is copy_value for module in COPYING_MODULES)
+    pipe = Pipeline()
+    pipe.add_component("keeper", Keeper())
+    text, items = "a prompt " * 3, ["one"]
+    [seen_text, seen_items, seen_callback] = asyncio.run(
+        pipe.run_async({"keeper": {"text": text, "items": items, "callback": print}})
+    )["keeper"]["seen"]
+    assert seen_text is text and seen_callback is print
+    assert items == ["one"] and seen_items == ["one", "changed by the component"]
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from image_generation_server.allocator import tune_allocator
 from image_generation_server.answers import AnswerBudget
 from image_generation_server.guard import HTTPGuard, json_bodies
 from image_generation_server.http_protocol import CappedHttpToolsProtocol
-from image_generation_server.log import quiet_per_run_chatter
+from image_generation_server.log import access_logged, quiet_per_run_chatter
 from image_generation_server.private_hayhooks import log_through_hayhooks, set_hayhooks_settings
 from image_generation_server.private_starlette import append_inner_middleware, remove_middleware, run_inside_lifespan
 from image_generation_server.quota import Quota
@@ -136,7 +136,7 @@ def main() -> None:
     # httptools and uvloop (C) cost less CPU per request than h11 and asyncio; the protocol caps the request head and
     # closes a connection whose client stops reading.
     uvicorn.run(
-        app,
+        access_logged(app, settings.access_log_excluded_path_prefixes),
         host=settings.host,
         port=settings.port,
         http=functools.partial(CappedHttpToolsProtocol, send_timeout=config.send_timeout),
@@ -146,5 +146,6 @@ def main() -> None:
         forwarded_allow_ips=trusted_proxies or None,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         log_config=None,
+        access_log=False,  # `access_logged` writes the same line at less cost
         timeout_graceful_shutdown=settings.graceful_shutdown_timeout,
     )

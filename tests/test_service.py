@@ -189,3 +189,13 @@ def test_a_request_logs_one_line_and_never_its_prompt(server, fresh_upstream, tm
     assert len(lines) == 1, lines
     assert '"POST /image_generation/run HTTP/1.1" 200' in lines[0]
     assert "lighthouse" not in server.log()
+
+
+def test_a_refusal_logs_its_access_line_as_uvicorn_writes_it(server):
+    """The access line covers every answer, refusals too, in Uvicorn's words (its quotes in the path escaped)."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{server.url}/no-such-route?q=%22quoted%22", timeout=10)
+    assert refused.value.code == 404
+    [line] = [line for line in server.log().splitlines() if refused.value.headers["x-request-id"] in line]
+    assert line.endswith(' - "GET /no-such-route?q=%22quoted%22 HTTP/1.1" 404'), line
+    assert "| INFO " in line and "127.0.0.1:" in line

@@ -28,7 +28,7 @@ from starlette.middleware import Middleware
 from components import errors
 from components.request import Batch, BatchParameters, EditParameters, PartialImages
 from image_generation_server import answers, progress
-from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, Runner, edit_images, image_size
+from image_generation_server.generation import COMPONENT, EDIT_COMPONENT, Runner, edit_images
 from image_generation_server.image_store import ImageStore
 from image_generation_server.job_shares import JOB_DURATIONS, JobShares
 from image_generation_server.private_hayhooks import default_hayhooks_settings, set_hayhooks_settings
@@ -148,13 +148,12 @@ class Jobs:
         super().setup()  # type: ignore[misc]
         settings, pipeline = current_settings(), self.pipeline
         self.image_store = ImageStore.from_settings(settings)
-        validate = pipeline.get_component(self.component).validate_request
+        requests = pipeline.get_component(self.component).requests
 
         def check(**inputs: Any) -> None:
-            validate(**inputs)
-            if self.component == COMPONENT:  # an edit's size is its image's, known once the image is read
-                size = image_size(pipeline, inputs.get("width"), inputs.get("height"))
-                answers.check_pixels(inputs.get("n", 1), *size, settings.max_request_pixels)
+            """What the component refuses, then the pixel cap on the size it resolves (an edit's: its image's own)."""
+            [first, *others] = requests(**inputs)
+            answers.check_pixels(1 + len(others), first.width, first.height, settings.max_request_pixels)
 
         self.request_model.check = check
         self.request_model.store = self.image_store

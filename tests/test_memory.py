@@ -160,7 +160,7 @@ def busy(door: str, answer: httpx.Response) -> bool:
 
 
 def test_every_door_that_answers_images_caps_its_pixels_before_any_work(tight_server, big_upstream):
-    """An edit's size is its width and height, else its image's own; the JSON variants take the cap too."""
+    """An edit's size is its width and height, else its image's own; the JSON variants and edit jobs take it too."""
     big_upstream.requests.clear()
     answers = {
         (door, size): send()
@@ -173,6 +173,10 @@ def test_every_door_that_answers_images_caps_its_pixels_before_any_work(tight_se
     }
     reason = "IMAGE_GENERATION_MAX_REQUEST_PIXELS"
     assert [key for key, answer in answers.items() if not refused(key[0], answer, reason)] == []
+    for source, fields in ((SOURCE_PNG, {"width": 1024, "height": 1032}), (BIG_SOURCE_PNG, {})):  # an edit job
+        body = {"image": base64.b64encode(source).decode(), "prompt": "x", **fields}
+        status, _, job = call(f"{tight_server.url}/image_editing/run-durable", "POST", body)
+        assert status == 422 and reason.encode() in job, (fields, status, job)
     assert big_upstream.requests == []
 
 

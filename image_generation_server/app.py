@@ -139,7 +139,9 @@ def main() -> None:
         access_logged(app, settings.access_log_excluded_path_prefixes),
         host=settings.host,
         port=settings.port,
-        http=functools.partial(CappedHttpToolsProtocol, send_timeout=config.send_timeout),
+        http=functools.partial(
+            CappedHttpToolsProtocol, send_timeout=config.send_timeout, head_timeout=config.head_timeout
+        ),
         loop="uvloop",
         # Uvicorn believes `X-Forwarded-For` from 127.0.0.1 unless told otherwise: only the listed proxies are.
         proxy_headers=bool(trusted_proxies),

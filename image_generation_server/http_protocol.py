@@ -1,4 +1,4 @@
-"""Uvicorn's httptools protocol (llhttp, in C) with a cap on the request head and a send timeout, both missing there."""
+"""Uvicorn's httptools protocol (llhttp, in C) with a cap and a deadline on the request head, and a send timeout."""
 
 import asyncio
 
@@ -7,23 +7,37 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 # Largest request line plus headers accepted; a head still incomplete past it is a 400 and the connection closes.
 MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_SEND_TIMEOUT = 30.0
+DEFAULT_HEAD_TIMEOUT = 10.0
+HEAD_TIMEOUT_ANSWER = "Request head took too long."
 
 
 class CappedHttpToolsProtocol(HttpToolsProtocol):
     """
-    `HttpToolsProtocol` that reads at most `MAX_HEADER_BYTES` of a request head, and times out unread answers.
+    `HttpToolsProtocol` that takes a request head of at most `MAX_HEADER_BYTES` in `head_timeout` seconds at most.
 
-    A connection whose client leaves its answer unread (the send buffer full) for `send_timeout` seconds is closed.
     Uvicorn's own httptools protocol parses a head of any size (a 64 MiB header was a 200). Here the bytes of a head
     are counted as they arrive; bytes past the cap are never handed to the parser, and the client gets a 400.
+    Uvicorn has no deadline for a head either (its keep-alive timeout runs only between requests): a client that
+    connects and sends nothing, or sends its headers a byte at a time, held its connection for ever. Here a head has
+    `head_timeout` seconds from its first byte (a connection's first, from the connection): then a 408, or for a
+    connection that sent nothing, the connection closed.
+    A connection whose client leaves its answer unread (the send buffer full) for `send_timeout` seconds is closed.
     """
 
-    def __init__(self, *args, send_timeout: float = DEFAULT_SEND_TIMEOUT, **kwargs) -> None:
+    def __init__(
+        self, *args, send_timeout: float = DEFAULT_SEND_TIMEOUT, head_timeout: float = DEFAULT_HEAD_TIMEOUT, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._in_head = True
         self.send_timeout = send_timeout
         self._stalled: asyncio.TimerHandle | None = None
+        self.head_timeout = head_timeout
+        self._head_due: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # noqa: D102
+        super().connection_made(transport)
+        self._head_due = self.loop.call_later(self.head_timeout, self._head_too_slow)
 
     def pause_writing(self) -> None:
         """The send buffer is full: the client has `send_timeout` seconds to read before the connection is closed."""
@@ -37,7 +51,29 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
         self._stop_watch()
+        self._stop_head_clock()
         super().connection_lost(exc)
+
+    def _stop_head_clock(self) -> None:
+        if self._head_due is not None:
+            self._head_due.cancel()
+            self._head_due = None
+
+    def _head_too_slow(self) -> None:
+        """The head is not complete in time: 408 (nothing for a connection that sent nothing), then closed."""
+        self._head_due = None
+        if self.cycle is not None and not self.cycle.response_complete:  # an answer is going out: wait for it
+            self._head_due = self.loop.call_later(self.head_timeout, self._head_too_slow)
+            return
+        if self._head_bytes == 0:
+            self.transport.close()
+            return
+        self.logger.info("Request head not received in %s s: connection closed", self.head_timeout)
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(HEAD_TIMEOUT_ANSWER), HEAD_TIMEOUT_ANSWER.encode())
+        )
+        self.transport.close()
 
     def _stop_watch(self) -> None:
         if self._stalled is not None:
@@ -55,6 +91,8 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
         if not self._in_head:
             super().data_received(data)
             return
+        if self._head_due is None:  # a new request begins: its head is due in `head_timeout`
+            self._head_due = self.loop.call_later(self.head_timeout, self._head_too_slow)
         room = MAX_HEADER_BYTES - self._head_bytes
         if len(data) <= room:
             self._head_bytes += len(data)
@@ -72,6 +110,7 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:  # noqa: D102
         self._in_head = False
+        self._stop_head_clock()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:  # noqa: D102

@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         description="Largest request body that carries an image to edit (`/v1/images/edits`, `/image_editing/run`, "
         "the MCP `edit_image` tool), in bytes; 413 beyond. Other requests are capped at 64 KB.",
     )
+    head_timeout: float = Field(
+        10.0,
+        description="Seconds a client has to send a request's line and headers once it has begun them (or its first "
+        "request, once connected); 408 and the connection closed after (closed without an answer if it sent nothing).",
+    )
     body_timeout: float = Field(20.0, description="Seconds a client has to send a whole request body; 408 after.")
     rate_limit: str | None = Field(
         None,
@@ -228,7 +233,7 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         return None if value is None else http_url(value)
 
-    @field_validator("timeout", "body_timeout", "image_max_age", "send_timeout")
+    @field_validator("timeout", "head_timeout", "body_timeout", "image_max_age", "send_timeout")
     @classmethod
     def _positive_seconds(cls, value: float) -> float:
         if not 0 < value < math.inf:

@@ -207,7 +207,9 @@ def test_a_head_split_across_many_packets_is_capped(server):
 
 @pytest.fixture(scope="module")
 def impatient_server(upstream, tmp_path_factory):
-    env = server_env(IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_BODY_TIMEOUT="1")
+    env = server_env(
+        IMAGE_GENERATION_ENDPOINT=upstream.url, IMAGE_GENERATION_BODY_TIMEOUT="1", IMAGE_GENERATION_HEAD_TIMEOUT="1"
+    )
     with running(tmp_path_factory.mktemp("impatient"), env) as server:
         yield server
 
@@ -222,6 +224,51 @@ def test_a_slow_body_is_cut_off(impatient_server, fresh_upstream):
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert time.monotonic() - started < 20
     assert fresh_upstream.requests == []
+
+
+def test_a_slow_head_is_cut_off(impatient_server):
+    """Uvicorn has no deadline for a head: a client sending a header line every half second held its connection."""
+    host, port = impatient_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=0.5) as client:
+        client.sendall(b"GET /status HTTP/1.1\r\nHost: localhost\r\n")
+        started, answer = time.monotonic(), b""
+        while not answer and time.monotonic() - started < 20:
+            try:
+                client.sendall(b"X-Slow: a\r\n")
+                answer = client.recv(4096)
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                break
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 5
+
+
+def test_a_connection_that_sends_nothing_is_closed(impatient_server):
+    host, port = impatient_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as client:
+        started = time.monotonic()
+        assert client.recv(4096) == b""
+    assert time.monotonic() - started < 5
+
+
+def test_the_head_deadline_leaves_keep_alive_and_slow_work_alone(impatient_server, fresh_upstream):
+    """The deadline runs from a head's first byte: not while a kept-alive connection idles, nor while work runs."""
+    host, port = impatient_server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=20)
+    fresh_upstream.latency = 1.5  # the answer takes longer than the head deadline
+    try:
+        sockets = []
+        for _ in range(2):
+            connection.request("POST", "/image_generation/run", json.dumps(SMALL), {"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            assert (answer.status, answer.read()[:4]) == (200, b"\x89PNG")
+            sockets.append(connection.sock)
+            time.sleep(1.5)  # idle past the head deadline, within the keep-alive timeout
+        assert sockets[0] is sockets[1]
+    finally:
+        fresh_upstream.latency = 0.0
+        connection.close()
 
 
 # --- Item 5: 412, 304 only from the cache, cache and coalescing per API key --------------------------------------

@@ -98,8 +98,8 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(
         10 * 2048 * 2048,
         description="Largest `n` x width x height one request may ask for, at every door that answers images and in "
-        "generation jobs (an edit's size is its image's own unless it asks for another); more is a 400/422 that "
-        "says so. The default allows `n: 10` at 2048x2048.",
+        "jobs, edit jobs included (an edit's size is its image's own unless it asks for another); more is a 400/422 "
+        "that says so. The default allows `n: 10` at 2048x2048.",
     )
     send_timeout: float = Field(
         30.0,

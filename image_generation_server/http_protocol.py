@@ -6,8 +6,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 # Largest request line plus headers accepted; a head still incomplete past it is a 400 and the connection closes.
 MAX_HEADER_BYTES = 16 * 1024
-DEFAULT_SEND_TIMEOUT = 30.0
-DEFAULT_HEAD_TIMEOUT = 10.0
 HEAD_TIMEOUT_ANSWER = "Request head took too long."
 
 
@@ -24,9 +22,8 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
     A connection whose client leaves its answer unread (the send buffer full) for `send_timeout` seconds is closed.
     """
 
-    def __init__(
-        self, *args, send_timeout: float = DEFAULT_SEND_TIMEOUT, head_timeout: float = DEFAULT_HEAD_TIMEOUT, **kwargs
-    ) -> None:
+    def __init__(self, *args, send_timeout: float, head_timeout: float, **kwargs) -> None:
+        """Uvicorn's protocol; the two timeouts are the settings' (`send_timeout`, `head_timeout`)."""
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._in_head = True

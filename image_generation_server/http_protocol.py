@@ -34,7 +34,7 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # noqa: D102
         super().connection_made(transport)
-        self._head_due = self.loop.call_later(self.head_timeout, self._head_too_slow)
+        self._start_head_clock()
 
     def pause_writing(self) -> None:
         """The send buffer is full: the client has `send_timeout` seconds to read before the connection is closed."""
@@ -43,24 +43,22 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
             self._stalled = self.loop.call_later(self.send_timeout, self._cut_off)
 
     def resume_writing(self) -> None:  # noqa: D102
-        self._stop_watch()
+        self._stalled = _cancelled(self._stalled)
         super().resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
-        self._stop_watch()
-        self._stop_head_clock()
+        self._stalled = _cancelled(self._stalled)
+        self._head_due = _cancelled(self._head_due)
         super().connection_lost(exc)
 
-    def _stop_head_clock(self) -> None:
-        if self._head_due is not None:
-            self._head_due.cancel()
-            self._head_due = None
+    def _start_head_clock(self) -> None:
+        self._head_due = self.loop.call_later(self.head_timeout, self._head_too_slow)
 
     def _head_too_slow(self) -> None:
         """The head is not complete in time: 408 (nothing for a connection that sent nothing), then closed."""
         self._head_due = None
         if self.cycle is not None and not self.cycle.response_complete:  # an answer is going out: wait for it
-            self._head_due = self.loop.call_later(self.head_timeout, self._head_too_slow)
+            self._start_head_clock()
             return
         if self._head_bytes == 0:
             self.transport.close()
@@ -71,11 +69,6 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
             b"content-length: %d\r\n\r\n%s" % (len(HEAD_TIMEOUT_ANSWER), HEAD_TIMEOUT_ANSWER.encode())
         )
         self.transport.close()
-
-    def _stop_watch(self) -> None:
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
 
     def _cut_off(self) -> None:
         """Drop the connection, and with it what its send buffer holds; the request sees a disconnect and ends."""
@@ -89,7 +82,7 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
             super().data_received(data)
             return
         if self._head_due is None:  # a new request begins: its head is due in `head_timeout`
-            self._head_due = self.loop.call_later(self.head_timeout, self._head_too_slow)
+            self._start_head_clock()
         room = MAX_HEADER_BYTES - self._head_bytes
         if len(data) <= room:
             self._head_bytes += len(data)
@@ -107,10 +100,16 @@ class CappedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:  # noqa: D102
         self._in_head = False
-        self._stop_head_clock()
+        self._head_due = _cancelled(self._head_due)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:  # noqa: D102
         super().on_message_complete()
         self._in_head = True
         self._head_bytes = 0
+
+
+def _cancelled(timer: asyncio.TimerHandle | None) -> None:
+    """Cancel `timer`, if any; None, for the attribute that held it."""
+    if timer is not None:
+        timer.cancel()
